@@ -1,0 +1,68 @@
+"""How every job connects to Ray: an existing cluster from config, or a local one on loopback."""
+
+from __future__ import annotations
+
+import os
+
+from stmed.config import RayConfig
+from stmed.log import get_logger
+
+log = get_logger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+# The environment of a local, loopback-only Ray. This machine has an external interface that Ray
+# would otherwise advertise; pinning the node IP keeps the head, the workers and Ray Train's
+# process group on 127.0.0.1. Token auth (on by default for a new local cluster since Ray 2.5x)
+# is turned off here because nothing binds beyond loopback; a real cluster sets RAY_AUTH_MODE itself.
+LOCAL_RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_NODE_IP_ADDRESS": LOOPBACK,
+}
+
+
+def use_local_ray_env() -> None:
+    """Set the loopback-only environment for this process and its children (unless already set)."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _pin_loopback() -> None:
+    """Make an already-imported Ray honour RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
+
+    Ray reads that variable once, at import; with it on (the Linux default) ``ray.init`` rewrites
+    127.0.0.1 into this machine's external address. A process that imported Ray before calling
+    ``init_ray`` would otherwise advertise that address.
+    """
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Connect to ``cfg.address`` or, when it is None, start a local Ray bound to loopback.
+
+    Inside a submitted job Ray exports RAY_ADDRESS, and ``ray.init()`` joins that cluster whatever
+    ``cfg.address`` says, which is what ``ray job submit`` expects.
+    """
+    local = cfg.address is None and not os.environ.get("RAY_ADDRESS")
+    if local:
+        use_local_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        return
+    if local:
+        _pin_loopback()
+        log.info("starting a local Ray on %s with %s CPUs", LOOPBACK, cfg.num_cpus or "all")
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            runtime_env={"env_vars": dict(LOCAL_RAY_ENV)},
+        )
+    else:
+        log.info("joining the Ray cluster at %s", cfg.address or os.environ["RAY_ADDRESS"])
+        ray.init(address=cfg.address)
