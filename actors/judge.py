@@ -1,0 +1,69 @@
+"""The judge as a Ray Data actor: an async OpenAI client that scores a batch of answer pairs at once.
+
+    ds.map_batches(
+        Judge,
+        fn_constructor_kwargs={"settings": judge_settings, "num_actors": 4},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
+        batch_size=16,
+    )
+
+How Ray Data 2.60 runs it: because ``__call__`` is a coroutine function, the actor pool sees an async
+UDF. Each actor builds ``Judge`` once, starts one asyncio event loop in a daemon thread, and feeds that
+loop up to ``RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY`` (default 4) batches at a time, handing
+the results back in input order. All batches of an actor therefore share this instance's client,
+semaphore and rate buckets, which is what makes ``max_in_flight`` a per-actor bound. ``__init__`` runs
+outside that loop: nothing here may need a running loop at construction (the semaphore binds lazily).
+
+``num_actors`` should be the pool's ``max_size``: the run-wide RPM/TPM budgets are split by it.
+The API key is read from ``settings.api_key_env`` inside the actor, so on a cluster that variable
+must reach the workers (``runtime_env={"env_vars": ...}``); a loopback judge needs none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from stmed.config import build_config
+from stmed.judging import JudgeSettings, JudgeVerdict, RateLimiter, ReplyCache, judge_pair, make_client
+
+INPUT_COLUMNS = ("pair_id", "question", "answer1", "answer2", "image_data_url")
+VERDICT_COLUMNS = tuple(f.name for f in dataclasses.fields(JudgeVerdict) if f.name != "pair_id")
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    # None (a failed pair's score, an absent error) needs an object column; Arrow then stores a null.
+    return np.array(values, dtype=object) if any(v is None for v in values) else np.array(values)
+
+
+class Judge:
+    """Scores every row of a batch concurrently; output = input columns minus the image, plus the
+    verdict's columns (``score1``, ``score2``, ``error``, ``attempts``, …)."""
+
+    def __init__(self, settings: JudgeSettings | dict[str, Any], num_actors: int = 1,
+                 http_client: Any = None):
+        """``http_client`` (an ``httpx.AsyncClient``) is for in-process use, e.g. a mock transport."""
+        self.settings = settings if isinstance(settings, JudgeSettings) else build_config(JudgeSettings, settings)
+        self.client = make_client(self.settings, http_client)
+        self.limiter = RateLimiter.from_settings(self.settings, num_actors)
+        self.cache = ReplyCache(self.settings.cache_dir) if self.settings.cache_dir else None
+
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in INPUT_COLUMNS if name not in batch]
+        if missing:
+            raise ValueError(f"Judge needs the column(s) {missing}; the batch has {sorted(batch)}")
+        rows = range(len(batch["pair_id"]))
+        verdicts = await asyncio.gather(*(
+            judge_pair(self.client, self.settings, self.limiter, self.cache,
+                       str(batch["question"][i]), str(batch["answer1"][i]), str(batch["answer2"][i]),
+                       str(batch["image_data_url"][i]), pair_id=str(batch["pair_id"][i]))
+            for i in rows
+        ))
+        out = {name: column for name, column in batch.items() if name != "image_data_url"}
+        verdict_rows = [v.to_row() for v in verdicts]
+        for name in VERDICT_COLUMNS:
+            out[name] = _column([row[name] for row in verdict_rows])
+        return out
