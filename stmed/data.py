@@ -150,9 +150,9 @@ class PreferencePair(_Row):
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> PreferencePair:
         question_seed = _plain(row.get("question_seed"))
+        text = {k: "" if row.get(k) is None else str(row[k]) for k in ("question", "chosen", "rejected")}
         return cls(
-            pair_id=str(row["pair_id"]), image=str(row["image"]), question=str(row["question"]),
-            chosen=str(row["chosen"]), rejected=str(row["rejected"]),
+            pair_id=str(row["pair_id"]), image=str(row["image"]), **text,
             chosen_score=float(row["chosen_score"]), rejected_score=float(row["rejected_score"]),
             judge_model=str(row["judge_model"]), seeds=[int(s) for s in _list(row.get("seeds"))],
             question_seed=None if question_seed is None else int(question_seed),

@@ -303,3 +303,10 @@ def test_sample_images_is_reproducible():
     assert sample_images(paths, 0, seed=0) == []
     with pytest.raises(ValueError, match=">= 0"):
         sample_images(paths, -1, seed=0)
+
+
+def test_preference_null_text_reads_as_empty_not_none():
+    row = dict(pair_id="a", image="i.png", question="q?", chosen=None, rejected="r",
+               chosen_score=1.0, rejected_score=2.0, judge_model="m")
+    pair = PreferencePair.from_row(row)
+    assert pair.chosen == "" and pair.rejected == "r"

@@ -1,0 +1,118 @@
+"""Ray Train glue: the session a worker's loop talks to, and the trainer that runs the loop on N workers.
+
+The loops themselves (``stmed.train.train_sft``, later DPO) are Ray-free and take a ``TrainSession``;
+``RayTrainSession`` is that session backed by Ray Train's worker context, and ``run_training`` builds
+the ``TorchTrainer`` around a loop.
+
+Train V2 (the default in Ray 2.60) quirks that bite here:
+- ``TorchTrainer(resume_from_checkpoint=...)`` raises; a run resumes from the checkpoints found under
+  ``RunConfig(storage_path, name)``. The same name therefore silently *continues* an earlier run:
+  callers pass a unique name unless resuming is what they want.
+- ``ray.train.report`` is a barrier; every worker calls it the same number of times (the loop does).
+- Each worker may report its own checkpoint directory; Ray merges them into one directory in storage,
+  which is how every rank's RNG state ends up beside rank 0's weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from torch import nn
+
+from stmed.config import RayConfig
+from stmed.log import get_logger
+from stmed.train import TrainSession
+
+log = get_logger(__name__)
+
+LoopFn = Callable[[dict[str, Any], TrainSession], None]
+
+
+class RayTrainSession:
+    """``stmed.train.TrainSession`` inside a Ray Train worker."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.world_rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device: torch.device = ray.train.torch.get_device()
+        self._restored: Path | None = None
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        # DDP (gloo on CPU, NCCL on GPU) when there is more than one worker; plain .to(device) otherwise.
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        name = f"checkpoint_{int(metrics['step']):06d}" if checkpoint_dir else None
+        # The default SYNC upload copies the directory into storage before returning; the caller may
+        # delete it afterwards.
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        if checkpoint.filesystem.type_name == "local":
+            return Path(checkpoint.path)
+        # Remote storage (S3, GCS): download once for this attempt.
+        self._restored = Path(tempfile.mkdtemp(prefix="stmed-restore-"))
+        return Path(checkpoint.to_directory(str(self._restored)))
+
+    def close(self) -> None:
+        if self._restored is not None:
+            shutil.rmtree(self._restored, ignore_errors=True)
+
+
+def _worker(config: dict[str, Any], loop_fn: LoopFn) -> None:
+    session = RayTrainSession()
+    try:
+        loop_fn(config, session)
+    finally:
+        session.close()
+
+
+def _storage_uri(storage_path: str | Path) -> str:
+    """Ray wants an absolute local path (or a URI such as ``s3://bucket/dir``, passed through)."""
+    text = str(storage_path)
+    return text if "://" in text else str(Path(text).resolve())
+
+
+def run_training(
+    loop_fn: LoopFn, loop_config: dict[str, Any], ray_cfg: RayConfig, name: str, storage_path: str | Path
+) -> ray.train.Result:
+    """Run ``loop_fn(loop_config, session)`` on ``ray_cfg.num_workers`` Ray Train workers.
+
+    A worker failure restarts the whole group from the latest reported checkpoint, up to
+    ``ray_cfg.max_failures`` times. Raises ``ray.train.TrainingFailedError`` when the run fails for good.
+    Call ``jobs.runtime.init_ray`` first so a local Ray stays on loopback.
+    """
+    trainer = TorchTrainer(
+        partial(_worker, loop_fn=loop_fn),
+        train_loop_config=loop_config,
+        # Explicit, although it is Ray's default too: gloo has no GPU support, NCCL no CPU support.
+        torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=ray_cfg.num_workers,
+            use_gpu=ray_cfg.use_gpu,
+            resources_per_worker={"CPU": ray_cfg.cpus_per_worker, **({"GPU": 1} if ray_cfg.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=_storage_uri(storage_path),
+            failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    log.info("Ray Train run %s: %d workers (%s)", name, ray_cfg.num_workers, "GPU" if ray_cfg.use_gpu else "CPU")
+    return trainer.fit()

@@ -1,0 +1,110 @@
+"""Stage 2: DPO on the self-generated preference pairs (METHOD §4), on Ray Train.
+
+    ray job submit --working-dir . -- python -m jobs.dpo --config jobs/configs/dpo.yaml \
+        model.name_or_path=/mnt/shared/stmed/sft/merged preferences=/mnt/shared/stmed/generate/preferences.parquet
+    python -m jobs.dpo --config jobs/configs/local/dpo.yaml output_dir=runs/local/dpo \
+        model.preset=null model.name_or_path=runs/local/sft/merged preferences=runs/local/generate/preferences.parquet
+
+The policy is a fresh LoRA on the merged stage-1 checkpoint; the reference is that checkpoint, frozen
+(``stmed.dpo``). Outputs under ``output_dir``: ``config.yaml``, ``checkpoints/`` (Ray Train storage),
+``metrics.jsonl`` (one row per step: loss, rewards/chosen, rewards/rejected, rewards/accuracies,
+rewards/margins, lr per group, pairs/s…), ``data_report.json`` (pairs rejected and why), ``adapter/``,
+``merged/`` (a plain HF checkpoint: what evaluation and serving load) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.training import run_training
+from jobs.runtime import init_ray
+from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, load_config, write_config
+from stmed.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
+from stmed.log import get_logger
+from stmed.runs import MetricsLog, write_summary
+from stmed.train import ATTEMPTS_FILE, DATA_REPORT_FILE, METRICS_FILE, check_global_batch
+
+log = get_logger("stmed.jobs.dpo")
+
+FINAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Stage 2: DPO of the stage-1 model on its judged answer pairs, on Ray Train."""
+
+    output_dir: str
+    model: ModelConfig
+    """The merged stage-1 checkpoint (``<sft output_dir>/merged``): the policy's start and the reference."""
+    preferences: str
+    """The preference pairs (``<generate output_dir>/preferences.parquet``)."""
+    image_root: str | None = None
+    """Folder that relative image paths in the pairs are under (default: the parquet file's folder)."""
+    lora: DPOLoRAConfig = field(default_factory=DPOLoRAConfig)
+    """Use the stage-1 ranks; ViT LoRA dropout 0.1 in DPO."""
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run_name: str | None = None
+    """Ray Train run name; None makes a fresh one. Reuse a name only to resume that run."""
+
+    def __post_init__(self) -> None:
+        check_global_batch(self.train, self.ray.num_workers)
+
+
+def _summarise(out: Path, run_name: str, checkpoint: str | None, wall_s: float) -> dict[str, Any]:
+    """Counts and figures for summary.json, from what the workers wrote."""
+    data = json.loads((out / DATA_REPORT_FILE).read_text())
+    attempts = MetricsLog(out / ATTEMPTS_FILE).read()
+    # A restarted attempt re-runs the steps after its checkpoint: keep each step's latest row.
+    rows = sorted({row["step"]: row for row in MetricsLog(out / METRICS_FILE).read()}.values(),
+                  key=lambda row: row["step"])  # fmt: skip
+    busy = sum(row["step_time_s"] for row in rows)
+    precompute = [a["reference_precompute_s"] for a in attempts if a.get("reference_precompute_s") is not None]
+    return {
+        "stage": "dpo", "run_name": run_name,
+        **{k: v for k, v in data.items() if k != "rejected_examples"},
+        "steps": rows[-1]["step"], "total_steps": attempts[-1]["total_steps"],
+        "attempts": len(attempts), "resumed_from_steps": [a["start_step"] for a in attempts[1:]],
+        "first": {k: rows[0][k] for k in FINAL_KEYS}, "final": {k: rows[-1][k] for k in FINAL_KEYS},
+        "pairs_trained": sum(row["pairs"] for row in rows), "pairs_per_s": sum(row["pairs"] for row in rows) / busy,
+        "reference_precompute_s": sum(precompute) if precompute else None, "wall_time_s": wall_s,
+        "outputs": {"adapter": str(out / "adapter"), "merged": str(out / "merged"), "checkpoint": checkpoint,
+                    "metrics": str(out / METRICS_FILE), "data_report": str(out / DATA_REPORT_FILE)},
+    }  # fmt: skip
+
+
+def main(cfg: DPOConfig) -> dict[str, Any]:
+    started = time.time()
+    out = Path(cfg.output_dir).resolve()  # workers resolve paths from their own working directory
+    preferences = Path(cfg.preferences).resolve()
+    if not preferences.is_file():
+        raise ConfigError(f"preferences: file not found: {preferences} (run jobs.generate first)")
+    image_root = Path(cfg.image_root).resolve() if cfg.image_root else preferences.parent
+    write_config(cfg, out)
+    init_ray(cfg.ray)
+    loop = DPOLoopConfig(model=cfg.model, preferences_path=str(preferences), image_root=str(image_root),
+                         output_dir=str(out), lora=cfg.lora, train=cfg.train, dpo=cfg.dpo)  # fmt: skip
+    name = cfg.run_name or f"dpo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    result = run_training(train_dpo, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    summary = _summarise(out, name, checkpoint, time.time() - started)
+    write_summary(out, summary)
+    final = summary["final"]
+    log.info("dpo done: %d pairs (%d rejected), %d steps, loss %.4f, margin %.4f, accuracy %.2f; merged model in %s",
+             summary["pairs_used"], summary["rejected"], summary["steps"], final["loss"],
+             final["rewards/margins"], final["rewards/accuracies"], summary["outputs"]["merged"])  # fmt: skip
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(load_config(DPOConfig))
+    except ConfigError as err:  # a missing input file is a user mistake too: one line, exit code 2
+        log.error("config error: %s", err)
+        raise SystemExit(2) from None

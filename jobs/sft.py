@@ -1,0 +1,143 @@
+"""Stage 1: LoRA SFT on answers and questions (METHOD §2), on Ray Train.
+
+    ray job submit --working-dir . -- python -m jobs.sft --config jobs/configs/sft.yaml
+    python -m jobs.sft --config jobs/configs/local/sft.yaml output_dir=runs/local/sft   # laptop, no GPU
+
+Outputs under ``output_dir``: ``config.yaml``, ``checkpoints/`` (Ray Train storage: weights, optimiser,
+RNG per checkpoint), ``metrics.jsonl`` (one row per step: loss, loss_qa, loss_vq, lr per group,
+tokens/s…), ``data_report.json`` (skipped samples and why), ``adapter/`` (final trainable weights),
+``merged/`` (a plain HF checkpoint: what the later stages load) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.training import run_training
+from jobs.runtime import init_ray
+from stmed.config import (
+    ConfigError,
+    LoRAConfig,
+    ModelConfig,
+    RayConfig,
+    config_to_dict,
+    load_config,
+    write_config,
+)
+from stmed.log import get_logger
+from stmed.runs import MetricsLog, write_summary
+from stmed.synthetic import make_dataset
+from stmed.train import (
+    ATTEMPTS_FILE,
+    DATA_REPORT_FILE,
+    METRICS_FILE,
+    SFTLoopConfig,
+    TrainConfig,
+    check_global_batch,
+    train_sft,
+)
+
+log = get_logger("stmed.jobs.sft")
+
+
+@dataclass(frozen=True)
+class SFTDataConfig:
+    """Where the instruction data comes from."""
+
+    instruct: str | None = None
+    """LLaVA-Med instruct JSON (e.g. llava_med_instruct_60k_inline_mention.json)."""
+    image_root: str | None = None
+    """Folder the instruct file's image names are relative to (default: the instruct file's folder)."""
+    synthetic: bool = False
+    """With no data.instruct: generate the synthetic phantom dataset into output_dir/data."""
+    synthetic_images: int = 120
+    synthetic_seed: int = 0
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Stage 1: LoRA SFT with the question loss, on Ray Train."""
+
+    output_dir: str
+    model: ModelConfig
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run_name: str | None = None
+    """Ray Train run name; None makes a fresh one. Reuse a name only to resume that run."""
+
+    def __post_init__(self) -> None:
+        check_global_batch(self.train, self.ray.num_workers)
+        if self.data.instruct is None and not self.data.synthetic:
+            raise ConfigError("data.instruct is required (or set data.synthetic=true for the demo data)")
+
+
+def _resolve_data(cfg: SFTConfig, out: Path) -> tuple[Path, Path]:
+    """The instruct file and image folder, generating the synthetic dataset when asked to."""
+    if cfg.data.instruct is None:
+        paths = make_dataset(out / "data", num_images=cfg.data.synthetic_images, seed=cfg.data.synthetic_seed)
+        return paths.instruct, paths.images
+    instruct = Path(cfg.data.instruct).resolve()
+    return instruct, Path(cfg.data.image_root).resolve() if cfg.data.image_root else instruct.parent
+
+
+def _clear_previous_run(out: Path) -> None:
+    """A fresh run in a used output_dir: drop the old run's per-step logs (they are appended to)."""
+    for name in (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE, "summary.json"):
+        (out / name).unlink(missing_ok=True)
+    for marker in out.glob(".fault_injected_step*"):
+        marker.unlink()
+
+
+def _summarise(out: Path, run_name: str, checkpoint: str | None, wall_s: float) -> dict[str, Any]:
+    """Counts and figures for summary.json, from what the workers wrote."""
+    data = json.loads((out / DATA_REPORT_FILE).read_text())
+    attempts = MetricsLog(out / ATTEMPTS_FILE).read()
+    # A restarted attempt re-runs the steps after its checkpoint: keep each step's latest row.
+    rows = sorted({row["step"]: row for row in MetricsLog(out / METRICS_FILE).read()}.values(),
+                  key=lambda row: row["step"])  # fmt: skip
+    last = rows[-1]
+    busy = sum(row["step_time_s"] for row in rows)
+    return {
+        "stage": "sft", "run_name": run_name, **{k: v for k, v in data.items() if k != "skipped_examples"},
+        "steps": last["step"], "total_steps": attempts[-1]["total_steps"], "epochs_started": last["epoch"] + 1,
+        "attempts": len(attempts), "resumed_from_steps": [a["start_step"] for a in attempts[1:]],
+        "final": {k: last[k] for k in ("loss", "loss_qa", "loss_vq")},
+        "first": {k: rows[0][k] for k in ("loss", "loss_qa", "loss_vq")},
+        "tokens_per_s": sum(row["tokens"] for row in rows) / busy,
+        "samples_per_s": sum(row["samples"] for row in rows) / busy,
+        "wall_time_s": wall_s,
+        "outputs": {"adapter": str(out / "adapter"), "merged": str(out / "merged"), "checkpoint": checkpoint,
+                    "metrics": str(out / METRICS_FILE), "data_report": str(out / DATA_REPORT_FILE)},
+    }  # fmt: skip
+
+
+def main(cfg: SFTConfig) -> dict[str, Any]:
+    started = time.time()
+    out = Path(cfg.output_dir).resolve()  # workers resolve paths from their own working directory
+    write_config(cfg, out)
+    instruct, image_root = _resolve_data(cfg, out)
+    init_ray(cfg.ray)
+    loop = SFTLoopConfig(model=cfg.model, lora=cfg.lora, train=cfg.train, instruct_path=str(instruct),
+                         image_root=str(image_root), output_dir=str(out))  # fmt: skip
+    name = cfg.run_name or f"sft-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    if cfg.run_name is None:
+        _clear_previous_run(out)
+    result = run_training(train_sft, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    summary = _summarise(out, name, checkpoint, time.time() - started)
+    write_summary(out, summary)
+    log.info("sft done: %d steps, loss %.4f (qa %.4f, vq %.4f); merged model in %s", summary["steps"],
+             summary["final"]["loss"], summary["final"]["loss_qa"], summary["final"]["loss_vq"],
+             summary["outputs"]["merged"])  # fmt: skip
+    return summary
+
+
+if __name__ == "__main__":
+    main(load_config(SFTConfig))

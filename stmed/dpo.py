@@ -1,0 +1,496 @@
+"""Stage 2 (METHOD §4): DPO of the stage-1 model on its own judged answer pairs, one loop for every launcher.
+
+The loss is sigmoid DPO on sequence log-probabilities summed over the answer tokens only:
+``L = -log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))])``, and the implicit
+rewards are ``β·(log π − log π_ref)``. Each pair is rendered with the plain Vicuna v1 prompt
+(``preference_prompt``, no questioner) and encoded by ``encode_prompt_answer``, whose label mask marks
+the answer and its ``</s>`` — the same mask convention as stage 1.
+
+The reference policy is the frozen stage-1 model *entirely*, vision tower and projector included (the
+reference code's quirk embedded images with the drifting policy tower; we do not). The policy is a fresh
+LoRA on the merged stage-1 weights, and ``attach_lora`` makes the projector a PEFT ``modules_to_save``
+module: PEFT trains a copy and keeps the original projector frozen beside it. So
+``with peft_model.disable_adapter():`` switches off both LoRAs *and* routes images through that frozen
+original projector — the stage-1 model exactly, with no second model in memory. The tests check this
+against an independently loaded stage-1 model. With ``dpo.precompute_reference`` the reference
+log-probabilities are computed once before training (ranks split the work and share the table, which is
+cached in ``output_dir`` for resumes) instead of a second forward pass every step.
+
+Why a hand loop and not TRL's ``DPOTrainer``: the trainer tokenises prompts with its own processor and
+chat template, which would bypass our Vicuna rendering and offset-based label masks, and it brings a
+second checkpoint/resume/reporting mechanism (HF ``Trainer`` + ``RayTrainReportCallback``, which reports
+only when HF saves). The loop below reuses stage 1's schedule, optimiser groups, step plan, sessions and
+checkpoints (``stmed.train``); it only swaps the data, the loss and the reference pass. Chosen and
+rejected go through the model as one concatenated batch, so DDP sees one forward per backward in which
+every trainable parameter takes part; the reference pass runs on the unwrapped model without a graph.
+That is why Ray's default ``find_unused_parameters=False`` works here (the trap ARCHITECTURE.md records
+for TRL under DDP does not arise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from peft import PeftModel
+from torch.utils.data import DataLoader, Dataset
+
+from stmed.config import ConfigError, LoRAConfig, ModelConfig, build_config, config_to_dict
+from stmed.conversation import IGNORE_INDEX, Encoded, collate, encode_prompt_answer
+from stmed.data import PreferencePair, Skip, read_preferences
+from stmed.images import ImageLoadError, load_image
+from stmed.log import get_logger
+from stmed.model import attach_lora, enable_gradient_checkpointing, image_seq_len, load_model, pixel_values
+from stmed.prompts import preference_prompt
+from stmed.runs import MetricsLog, write_json
+from stmed.train import (
+    ATTEMPTS_FILE,
+    DATA_REPORT_FILE,
+    METRICS_FILE,
+    TrainConfig,
+    TrainSession,
+    _all_reduce,
+    _export,
+    _maybe_fail,
+    build_optimizer,
+    load_checkpoint,
+    plan_steps,
+    save_checkpoint,
+    uses_autocast,
+)
+
+log = get_logger(__name__)
+
+REFERENCE_CACHE_FILE = "reference_logps.pt"
+_MISSING_IMAGE = ("file not found", "is a directory")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """The preference objective."""
+
+    beta: float = 0.1
+    """Strength of the KL anchor to the reference (reference code default; the paper does not print it)."""
+    precompute_reference: bool = False
+    """Compute the reference log-probs once before training instead of a second forward pass per step."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+
+
+@dataclass(frozen=True)
+class DPOTrainConfig(TrainConfig):
+    """Optimisation of stage 2: as ``TrainConfig``, with the DPO learning rates of METHOD §4 as defaults."""
+
+    lr_llm: float = 5e-6
+    lr_projector: float = 2e-5
+    lr_vit: float = 2e-5
+
+
+@dataclass(frozen=True)
+class DPOLoRAConfig(LoRAConfig):
+    """Stage-2 LoRA: the stage-1 ranks, with ViT LoRA dropout 0.1 (METHOD §2 table)."""
+
+    vit_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class DPOLoopConfig:
+    """Everything one worker of :func:`train_dpo` needs (passed to it as a plain dict)."""
+
+    model: ModelConfig
+    """The merged stage-1 checkpoint: the policy's start and the reference."""
+    preferences_path: str
+    image_root: str
+    output_dir: str
+    """metrics.jsonl, data_report.json, adapter/, merged/ (and the reference cache) are written here."""
+    lora: DPOLoRAConfig = field(default_factory=DPOLoRAConfig)
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    export_merged: bool = True
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of log p(label_t | tokens < t) over target tokens: ``(rows, T, V)`` → ``(rows,)``.
+
+    Only target rows of the logits are upcast to float32, which keeps a 32k-vocab batch small.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    token_logps = -F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(labels.shape[0], device=logits.device).index_add(0, rows, token_logps)
+
+
+@dataclass(frozen=True)
+class DPOOutput:
+    """Per-pair loss and implicit rewards ``β·(log π − log π_ref)``, each of shape ``(pairs,)``."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> DPOOutput:  # fmt: skip
+    """Sigmoid DPO: ``-logσ(β·((π_c − ref_c) − (π_r − ref_r)))`` per pair."""
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    return DPOOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def dpo_stats(out: DPOOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> torch.Tensor:
+    """Sums of loss, rewards, accuracy, margin, pair count and policy log-probs, summable over ranks."""
+    chosen, rejected = out.chosen_rewards.double(), out.rejected_rewards.double()
+    return torch.stack([out.losses.detach().double().sum(), chosen.sum(), rejected.sum(),
+                        (chosen > rejected).double().sum(), (chosen - rejected).sum(),
+                        torch.tensor(float(chosen.numel()), dtype=torch.float64, device=chosen.device),
+                        policy_chosen.detach().double().sum(), policy_rejected.detach().double().sum()])  # fmt: skip
+
+
+def dpo_metrics(stats: torch.Tensor) -> dict[str, float]:
+    """Means over pairs of the :func:`dpo_stats` sums, under TRL's metric names."""
+    loss, chosen, rejected, hits, margin, n, logp_c, logp_r = stats.tolist()[:8]
+    return {"loss": loss / n, "rewards/chosen": chosen / n, "rewards/rejected": rejected / n,
+            "rewards/accuracies": hits / n, "rewards/margins": margin / n,
+            "logps/chosen": logp_c / n, "logps/rejected": logp_r / n}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class PreferenceData:
+    """The usable pairs, the rejected ones with reasons, and how many pairs get truncated."""
+
+    pairs: list[PreferencePair]
+    skips: list[Skip]
+    read: int
+    truncated: int
+
+    def report(self) -> dict[str, Any]:
+        reasons = Counter(skip.reason.split(":")[0] for skip in self.skips)
+        return {"pairs_read": self.read, "pairs_used": len(self.pairs), "rejected": len(self.skips),
+                "rejected_by_reason": dict(reasons.most_common()), "truncated": self.truncated,
+                "rejected_examples": [skip.to_row() for skip in self.skips[:20]]}  # fmt: skip
+
+
+def encode_pair(pair: PreferencePair, tokenizer, seq_len: int, max_length: int) -> tuple[Encoded, Encoded]:
+    """The chosen and rejected sequences: plain Vicuna prompt + answer, answer tokens as targets."""
+    prompt = preference_prompt(pair.question)
+    return (encode_prompt_answer(prompt, pair.chosen, tokenizer, seq_len, max_length),
+            encode_prompt_answer(prompt, pair.rejected, tokenizer, seq_len, max_length))  # fmt: skip
+
+
+def pair_problem(pair: PreferencePair, image_root: Path, tokenizer, seq_len: int, max_length: int,
+                 images_seen: dict[Path, str | None]) -> tuple[str | None, bool]:  # fmt: skip
+    """``(reason, truncated)``: why a pair cannot be trained on (``"kind: detail"``, None if it can).
+
+    ``images_seen`` caches each image's verdict: a file shared by several questions is decoded once.
+    """
+    chosen, rejected = pair.chosen.strip(), pair.rejected.strip()
+    if not pair.question.strip():
+        return "empty_question", False
+    if not chosen or not rejected:
+        return "empty_answer: " + ("chosen" if not chosen else "rejected"), False
+    if chosen == rejected:
+        return "chosen_equals_rejected", False
+    path = image_root / pair.image
+    if path not in images_seen:
+        try:
+            load_image(path)
+            images_seen[path] = None
+        except ImageLoadError as err:
+            kind = "image_missing" if err.reason in _MISSING_IMAGE else "image_unreadable"
+            images_seen[path] = f"{kind}: {err.reason}"
+    if images_seen[path]:
+        return images_seen[path], False
+    prompt_len = len(tokenizer(preference_prompt(pair.question))["input_ids"]) - 1 + seq_len
+    if prompt_len >= max_length:
+        return f"too_long: prompt and image take {prompt_len} tokens, max_length={max_length}", False
+    try:
+        encoded = encode_pair(pair, tokenizer, seq_len, max_length)
+    except ValueError as err:
+        return f"bad_text: {err}", False
+    if min(e.num_targets for e in encoded) == 0:
+        return f"too_long: no answer token within max_length={max_length}", False
+    return None, any(e.truncated for e in encoded)
+
+
+def load_preference_data(path: str | Path, image_root: str | Path, processor, max_length: int,
+                         rank: int = 0, world_size: int = 1) -> PreferenceData:  # fmt: skip
+    """Read and check the preference parquet; each rank checks a slice and the verdicts are shared.
+
+    Raises ``ValueError`` when no pair is usable.
+    """
+    pairs = read_preferences(path)
+    root, seq_len, seen = Path(image_root), image_seq_len(processor), {}
+    verdicts = {i: pair_problem(pairs[i], root, processor.tokenizer, seq_len, max_length, seen)
+                for i in range(rank, len(pairs), world_size)}  # fmt: skip
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[dict] = [{} for _ in range(world_size)]
+        dist.all_gather_object(gathered, verdicts)
+        verdicts = {i: v for part in gathered for i, v in part.items()}
+    if len(verdicts) != len(pairs):
+        raise RuntimeError(f"checked {len(verdicts)} of {len(pairs)} pairs; is the process group up?")
+    kept = [p for i, p in enumerate(pairs) if verdicts[i][0] is None]
+    skips = [Skip(p.pair_id, verdicts[i][0]) for i, p in enumerate(pairs) if verdicts[i][0]]
+    data = PreferenceData(kept, skips, len(pairs), sum(1 for v in verdicts.values() if v[0] is None and v[1]))
+    if not kept:
+        top = ", ".join(f"{r} ({n})" for r, n in Counter(data.report()["rejected_by_reason"]).most_common(3))
+        raise ValueError(f"no usable preference pairs in {path} (images under {image_root}); "
+                         f"{len(skips)} rejected: {top or 'the file is empty'}")  # fmt: skip
+    return data
+
+
+class PreferenceDataset(Dataset):
+    """Checked pairs as ``(index, chosen, rejected, pixels)``, keyed like stage 1 by ``(epoch, index)``."""
+
+    def __init__(self, pairs: list[PreferencePair], image_root: str | Path, processor, max_length: int):
+        self.pairs, self.image_root, self.processor = pairs, Path(image_root), processor
+        self.max_length, self.seq_len = max_length, image_seq_len(processor)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Encoded, Encoded, torch.Tensor]:
+        _, index = key  # the epoch does not change a pair's encoding
+        pair = self.pairs[index]
+        chosen, rejected = encode_pair(pair, self.processor.tokenizer, self.seq_len, self.max_length)
+        pixels = pixel_values(self.processor, [load_image(self.image_root / pair.image)])[0]
+        return index, chosen, rejected, pixels
+
+
+def collate_pairs(items: list[tuple[int, Encoded, Encoded, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of ``2B`` rows — the B chosen sequences, then the B rejected — plus each pair's index."""
+    batch = collate([c for _, c, _, _ in items] + [r for _, _, r, _ in items], pad_id)
+    pixels = torch.stack([p for _, _, _, p in items])
+    batch["pixel_values"] = torch.cat([pixels, pixels])  # each image once per row that holds it
+    batch["index"] = torch.tensor([i for i, _, _, _ in items], dtype=torch.long)
+    return batch
+
+
+# ----------------------------------------------------------------------------- the reference policy
+
+
+def forward_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed answer log-probs of every row of a :func:`collate_pairs` batch, shape ``(2B,)``."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"]).logits  # fmt: skip
+    return sequence_logps(logits, batch["labels"])
+
+
+@contextlib.contextmanager
+def reference_mode(peft_model: PeftModel) -> Iterator[None]:
+    """Run ``peft_model`` as the frozen stage-1 model: adapters off, original projector, eval, no grad."""
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"reference_mode needs the PeftModel from attach_lora, got {type(peft_model).__name__}")
+    was_training = peft_model.training
+    peft_model.eval()  # no dropout, and no activation checkpointing for a pass that keeps no graph
+    try:
+        with torch.no_grad(), peft_model.disable_adapter():
+            yield
+    finally:
+        peft_model.train(was_training)
+
+
+def reference_logps(peft_model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The frozen stage-1 model's summed answer log-probs for a batch, shape ``(2B,)``."""
+    with reference_mode(peft_model):
+        return forward_logps(peft_model, batch)
+
+
+def _cache_key(cfg: DPOLoopConfig, pairs: list[PreferencePair]) -> dict[str, Any]:
+    """What the reference table depends on: the model (and its weight files), the pairs' text, the encoding.
+
+    A rerun into the same ``output_dir`` after the stage-1 model or the pairs changed must not reuse it.
+    """
+    digest = hashlib.sha256()
+    for p in pairs:
+        digest.update(json.dumps([p.pair_id, p.image, p.question, p.chosen, p.rejected]).encode())
+    model_dir = Path(cfg.model.name_or_path or "")
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.glob("*.safetensors")) \
+        if cfg.model.name_or_path and model_dir.is_dir() else []  # fmt: skip
+    return {"model": config_to_dict(cfg.model), "weights": [list(w) for w in weights],
+            "max_length": cfg.train.max_length, "bf16": cfg.train.bf16, "pairs": len(pairs),
+            "pairs_sha256": digest.hexdigest()}  # fmt: skip
+
+
+def _load_cache(path: Path, key: dict[str, Any]) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    cached = torch.load(path, map_location="cpu", weights_only=True)
+    return cached["logps"] if cached.get("key") == key else None
+
+
+def precompute_reference(cfg: DPOLoopConfig, peft_model: PeftModel, dataset: PreferenceDataset,
+                         session: TrainSession, autocast=contextlib.nullcontext) -> torch.Tensor:  # fmt: skip
+    """``(pairs, 2)`` reference log-probs (chosen, rejected) of every pair, on ``session.device``.
+
+    Ranks split the pairs and share the results; rank 0 caches the table in ``output_dir`` so a resumed
+    run skips this pass. Every rank takes the same branch (cached or not), so the collectives match.
+    """
+    rank, world, device = session.world_rank, session.world_size, session.device
+    cache, key = Path(cfg.output_dir) / REFERENCE_CACHE_FILE, _cache_key(cfg, dataset.pairs)
+    table = _load_cache(cache, key)
+    have = _all_reduce(torch.tensor([float(table is not None)], device=device)).item()
+    if have == world:
+        log.info("reference log-probs read from %s", cache)
+        return table.to(device)
+    pad_id, size = dataset.processor.tokenizer.pad_token_id, cfg.train.micro_batch_size
+    mine = list(range(rank, len(dataset), world))
+    rows: dict[int, tuple[float, float]] = {}
+    log.info("computing reference log-probs of %d pairs on %d workers", len(dataset), world)
+    every = max(size, len(mine) // 10 // size * size)  # about ten progress lines
+    for start in range(0, len(mine), size):
+        if start and start % every == 0:
+            log.info("reference log-probs: %d/%d pairs of this worker", start, len(mine))
+        batch = collate_pairs([dataset[(0, i)] for i in mine[start : start + size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            logps = reference_logps(peft_model, batch).float().cpu()
+        half = len(batch["index"])
+        rows.update({int(i): (float(logps[j]), float(logps[half + j])) for j, i in enumerate(batch["index"])})
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[dict] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, rows)
+        rows = {i: v for part in gathered for i, v in part.items()}
+    table = torch.tensor([rows[i] for i in range(len(dataset))], dtype=torch.float32)
+    if rank == 0:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"key": key, "logps": table}, tmp)
+        os.replace(tmp, cache)
+    return table.to(device)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _prepare(cfg: DPOLoopConfig, session: TrainSession):
+    """Fresh LoRA on the merged stage-1 model, its processor, and the checked pairs."""
+    torch.manual_seed(cfg.train.seed)  # same LoRA init on every rank
+    model, processor = load_model(cfg.model)
+    peft_model = attach_lora(model, cfg.lora)
+    # Trainable weights in fp32 (as in stage 1): bf16 cannot hold a 5e-6 update. The frozen original
+    # projector keeps the checkpoint's dtype, so the reference is the stage-1 model bit for bit.
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
+    data = load_preference_data(cfg.preferences_path, cfg.image_root, processor, cfg.train.max_length,
+                                session.world_rank, session.world_size)  # fmt: skip
+    return peft_model, processor, data
+
+
+def _reference_for(batch, peft_model, table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) reference log-probs of a batch: looked up when precomputed, else a forward pass."""
+    if table is not None:
+        rows = table[batch["index"]]
+        return rows[:, 0], rows[:, 1]
+    logps = reference_logps(peft_model, batch)
+    return logps.chunk(2)
+
+
+def train_dpo(config: dict[str, Any], session: TrainSession) -> None:
+    """Stage-2 DPO on one worker; resumes from ``session.latest_checkpoint()`` when there is one."""
+    cfg = build_config(DPOLoopConfig, config)
+    train, out = cfg.train, Path(cfg.output_dir)
+    rank, world, device = session.world_rank, session.world_size, session.device
+    peft_model, processor, data = _prepare(cfg, session)
+    plan, total_steps = plan_steps(len(data.pairs), train, rank, world)
+
+    model = session.prepare_model(peft_model)
+    optimizer, scheduler = build_optimizer(peft_model, train, total_steps)
+    ckpt = session.latest_checkpoint()
+    start_step = load_checkpoint(ckpt, peft_model, optimizer, scheduler, rank) if ckpt else 0
+    if ckpt is None:
+        torch.manual_seed(train.seed + 1 + rank)  # dropout differs across ranks
+    autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if uses_autocast(train, device)
+                else contextlib.nullcontext)  # fmt: skip
+    dataset = PreferenceDataset(data.pairs, cfg.image_root, processor, train.max_length)
+    started = time.perf_counter()
+    table = precompute_reference(cfg, peft_model, dataset, session, autocast) if cfg.dpo.precompute_reference \
+        else None  # fmt: skip
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / DATA_REPORT_FILE, data.report())
+        MetricsLog(out / ATTEMPTS_FILE).write({
+            "start_step": start_step, "total_steps": total_steps, "world_size": world, "time": time.time(),
+            "reference_precompute_s": time.perf_counter() - started if table is not None else None})
+        log.info("DPO %d steps from step %d: %d pairs (%d rejected), %d workers, reference %s",
+                 total_steps, start_step, len(data.pairs), len(data.skips), world,
+                 "precomputed" if table is not None else "per step")  # fmt: skip
+
+    loader = DataLoader(dataset, batch_sampler=list(plan.micro_batches(start_step, total_steps)),
+                        collate_fn=partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id),
+                        num_workers=train.loader_workers)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # iter() draws a base seed; keep dropout's stream untouched
+        batches = iter(loader)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    pairs_per_rank = train.micro_batch_size * train.grad_accum_steps  # every step is full (StepPlan)
+    metrics_log = MetricsLog(out / METRICS_FILE)
+    model.train()
+    for step in range(start_step + 1, total_steps + 1):
+        _maybe_fail(train, step, rank, out)
+        started = time.perf_counter()
+        stats = torch.zeros(9, dtype=torch.float64, device=device)
+        for i in range(train.grad_accum_steps):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            last = i == train.grad_accum_steps - 1
+            # DDP all-reduces gradients on every backward unless told not to; once per step is enough.
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast():
+                    ref_chosen, ref_rejected = _reference_for(batch, peft_model, table)
+                    policy_chosen, policy_rejected = forward_logps(model, batch).chunk(2)
+                    result = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.dpo.beta)
+                # DDP averages over ranks, so this is the mean loss over the step's global pairs.
+                (result.losses.sum() / pairs_per_rank).backward()
+            stats[:8] += dpo_stats(result, policy_chosen, policy_rejected)
+            stats[8] += batch["attention_mask"].sum()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
+        lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}  # this step's lr
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats = _all_reduce(stats).cpu()
+        elapsed = time.perf_counter() - started
+        row = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch, **dpo_metrics(stats),
+               "grad_norm": float(grad_norm), "pairs": int(stats[5]), "tokens": int(stats[8]),
+               "pairs_per_s": float(stats[5]) / elapsed, "tokens_per_s": float(stats[8]) / elapsed,
+               "step_time_s": elapsed, **lrs}  # fmt: skip
+        if rank == 0:
+            metrics_log.write(row)
+            if step % train.log_every == 0 or step == total_steps:
+                log.info("step %d/%d loss %.4f margin %.4f acc %.2f %.1f pairs/s", step, total_steps, row["loss"],
+                         row["rewards/margins"], row["rewards/accuracies"], row["pairs_per_s"])  # fmt: skip
+        if step % train.checkpoint_every == 0 or step == total_steps:
+            with tempfile.TemporaryDirectory(prefix="stmed-ckpt-") as tmp:
+                save_checkpoint(Path(tmp), peft_model, optimizer, scheduler, step, rank)
+                session.report(row, Path(tmp))
+        elif step % train.log_every == 0:
+            session.report(row, None)
+    if rank == 0:
+        _export(cfg, peft_model, processor)

@@ -1,0 +1,278 @@
+"""Stage-2 DPO without Ray: log-probs, the loss, the data check, the frozen reference, learning, resume."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stmed.config import ModelConfig, config_to_dict
+from stmed.conversation import IGNORE_INDEX
+from stmed.data import PreferencePair, write_preferences
+from stmed.dpo import (
+    REFERENCE_CACHE_FILE,
+    DPOLoopConfig,
+    DPOLoRAConfig,
+    DPOSettings,
+    DPOTrainConfig,
+    PreferenceDataset,
+    collate_pairs,
+    dpo_loss,
+    forward_logps,
+    load_preference_data,
+    precompute_reference,
+    reference_logps,
+    sequence_logps,
+    train_dpo,
+)
+from stmed.model import attach_lora, build_tiny, load_model
+from stmed.runs import MetricsLog
+from stmed.synthetic import make_dataset
+from stmed.train import LocalSession
+
+LORA = DPOLoRAConfig(llm_r=4, llm_alpha=8, vit_r=2, vit_alpha=4)
+CHOSEN = "Yes, there is a lesion in the left lung."
+REJECTED = "No, the image is normal."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and on a shared 2-core box they spin against each other
+    (measured: 20-50x slower steps under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("synthetic"), num_images=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> Path:
+    """A "merged stage-1 model": the tiny model saved as a plain HF checkpoint."""
+    out = tmp_path_factory.mktemp("stage1")
+    model, processor = build_tiny(seed=3)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _pairs(images: list[str], n: int) -> list[PreferencePair]:
+    """A learnable set: the same chosen / rejected answer for every question."""
+    questions = ["Is there a lesion?", "Is the image normal?", "What is abnormal in this scan?"]
+    return [PreferencePair(pair_id=f"p{i}", image=images[i % len(images)], question=questions[i % 3],
+                           chosen=CHOSEN, rejected=REJECTED, chosen_score=8.0, rejected_score=3.0,
+                           judge_model="reference-judge", seeds=[i, i + 100])
+            for i in range(n)]  # fmt: skip
+
+
+def _images(synthetic) -> list[str]:
+    return sorted(p.name for p in synthetic.images.glob("*.png"))
+
+
+def _loop_config(stage1: Path, prefs: Path, images: Path, out: Path, dpo: DPOSettings | None = None,
+                 **train) -> dict:  # fmt: skip
+    base = {"lr_llm": 2e-3, "lr_vit": 1e-3, "lr_projector": 1e-3, "micro_batch_size": 2, "max_length": 256,
+            "warmup_ratio": 0.0, "log_every": 100, "checkpoint_every": 100}
+    cfg = DPOLoopConfig(model=ModelConfig(name_or_path=str(stage1)), preferences_path=str(prefs),
+                        image_root=str(images), output_dir=str(out), lora=LORA,
+                        train=DPOTrainConfig(**{**base, **train}), dpo=dpo or DPOSettings(),
+                        export_merged=False)  # fmt: skip
+    return config_to_dict(cfg, redact=False)
+
+
+def _perturb_trainable(model, seed: int = 1) -> None:
+    """Move LoRA B (zero at init) and the trained projector copy, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def test_sequence_logps_sum_target_tokens_only():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    x = IGNORE_INDEX
+    labels = torch.tensor([[4, x, 3, 5, x], [x, x, x, 6, 2]])  # position 0 has no predictor: ignored
+    want = [sum(torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
+                for t in range(1, 5) if labels[b, t] != x) for b in range(2)]  # fmt: skip
+    assert sequence_logps(logits, labels).tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_dpo_loss_is_the_sigmoid_formula_and_ln2_when_policy_is_reference():
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -2.5])
+    out = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    # pair 0: 0.1*((-3+3.5) - (-4+3)) = 0.15; pair 1: 0.1*((-5+4) - (-2+2.5)) = -0.15
+    assert out.losses.tolist() == pytest.approx([-F.logsigmoid(torch.tensor(0.15)).item(),
+                                                 -F.logsigmoid(torch.tensor(-0.15)).item()])  # fmt: skip
+    assert out.chosen_rewards.tolist() == pytest.approx([0.05, -0.1])
+    assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.05])
+    same = dpo_loss(pc, pr, pc, pr, beta=0.1)
+    assert same.losses.tolist() == pytest.approx([math.log(2)] * 2)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_bad_rows_are_rejected_and_counted_by_reason(synthetic, stage1, tmp_path):
+    images = _images(synthetic)
+    corrupt = tmp_path / "corrupt.png"  # an absolute image path is used as it is
+    corrupt.write_bytes(b"not a png at all")
+    good = _pairs(images, 3)
+    base = good[0]
+
+    def bad(i: int, **kw) -> PreferencePair:
+        return PreferencePair(**{**base.to_row(), "pair_id": f"bad{i}", **kw})
+
+    rows = good + [
+        bad(0, image="missing.png"), bad(1, image=str(corrupt)), bad(2, chosen=""), bad(3, rejected="   "),
+        bad(4, rejected=CHOSEN + "  "), bad(5, question=" "), bad(6, chosen="an answer with </s> inside"),
+        bad(7, question="Is there a lesion? " * 200),
+    ]
+    prefs = write_preferences(tmp_path / "prefs.parquet", rows)
+    _, processor = load_model(ModelConfig(name_or_path=str(stage1)))
+    data = load_preference_data(prefs, synthetic.images, processor, max_length=256)
+    report = data.report()
+    assert [p.pair_id for p in data.pairs] == ["p0", "p1", "p2"]
+    assert report["pairs_read"] == 11 and report["pairs_used"] == 3 and report["rejected"] == 8
+    assert report["rejected_by_reason"] == {"image_missing": 1, "image_unreadable": 1, "empty_answer": 2,
+                                            "chosen_equals_rejected": 1, "empty_question": 1, "bad_text": 1,
+                                            "too_long": 1}  # fmt: skip
+    with pytest.raises(ValueError, match="no usable preference pairs.*image_missing"):
+        load_preference_data(write_preferences(tmp_path / "bad.parquet", rows[3:4]), synthetic.images,
+                             processor, max_length=256)  # fmt: skip
+
+
+def test_batch_holds_chosen_then_rejected_with_answer_only_targets(synthetic, stage1, tmp_path):
+    _, processor = load_model(ModelConfig(name_or_path=str(stage1)))
+    dataset = PreferenceDataset(_pairs(_images(synthetic), 2), synthetic.images, processor, max_length=256)
+    batch = collate_pairs([dataset[(0, 0)], dataset[(0, 1)]], processor.tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"].shape == (4, 3, 64, 64)
+    assert batch["index"].tolist() == [0, 1]
+    decode = processor.tokenizer.decode
+    targets = [decode(row[row != IGNORE_INDEX]) for row in batch["labels"]]
+    assert targets == [f" {CHOSEN}</s>"] * 2 + [f" {REJECTED}</s>"] * 2
+    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][2])  # a pair shares its image
+
+
+# ----------------------------------------------------------------------------- the reference policy
+
+
+def test_reference_is_the_stage1_model_even_after_the_policy_moves(synthetic, stage1, tmp_path):
+    stage1_model, processor = load_model(ModelConfig(name_or_path=str(stage1)))  # independent, no LoRA
+    policy_base, _ = load_model(ModelConfig(name_or_path=str(stage1)))
+    peft_model = attach_lora(policy_base, LORA)
+    _perturb_trainable(peft_model)  # LoRA B and the projector copy drift, as in training
+    peft_model.train()
+    dataset = PreferenceDataset(_pairs(_images(synthetic), 3), synthetic.images, processor, max_length=256)
+    batch = collate_pairs([dataset[(0, i)] for i in range(3)], processor.tokenizer.pad_token_id)
+
+    with torch.no_grad():
+        expected = forward_logps(stage1_model, batch)
+        policy = forward_logps(peft_model.eval(), batch)
+    peft_model.train()
+    got = reference_logps(peft_model, batch)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
+    assert (policy - expected).abs().max() > 0.1  # the policy really differs: the check is not vacuous
+    assert peft_model.training  # reference_mode restores the caller's mode
+
+    prefs = write_preferences(tmp_path / "prefs.parquet", dataset.pairs)
+    cfg = DPOLoopConfig(model=ModelConfig(name_or_path=str(stage1)), preferences_path=str(prefs),
+                        image_root=str(synthetic.images), output_dir=str(tmp_path), lora=LORA,
+                        train=DPOTrainConfig(micro_batch_size=2, max_length=256))  # fmt: skip
+    session = LocalSession(tmp_path / "ckpt")
+    table = precompute_reference(cfg, peft_model, dataset, session)
+    assert table.shape == (3, 2)
+    assert torch.allclose(table.T.reshape(-1), expected, atol=1e-4, rtol=1e-5)
+    assert (tmp_path / REFERENCE_CACHE_FILE).is_file()
+    # Changed pairs under the same output_dir: the cache no longer fits and is recomputed.
+    changed = PreferenceDataset([*dataset.pairs[:2], replace(dataset.pairs[2], chosen="No.")], synthetic.images,
+                                processor, max_length=256)  # fmt: skip
+    again = precompute_reference(cfg, peft_model, changed, session)
+    assert torch.equal(again[:2], table[:2]) and again[2, 0] != table[2, 0] and again[2, 1] == table[2, 1]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _hf_name(peft_name: str) -> str:
+    """``base_model.model.X.base_layer.weight`` / ``….original_module.…`` / ``….modules_to_save.default.…``
+    → the plain model's ``X.weight``."""
+    name = peft_name.removeprefix("base_model.model.")
+    for wrapper in (".base_layer", ".original_module", ".modules_to_save.default"):
+        name = name.replace(wrapper, "")
+    return name
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic, stage1, tmp_path_factory):
+    """30 DPO steps on a learnable set, per-step reference."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    prefs = write_preferences(tmp / "prefs.parquet", _pairs(_images(synthetic), 8))
+    session = LocalSession(tmp / "ckpt")
+    train_dpo(_loop_config(stage1, prefs, synthetic.images, tmp / "out", max_steps=30), session)
+    return session, MetricsLog(tmp / "out" / "metrics.jsonl").read(), prefs
+
+
+def test_first_step_is_ln2_then_margin_and_accuracy_rise(trained):
+    _, rows, _ = trained
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first = rows[0]
+    # LoRA B = 0 and the projector copy equals the original: the policy *is* the reference at step 1.
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert first["rewards/accuracies"] == 0.0  # a tie is not a hit
+    late = rows[-5:]
+    assert min(r["rewards/margins"] for r in late) > 0.5
+    assert min(r["rewards/accuracies"] for r in late) == 1.0
+    assert max(r["loss"] for r in late) < 0.5 * math.log(2)
+    assert all(math.isfinite(r["grad_norm"]) and r["pairs"] == 2 for r in rows)
+
+
+def test_reference_weights_unchanged_and_lora_trained(trained, stage1):
+    session, _, _ = trained
+    model = session.model
+    stage1_state = load_model(ModelConfig(name_or_path=str(stage1)))[0].state_dict()
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert len(frozen) == len(stage1_state)
+    for name, param in frozen.items():
+        assert torch.equal(param, stage1_state[_hf_name(name)]), name
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert any("vision_tower" in n for n in lora_b) and any("language_model" in n for n in lora_b)
+    assert all(p.abs().sum() > 0 for p in lora_b.values())  # every LoRA, LLM and ViT, moved off zero
+    projector = {n: p for n, p in model.named_parameters() if "modules_to_save" in n}
+    assert projector and all(not torch.equal(p, stage1_state[_hf_name(n)]) for n, p in projector.items())
+
+
+def test_precomputed_reference_and_resume_reproduce_the_per_step_run(trained, synthetic, stage1, tmp_path):
+    _, rows, prefs = trained
+    out, session = tmp_path / "out", LocalSession(tmp_path / "ckpt")
+    config = _loop_config(stage1, prefs, synthetic.images, out, dpo=DPOSettings(precompute_reference=True),
+                          max_steps=30, checkpoint_every=10, fail_at_step=15)  # fmt: skip
+    with pytest.raises(RuntimeError, match="injected failure before step 15"):
+        train_dpo(config, session)
+    assert session.latest_checkpoint().name == "checkpoint_000010"
+    cache = out / REFERENCE_CACHE_FILE
+    written = cache.stat().st_mtime_ns
+    train_dpo(config, session)
+    assert cache.stat().st_mtime_ns == written  # the resumed attempt read the table instead of recomputing
+    attempts = MetricsLog(out / "attempts.jsonl").read()
+    assert [a["start_step"] for a in attempts] == [0, 10]
+    latest = {r["step"]: r for r in MetricsLog(out / "metrics.jsonl").read()}  # a re-run step's last row
+    assert sorted(latest) == list(range(1, 31))
+    for want in rows:  # same data order, same dropout, same reference: the same run
+        got = latest[want["step"]]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-3, abs=1e-5), want["step"]
+        assert got["rewards/margins"] == pytest.approx(want["rewards/margins"], rel=1e-3, abs=1e-5)
