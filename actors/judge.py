@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from stmed.config import build_config
-from stmed.judging import JudgeSettings, JudgeVerdict, RateLimiter, ReplyCache, judge_pair, make_client
+from stmed.judging import JudgeSettings, JudgeVerdict, judge_pair, make_client, make_limiter
+from stmed.reply_cache import ReplyCache
 
 INPUT_COLUMNS = ("pair_id", "question", "answer1", "answer2", "image_data_url")
 VERDICT_COLUMNS = tuple(f.name for f in dataclasses.fields(JudgeVerdict) if f.name != "pair_id")
@@ -48,7 +49,7 @@ class Judge:
         """``http_client`` (an ``httpx.AsyncClient``) is for in-process use, e.g. a mock transport."""
         self.settings = settings if isinstance(settings, JudgeSettings) else build_config(JudgeSettings, settings)
         self.client = make_client(self.settings, http_client)
-        self.limiter = RateLimiter.from_settings(self.settings, num_actors)
+        self.limiter = make_limiter(self.settings, num_actors)
         self.cache = ReplyCache(self.settings.cache_dir) if self.settings.cache_dir else None
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -23,21 +23,13 @@ Everything here is Ray-free; ``actors/judge.py`` wraps ``judge_pair`` for Ray Da
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import email.utils
-import hashlib
 import ipaddress
-import json
 import math
 import os
 import random
 import re
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -46,10 +38,11 @@ from openai.types.chat import ChatCompletion
 
 from stmed.config import ConfigError
 from stmed.log import get_logger
+from stmed.ratelimit import RateLimiter, Sleep, backoff_delay, retry_after_seconds
+from stmed.reply_cache import CachedReply, ReplyCache
 
 log = get_logger(__name__)
 
-Sleep = Callable[[float], Awaitable[None]]
 
 # ----------------------------------------------------------------------------- prompt (paper Fig. 5)
 
@@ -307,40 +300,7 @@ def summarize(verdicts: Iterable[JudgeVerdict], settings: JudgeSettings) -> dict
     return out
 
 
-# ----------------------------------------------------------------------------- backoff
-
-
-def retry_after_seconds(headers: Any, now: float | None = None) -> float | None:
-    """Seconds the server asked us to wait: ``retry-after-ms``, or ``Retry-After`` as seconds or an
-    HTTP date; None when absent or unreadable."""
-    millis = headers.get("retry-after-ms")
-    if millis:
-        with contextlib.suppress(ValueError):
-            return max(0.0, float(millis) / 1000)
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    with contextlib.suppress(ValueError):
-        return max(0.0, float(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        log.warning("ignoring an unreadable Retry-After header: %r", value)
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
-
-
-def backoff_delay(attempt: int, base_s: float, max_s: float, retry_after: float | None = None,
-                  rng: random.Random | None = None) -> float:
-    """Full-jitter exponential backoff after failed attempt ``attempt`` (1-based), never shorter
-    than the server's ``Retry-After``."""
-    ceiling = min(max_s, base_s * 2 ** (attempt - 1))
-    jitter = (rng or random).uniform(0.0, ceiling)
-    return jitter if retry_after is None else max(retry_after, jitter)
-
+# ----------------------------------------------------------------------------- retries and pacing
 
 @dataclass(frozen=True)
 class _Failure:
@@ -363,88 +323,9 @@ def classify_error(err: openai.APIError) -> _Failure:
     return _Failure(f"bad response: {str(err)[:120]}", False)
 
 
-# ----------------------------------------------------------------------------- rate limiting
-
-
-class TokenBucket:
-    """Paces a cost (requests or tokens) to ``per_minute`` by reservation.
-
-    Each caller books its cost at once and sleeps until its turn, so concurrent callers queue in
-    order without a lock (booking has no ``await`` inside). Admitted cost over any interval T never
-    exceeds ``per_minute * T / 60`` plus one request: the bucket holds no saved-up credit, so idle
-    time never turns into a burst.
-    """
-
-    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic):
-        if per_minute <= 0:
-            raise ValueError(f"a rate must be > 0 per minute, got {per_minute}")
-        self.rate = per_minute / 60.0
-        self.clock = clock
-        self.free_at = clock()  # when the budget booked so far has been earned
-
-    def book(self, start: float, cost: float) -> None:
-        """Record ``cost`` as spent from ``start`` (not before ``free_at``)."""
-        assert start >= self.free_at, "booking before the budget is earned"
-        self.free_at = start + cost / self.rate
-
-    def reserve(self, cost: float) -> float:
-        """Book ``cost`` as early as possible and return how long to wait before using it."""
-        now = self.clock()
-        start = max(now, self.free_at)
-        self.book(start, cost)
-        return start - now
-
-    def refund(self, cost: float) -> None:
-        """Correct a booking (negative ``cost`` charges more), e.g. estimated vs. actual tokens."""
-        self.free_at -= cost / self.rate
-
-
-class RateLimiter:
-    """Per-actor pacing: max requests in flight, requests/min and tokens/min.
-
-    The run-wide RPM/TPM budgets are split evenly over ``num_actors`` (the actor pool's max size):
-    actors never talk to each other, so each keeps to its share. An autoscaling pool that runs
-    fewer actors than that leaves budget unused, but never exceeds it.
-    """
-
-    def __init__(self, max_in_flight: int, rpm: float | None = None, tpm: float | None = None,
-                 num_actors: int = 1, clock: Callable[[], float] = time.monotonic, sleep: Sleep = asyncio.sleep):
-        if num_actors < 1:
-            raise ValueError(f"num_actors must be >= 1, got {num_actors}")
-        self.requests = TokenBucket(rpm / num_actors, clock) if rpm else None
-        self.tokens = TokenBucket(tpm / num_actors, clock) if tpm else None
-        # Bound lazily to the running loop (Python >= 3.10), so creating it outside a loop is fine.
-        self.in_flight = asyncio.Semaphore(max_in_flight)
-        self.clock, self.sleep = clock, sleep
-
-    @classmethod
-    def from_settings(cls, settings: JudgeSettings, num_actors: int = 1, **kwargs: Any) -> RateLimiter:
-        return cls(settings.max_in_flight, settings.rpm, settings.tpm, num_actors, **kwargs)
-
-    def _reserve(self, tokens: int) -> float:
-        """Book one request in both buckets at the same start time; returns the wait. (Booking each
-        as early as it allows would let a request held back by TPM leave right after an earlier one
-        held back too, breaking the RPM spacing.)"""
-        costs = [(b, c) for b, c in ((self.requests, 1), (self.tokens, tokens)) if b is not None]
-        now = self.clock()
-        start = max([now] + [bucket.free_at for bucket, _ in costs])
-        for bucket, cost in costs:
-            bucket.book(start, cost)
-        return start - now
-
-    @contextlib.asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[None]:
-        """Hold one in-flight slot, then wait for the rate budget. The slot is taken first so that a
-        request leaves at its booked time rather than in a burst when a slot frees up."""
-        async with self.in_flight:
-            wait = self._reserve(tokens)
-            if wait > 0:
-                await self.sleep(wait)
-            yield
-
-    def settle(self, estimated_tokens: int, actual_tokens: int) -> None:
-        if self.tokens is not None:
-            self.tokens.refund(estimated_tokens - actual_tokens)
+def make_limiter(settings: JudgeSettings, num_actors: int = 1, **kwargs: Any) -> RateLimiter:
+    """The pacing of one judge actor: its in-flight cap and its share of the run-wide RPM/TPM."""
+    return RateLimiter(settings.max_in_flight, settings.rpm, settings.tpm, num_actors, **kwargs)
 
 
 def estimate_tokens(messages: list[dict], settings: JudgeSettings) -> int:
@@ -458,54 +339,6 @@ def estimate_tokens(messages: list[dict], settings: JudgeSettings) -> int:
             else:
                 images += 1
     return math.ceil(chars / 4) + images * settings.image_tokens + settings.max_tokens
-
-
-# ----------------------------------------------------------------------------- reply cache
-
-
-@dataclass(frozen=True)
-class CachedReply:
-    reply: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class ReplyCache:
-    """Parsed-OK replies on disk, one small JSON file per request key (``<dir>/ab/abcd….json``).
-
-    Each file is written to a unique temporary name and renamed into place, so readers never see half
-    a file and any number of coroutines or actor processes can share one directory; two writers of
-    the same key write the same reply and the last rename wins.
-    """
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    @staticmethod
-    def key(model: str, messages: list[dict], temperature: float) -> str:
-        request = {"model": model, "messages": messages, "temperature": temperature}
-        return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
-
-    def _path(self, key: str) -> Path:
-        return self.directory / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> CachedReply | None:
-        path = self._path(key)
-        if not path.is_file():
-            return None
-        try:
-            return CachedReply(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            log.warning("ignoring unreadable cache entry %s (%s); it will be re-requested", path, err)
-            return None
-
-    def put(self, key: str, entry: CachedReply) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(asdict(entry)))
-        os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- judging a pair

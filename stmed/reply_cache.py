@@ -1,0 +1,58 @@
+"""A disk cache of judge replies keyed by the request, so that a rerun never pays for a reply twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from stmed.log import get_logger
+
+log = get_logger(__name__)
+
+@dataclass(frozen=True)
+class CachedReply:
+    reply: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ReplyCache:
+    """Parsed-OK replies on disk, one small JSON file per request key (``<dir>/ab/abcd….json``).
+
+    Each file is written to a unique temporary name and renamed into place, so readers never see half
+    a file and any number of coroutines or actor processes can share one directory; two writers of
+    the same key write the same reply and the last rename wins.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(model: str, messages: list[dict], temperature: float) -> str:
+        request = {"model": model, "messages": messages, "temperature": temperature}
+        return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> CachedReply | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            return CachedReply(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            log.warning("ignoring unreadable cache entry %s (%s); it will be re-requested", path, err)
+            return None
+
+    def put(self, key: str, entry: CachedReply) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(asdict(entry)))
+        os.replace(tmp, path)
