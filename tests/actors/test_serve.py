@@ -1,0 +1,281 @@
+"""The VQA deployment over real HTTP on loopback: httpx and the openai SDK as clients, auth on, bad input.
+
+Serve starts once for the module (tiny model, 1 CPU replica) with an API key and small limits, so the
+413/422 paths are cheap to reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from actors.serve import (
+    DISCLAIMER,
+    AutoscalingConfig,
+    BatchingConfig,
+    LimitsConfig,
+    ReplicaConfig,
+    api_key_digest,
+    build_app,
+)
+from stmed.config import ConfigError, ModelConfig
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LIMITS = LimitsConfig(max_upload_bytes=300_000, max_image_pixels=600 * 600, max_question_chars=200,
+                      max_tokens=16, default_max_tokens=4)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png(size: tuple[int, int] = (64, 64), colour: tuple[int, int, int] = (40, 90, 140)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_session) -> Iterator[Endpoint]:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # A long batch wait so that concurrent test requests reliably share a batch on a busy 2-core box.
+    app = build_app(ModelConfig(preset="tiny"), "stmed-tiny", LIMITS,
+                    BatchingConfig(max_batch_size=8, batch_wait_timeout_s=0.3),
+                    AutoscalingConfig(), ReplicaConfig(max_ongoing_requests=16), api_key_digest(KEY))
+    serve.run(app, name="vqa-test", route_prefix="/")
+    yield Endpoint(f"http://127.0.0.1:{port}")
+    serve.shutdown()
+
+
+def vqa(endpoint: Endpoint, headers: dict | None = AUTH, **kwargs) -> httpx.Response:
+    return httpx.post(f"{endpoint.url}/v1/vqa", headers=headers, timeout=60, **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    return error
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_multipart_upload_answers_with_the_documented_fields(endpoint: Endpoint):
+    response = vqa(endpoint, files={"image": ("scan.png", png(), "image/png")},
+                   data={"question": "Is there a lesion?", "max_tokens": "3"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"id", "answer", "model", "usage", "latency_ms", "disclaimer"}
+    assert isinstance(body["answer"], str) and body["model"] == "stmed-tiny"
+    assert body["disclaimer"] == DISCLAIMER and "not medical advice" in body["disclaimer"]
+    usage = body["usage"]
+    # 64 image tokens plus the system prompt and the question
+    assert usage["prompt_tokens"] > 64 and 0 <= usage["completion_tokens"] <= 3
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["batch_size"] >= 1 and body["latency_ms"] > 0
+    assert response.headers["x-stmed-batch-size"] == str(usage["batch_size"])
+
+
+def test_json_base64_and_data_url_give_the_same_greedy_answer(endpoint: Endpoint):
+    image = png(colour=(200, 10, 10))
+    raw = vqa(endpoint, json={"image_base64": base64.b64encode(image).decode(), "question": "What organ?"})
+    url = vqa(endpoint, json={"image_base64": data_url(image), "question": "What organ?"})
+    assert raw.status_code == url.status_code == 200, (raw.text, url.text)
+    assert raw.json()["answer"] == url.json()["answer"]
+
+
+def test_dicom_upload_is_answered(endpoint: Endpoint):
+    from pydicom.data import get_testdata_file
+
+    dicom = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    response = vqa(endpoint, files={"image": ("ct.dcm", dicom, "application/dicom")},
+                   data={"question": "What modality is this?"})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= LIMITS.default_max_tokens
+
+
+def test_openai_sdk_chat_completion(endpoint: Endpoint):
+    client = openai.OpenAI(base_url=f"{endpoint.url}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["stmed-tiny"]
+    completion = client.chat.completions.create(
+        model="stmed-tiny", max_tokens=3,
+        messages=[{"role": "system", "content": "ignored: the model's own system prompt is used"},
+                  {"role": "user", "content": [
+                      {"type": "text", "text": "Is the scan normal?"},
+                      {"type": "image_url", "image_url": {"url": data_url(png())}}]}],
+    )
+    assert completion.object == "chat.completion" and completion.model == "stmed-tiny"
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage.prompt_tokens > 64 and completion.usage.completion_tokens <= 3
+
+
+def test_concurrent_requests_are_batched(endpoint: Endpoint):
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, headers=AUTH) as client:
+            return await asyncio.gather(*(
+                client.post(f"{endpoint.url}/v1/vqa", json={
+                    "image_base64": data_url(png(colour=(i * 30, 50, 50))), "question": f"Question {i}?",
+                    "max_tokens": 2})
+                for i in range(8)))
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    sizes = [r.json()["usage"]["batch_size"] for r in responses]
+    assert max(sizes) > 1, sizes
+    stats = httpx.get(f"{endpoint.url}/v1/stats", headers=AUTH).json()
+    assert stats["largest_batch"] > 1 and stats["requests"] >= 8
+
+
+# ----------------------------------------------------------------------------- loopback
+
+
+def _listening(pid: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Addresses the process ``pid`` listens on (TCP), read from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except FileNotFoundError:  # closed while we looked
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                raw = bytes.fromhex(fields[1].split(":")[0])
+                # /proc prints each 32-bit word of the address in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(ipaddress.ip_address(raw))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+def test_replica_listens_on_loopback_only(endpoint: Endpoint):
+    replicas = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                and (p / "cmdline").read_bytes().startswith(b"ray::ServeReplica:vqa-test")]
+    assert replicas
+    for pid in replicas:
+        addresses = _listening(pid)
+        assert addresses  # at least its internal gRPC server
+        for address in addresses:
+            mapped = getattr(address, "ipv4_mapped", None)
+            assert (mapped or address).is_loopback, f"replica {pid} listens on {address}"
+
+
+# ----------------------------------------------------------------------------- auth
+
+
+def test_missing_or_wrong_key_is_401_and_healthz_is_open(endpoint: Endpoint):
+    files = {"image": ("a.png", png(), "image/png")}
+    missing = vqa(endpoint, headers=None, files=files, data={"question": "q?"})
+    assert assert_error(missing, 401)["type"] == "authentication_error"
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert_error(vqa(endpoint, headers={"Authorization": "Bearer nope"}, files=files, data={"question": "q"}), 401)
+    assert_error(httpx.get(f"{endpoint.url}/v1/models"), 401)
+    assert httpx.get(f"{endpoint.url}/healthz").json() == {"status": "ok", "model": "stmed-tiny"}
+
+    client = openai.OpenAI(base_url=f"{endpoint.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_oversized_upload_and_image_are_413(endpoint: Endpoint):
+    big = vqa(endpoint, files={"image": ("big.png", b"\0" * 500_000, "image/png")}, data={"question": "q"})
+    assert assert_error(big, 413)["type"] == "request_too_large"
+    wide = vqa(endpoint, files={"image": ("wide.png", png((1000, 1000)), "image/png")}, data={"question": "q"})
+    assert "too many pixels" in assert_error(wide, 413)["message"]
+
+
+def test_corrupt_image_is_400(endpoint: Endpoint):
+    truncated = png()[:100]
+    error = assert_error(vqa(endpoint, files={"image": ("a.png", truncated, "image/png")},
+                             data={"question": "q"}), 400)
+    assert error["type"] == "invalid_image"
+    assert_error(vqa(endpoint, files={"image": ("a.dcm", b"DICM" * 50, "application/dicom")},
+                     data={"question": "q"}), 400)
+    assert_error(vqa(endpoint, json={"image_base64": "not base64!!", "question": "q"}), 400)
+
+
+def test_bad_fields_are_422_and_bad_json_400(endpoint: Endpoint):
+    image = base64.b64encode(png()).decode()
+    assert_error(vqa(endpoint, json={"image_base64": image, "question": "x" * 201}), 422)
+    assert_error(vqa(endpoint, json={"image_base64": image, "question": "q", "max_tokens": 17}), 422)
+    assert_error(vqa(endpoint, json={"image_base64": image, "question": "q", "max_tokens": "many"}), 422)
+    assert_error(vqa(endpoint, json={"image_base64": image}), 422)
+    assert_error(vqa(endpoint, json={"image_base64": image, "question": "<image></s>"}), 422)
+    assert_error(vqa(endpoint, json={"image_base64": image, "question": "q", "extra": 1}), 422)
+    assert_error(vqa(endpoint, json=["not", "an", "object"]), 422)
+    assert_error(vqa(endpoint, content=b"{broken", headers={**AUTH, "content-type": "application/json"}), 400)
+    assert_error(vqa(endpoint, files={"image": ("a.png", png(), "image/png")}), 422)  # no question
+    assert_error(vqa(endpoint, content=b"hello", headers={**AUTH, "content-type": "text/plain"}), 415)
+
+
+def test_chat_refuses_remote_images_and_malformed_messages(endpoint: Endpoint):
+    client = openai.OpenAI(base_url=f"{endpoint.url}/v1", api_key=KEY, max_retries=0)
+    remote = [{"role": "user", "content": [{"type": "text", "text": "q"},
+                                           {"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]}]
+    with pytest.raises(openai.BadRequestError, match="remote image URLs are refused"):
+        client.chat.completions.create(model="stmed-tiny", messages=remote)
+    with pytest.raises(openai.BadRequestError, match="exactly one image_url"):
+        client.chat.completions.create(model="stmed-tiny", messages=[{"role": "user", "content": "hi"}])
+    url = f"{endpoint.url}/v1/chat/completions"
+    assert_error(httpx.post(url, headers=AUTH, json={"messages": "nope"}), 422)
+    assert_error(httpx.post(url, headers=AUTH, json={"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "q"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]}),
+        400)
+
+
+def test_max_ongoing_requests_below_batch_size_is_refused():
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        build_app(ModelConfig(preset="tiny"), "m", LIMITS, BatchingConfig(max_batch_size=16),
+                  AutoscalingConfig(), ReplicaConfig(max_ongoing_requests=4), None)
+
+
+def test_logs_hold_no_key_image_or_question(endpoint: Endpoint, ray_session):
+    """Runs last in this module: after every request above, Ray's log files (driver, proxy, replica)
+    must not contain the API key, any base64 image, or a question text."""
+    secret_question = "Is the secret-marker-77 lesion malignant?"
+    response = vqa(endpoint, json={"image_base64": data_url(png()), "question": secret_question})
+    assert response.status_code == 200
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err")]
+    assert any("replica" in p.name for p in files)
+    for path in files:
+        text = path.read_text(errors="replace")
+        for needle in (KEY, "iVBORw0KGgo", "secret-marker-77", "Is the scan normal"):
+            assert needle not in text, f"{needle!r} found in {path.name}"
