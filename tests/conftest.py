@@ -5,11 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from jobs.runtime import use_local_ray_env
 
 # Before anything imports Ray: keep every Ray process of the test session on loopback.
 use_local_ray_env()
+
+# The tiny models' matrices are too small to gain from a thread pool; on a 2-core machine a second
+# thread only contends with Ray's workers (which run single-threaded already).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
