@@ -1,0 +1,155 @@
+"""Self-play as a Ray Data stage: images in, pairs of sampled answers (and every dropped item) out.
+
+    ds.map_batches(
+        Generator,
+        fn_constructor_kwargs={"model": model_cfg, "settings": generation_settings},
+        compute=ray.data.ActorPoolStrategy(size=2),
+        batch_size=4,  # images per call
+    )
+
+One input row is one image (``image_id``, ``image_path``). For each image the model describes it,
+asks k questions (METHOD §3), and answers every kept question twice under two seeds. Every seed
+derives from the global seed and the image id (``GenerationSettings.question_seed``), and the HF
+engine samples each row from its own generator, so a rerun gives the same rows whatever the batching.
+
+Output: one row per sampled question (k per image) and one per unreadable image, all with the same
+columns (``OUTPUT_COLUMNS``). ``status`` is ``ok`` for a pair to judge, else ``image_error``,
+``question_filtered`` or ``answer_filtered`` with the ``reason``; so counting the stream's statuses
+counts every filter. ``pair_id`` identifies a row across reruns (resume skips finished ones).
+
+Two engines, one row schema: ``Generator`` here (HF ``generate``, CPU or GPU) and
+``actors.vllm_generator.vllm_generate`` (Ray Data LLM processors, GPU only). ``KeptPairJudge`` is the
+Judge actor that lets the dropped rows pass, so one stream carries every outcome to the writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from actors.judge import VERDICT_COLUMNS, Judge
+from stmed import generation
+from stmed.config import ModelConfig, build_config
+from stmed.generation import GenerationSettings, HFEngine
+from stmed.images import ImageLoadError, image_to_data_url, load_image
+
+OK, IMAGE_ERROR = "ok", "image_error"
+QUESTION_FILTERED, ANSWER_FILTERED = "question_filtered", "answer_filtered"
+INPUT_COLUMNS = ("image_id", "image_path")
+OUTPUT_COLUMNS = ("pair_id", "image_id", "image_path", "question_index", "question", "question_seed",
+                  "answer1", "answer2", "seed1", "seed2", "image_data_url", "status", "reason")
+_INT_COLUMNS = {"question_index", "question_seed", "seed1", "seed2"}
+
+
+def make_pair_id(image_id: str, index: int, question_seed: int) -> str:
+    """Stable id of question ``index`` of an image (``index=-1``: the image itself)."""
+    return hashlib.sha256(f"{image_id}\x1f{index}\x1f{question_seed}".encode()).hexdigest()[:24]
+
+
+def make_row(image_id: str, image_path: str, status: str = OK, reason: str = "", index: int = -1,
+             question: str = "", question_seed: int = -1, answers: tuple[str, str] = ("", ""),
+             seeds: tuple[int, int] = (-1, -1), image_data_url: str = "") -> dict[str, Any]:
+    """One output row; the image travels only with ``ok`` rows (the judge needs it, nothing else does)."""
+    return {
+        "pair_id": make_pair_id(image_id, index, question_seed), "image_id": image_id,
+        "image_path": image_path, "question_index": index, "question": question,
+        "question_seed": question_seed, "answer1": answers[0], "answer2": answers[1],
+        "seed1": seeds[0], "seed2": seeds[1], "image_data_url": image_data_url if status == OK else "",
+        "status": status, "reason": reason,
+    }
+
+
+def to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows → a numpy batch with fixed dtypes, so an empty batch still has typed columns."""
+    out = {}
+    for name in OUTPUT_COLUMNS:
+        values = [row[name] for row in rows]
+        if name in _INT_COLUMNS:
+            out[name] = np.array(values, dtype=np.int64)
+        else:  # object, not fixed-width unicode: data URLs are long and most rows carry none
+            out[name] = np.array(values, dtype=object) if values else np.array([], dtype=str)
+    return out
+
+
+def self_play(engine: HFEngine, images: list[tuple[str, str, Any]],
+              settings: GenerationSettings) -> list[dict]:
+    """Describe → ask k → filter/dedupe → answer twice → filter, for ``(image_id, path, PIL image)``s.
+    Three engine calls for the whole batch, so the engine batches across images."""
+    ids, paths, pictures = (list(column) for column in zip(*images))
+    descriptions = generation.describe(engine, pictures, settings.describe_sampling)
+    q_seeds = [[settings.question_seed(i, j) for j in range(settings.questions_per_image)] for i in ids]
+    questions = generation.ask_seeded(engine, pictures, descriptions, q_seeds, settings.question_sampling)
+    rows, kept = [], []  # kept: (image number, question index)
+    for n in range(len(images)):
+        for j, reason in enumerate(generation.question_reasons(questions[n])):
+            if reason is None:
+                kept.append((n, j))
+            else:
+                rows.append(make_row(ids[n], paths[n], QUESTION_FILTERED, reason, j, questions[n][j],
+                                     q_seeds[n][j]))
+    a_seeds = [settings.answer_seeds(ids[n], j) for n, j in kept]
+    answers = generation.answer_twice_seeded(engine, [pictures[n] for n, _ in kept],
+                                             [questions[n][j] for n, j in kept], a_seeds,
+                                             settings.answer_sampling)
+    urls = {n: image_to_data_url(pictures[n]) for n, _ in kept}  # re-encoded pixels for the judge
+    for (n, j), pair, seeds in zip(kept, answers, a_seeds):
+        reason = generation.answer_pair_reason(*pair)
+        rows.append(make_row(ids[n], paths[n], OK if reason is None else ANSWER_FILTERED, reason or "", j,
+                             questions[n][j], q_seeds[n][j], pair, seeds, urls[n]))
+    return rows
+
+
+class Generator:
+    """Holds the model (expensive ``__init__``); ``__call__`` runs self-play on a batch of images."""
+
+    def __init__(self, model: ModelConfig | dict, settings: GenerationSettings | dict,
+                 skip_pair_ids: list[str] | frozenset[str] = frozenset()):
+        """``skip_pair_ids``: rows finished by an earlier run (resume); they are generated (the
+        image's questions are de-duplicated together) but not emitted."""
+        from stmed.model import load_model  # deferred: a process that never generates skips torch init
+
+        if not isinstance(settings, GenerationSettings):
+            settings = build_config(GenerationSettings, settings)
+        self.settings = settings
+        model_cfg = model if isinstance(model, ModelConfig) else build_config(ModelConfig, model)
+        device = self.settings.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.engine = HFEngine(*load_model(model_cfg), device=device, batch_size=self.settings.batch_size)
+        self.skip = frozenset(skip_pair_ids)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in INPUT_COLUMNS if name not in batch]
+        if missing:
+            raise ValueError(f"Generator needs the column(s) {missing}; the batch has {sorted(batch)}")
+        rows, loaded = [], []
+        for image_id, path in zip(batch["image_id"], batch["image_path"]):
+            try:
+                loaded.append((str(image_id), str(path), load_image(str(path))))
+            except ImageLoadError as err:  # one bad file is a recorded row, not a failed job
+                rows.append(make_row(str(image_id), str(path), IMAGE_ERROR, err.reason))
+        if loaded:
+            rows += self_play(self.engine, loaded, self.settings)
+        return to_columns([row for row in rows if row["pair_id"] not in self.skip])
+
+
+class KeptPairJudge(Judge):
+    """The Judge over a generator's stream: ``ok`` rows are judged, the others pass through with
+    empty (null) verdict columns. Output columns = input minus the image, plus the verdict's."""
+
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray(batch["status"]) == OK
+        rest = {name: column[~ok] for name, column in batch.items() if name != "image_data_url"}
+        rest.update({name: np.full(int((~ok).sum()), None, dtype=object) for name in VERDICT_COLUMNS})
+        if not ok.any():
+            return rest
+        judged = await super().__call__({name: column[ok] for name, column in batch.items()})
+        if ok.all():
+            return judged
+        # object dtype: a verdict column mixes numbers with the passed rows' nulls
+        return {name: np.concatenate([np.asarray(judged[name], dtype=object), rest[name].astype(object)])
+                for name in judged}

@@ -1,0 +1,138 @@
+"""Self-play on GPUs with vLLM: the same rows as ``actors.generator.Generator``, from Ray Data LLM stages.
+
+UNVERIFIED: written against Ray 2.60's ``ray.data.llm`` source (``vLLMEngineProcessorConfig``,
+``build_processor``, the multimodal / engine stages) without a GPU to run it on; only the row-level
+functions below are tested. ``ray.data.llm`` (and through it vLLM) is imported inside
+``vllm_generate``, so importing this module costs nothing on a CPU machine.
+
+How it maps self-play onto processors (one engine pool each, one GPU per replica):
+
+1. load: each image re-encoded to a base64 PNG data URL, or an ``image_error`` row;
+2. describe (greedy) → k duplicated rows per image with distinct seeds (``n > 1`` would keep only the
+   first completion; prefix caching shares the image prefill) → ask;
+3. ``groupby(image_id)``: de-duplicating needs all k questions of an image, so this is a barrier; its
+   result is materialised once so the dropped questions can leave the stream;
+4. answer 1 then answer 2 as two chained stages on the same row (no shuffle, so pairs stream on into
+   the judge), then the answer filters.
+
+Prompts are ``stmed.prompts``' Vicuna template rendered here (chat-template stage off); the OpenAI-style
+message only carries the image for the multimodal stage. The model must be a merged checkpoint: vLLM
+applies LoRA to the language model only. Four engine stages need four GPUs at ``vllm_concurrency=1``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from actors.generator import (
+    ANSWER_FILTERED,
+    IMAGE_ERROR,
+    OK,
+    OUTPUT_COLUMNS,
+    QUESTION_FILTERED,
+    make_row,
+    to_columns,
+)
+from stmed import generation, prompts
+from stmed.generation import GenerationSettings, Sampling
+from stmed.images import ImageLoadError, image_to_data_url, load_image
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+def load_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Image rows → rows carrying ``image_data_url`` (re-encoded pixels), or ``image_error`` rows."""
+    rows = []
+    for image_id, path in zip(batch["image_id"], batch["image_path"]):
+        try:
+            url = image_to_data_url(load_image(str(path)))
+            rows.append(make_row(str(image_id), str(path), image_data_url=url))
+        except ImageLoadError as err:
+            rows.append(make_row(str(image_id), str(path), IMAGE_ERROR, err.reason))
+    return to_columns(rows)
+
+
+def vllm_request(row: dict, prompt: str, sampling: Sampling, seed: int | None) -> dict[str, Any]:
+    """One engine request: our rendered prompt, the image as an OpenAI ``image_url`` part, and
+    per-row sampling parameters (``seed`` makes a slot reproducible)."""
+    params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
+              "max_tokens": sampling.max_new_tokens, "stop": [prompts.EOS]}
+    if seed is not None:
+        params["seed"] = int(seed)
+    image = {"type": "image_url", "image_url": {"url": str(row["image_data_url"])}}
+    return {"prompt": prompt, "messages": [{"role": "user", "content": [image]}], "sampling_params": params}
+
+
+def carry(row: dict) -> dict[str, Any]:
+    """The columns that survive a processor stage (its postprocess drops the engine's own)."""
+    kept = {name: row[name] for name in OUTPUT_COLUMNS if name in row}
+    return kept | ({"description": row["description"]} if "description" in row else {})
+
+
+def questions_of_image(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All k questions of one image → rows, filtered and de-duplicated as the HF path does."""
+    order = np.argsort(group["question_index"])
+    reasons = generation.question_reasons([str(group["question"][i]) for i in order])
+    rows = [make_row(str(group["image_id"][i]), str(group["image_path"][i]),
+                     OK if reason is None else QUESTION_FILTERED, reason or "",
+                     int(group["question_index"][i]), str(group["question"][i]),
+                     int(group["question_seed"][i]), image_data_url=str(group["image_data_url"][i]))
+            for i, reason in zip(order, reasons)]
+    return to_columns(rows)
+
+
+def finish_pair(row: dict) -> dict[str, Any]:
+    """A row with both answers → ``ok`` or ``answer_filtered`` (the image leaves with a dropped pair)."""
+    reason = generation.answer_pair_reason(str(row["answer1"]), str(row["answer2"]))
+    out = carry(row) | {"status": OK if reason is None else ANSWER_FILTERED, "reason": reason or ""}
+    if reason is not None:
+        out["image_data_url"] = ""
+    return out
+
+
+def vllm_generate(ds: ray.data.Dataset, model_path: str, settings: GenerationSettings,
+                  skip_pair_ids: frozenset[str] = frozenset()) -> ray.data.Dataset:
+    """Rows ``image_id, image_path`` → ``actors.generator.OUTPUT_COLUMNS`` rows (see the module doc)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(
+        model_source=model_path,
+        engine_kwargs={"enable_prefix_caching": True, "max_model_len": 4096, **settings.vllm_engine_kwargs},
+        batch_size=settings.batch_size,
+        concurrency=settings.vllm_concurrency,
+        prepare_multimodal_stage={"enabled": True},  # the base64 image_url → vLLM's multimodal input
+        chat_template_stage={"enabled": False},  # the prompt is rendered by stmed.prompts
+        tokenize_stage={"enabled": False},  # vLLM tokenises the text prompt and expands <image> itself
+        detokenize_stage={"enabled": False},  # vLLM returns generated_text
+    )
+
+    def stage(pre, post):
+        return build_processor(config, preprocess=pre, postprocess=post)
+
+    def text(row: dict) -> str:
+        return generation.clean_output(str(row["generated_text"]))
+
+    loaded = ds.map_batches(load_images, batch_format="numpy")
+    # A stream cannot fork: failed images come from a second, CPU-only pass of the (cheap) load.
+    failed = loaded.filter(lambda r: r["status"] != OK)
+    described = stage(lambda r: vllm_request(r, prompts.describe_prompt(), settings.describe_sampling, None),
+                      lambda r: carry(r) | {"description": text(r) or "An image."},
+                      )(loaded.filter(lambda r: r["status"] == OK))
+    expanded = described.flat_map(lambda r: [
+        carry(r) | {"question_index": j, "question_seed": settings.question_seed(str(r["image_id"]), j)}
+        for j in range(settings.questions_per_image)])
+    asked = stage(lambda r: vllm_request(r, prompts.question_prompt(str(r["description"])),
+                                         settings.question_sampling, int(r["question_seed"])),
+                  lambda r: carry(r) | {"question": generation.clean_question(text(r))})(expanded)
+    questions = asked.groupby("image_id").map_groups(questions_of_image, batch_format="numpy").materialize()
+    pairs = questions.filter(lambda r: r["status"] == OK).map(lambda r: r | dict(zip(
+        ("seed1", "seed2"), settings.answer_seeds(str(r["image_id"]), int(r["question_index"])))))
+    for slot, seed_column in (("answer1", "seed1"), ("answer2", "seed2")):
+        pairs = stage(lambda r, c=seed_column: vllm_request(r, prompts.answer_prompt(str(r["question"])),
+                                                            settings.answer_sampling, int(r[c])),
+                      lambda r, s=slot: carry(r) | {s: text(r)})(pairs)
+    dropped = questions.filter(lambda r: r["status"] != OK)
+    return pairs.map(finish_pair).union(dropped, failed).filter(lambda r: r["pair_id"] not in skip_pair_ids)

@@ -1,0 +1,279 @@
+"""Stage: self-generated preference data (METHOD §3) — sample images, self-play, judge, write pairs.
+
+    ray job submit --working-dir . -- python -m jobs.generate --config jobs/configs/generate.yaml
+    python -m jobs.generate --config jobs/configs/local/generate.yaml model.preset=null \
+        model.name_or_path=runs/demo/sft/merged
+
+Pipeline (Ray Data, streaming): ``from_items(images) → map_batches(Generator, fixed pool) →
+map_batches(KeptPairJudge, autoscaling pool)``; the driver writes each finished block to
+``parts/`` as it arrives. At the end: ``preferences.parquet``, ``dpo.json`` (reference DPO format),
+``failures.jsonl`` (every dropped image, question, answer pair or judgement, with its reason),
+``config.yaml`` and ``summary.json``.
+
+Resume: rerun with the same ``output_dir``. Images whose k question rows are all in ``parts/`` are
+skipped; rows already written for a half-done image are generated again but not re-emitted, so never
+re-judged; failed judgements are retried. Judge replies are cached on disk
+(``judge.cache_dir``, default ``output_dir/judge_cache``), so a request that was answered before the
+kill is not paid twice. (Ray Data's CheckpointConfig would also do this, but its filter actor takes a
+whole CPU, which starves a 2-CPU machine.) On a cluster ``output_dir`` must be on shared storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors.generator import IMAGE_ERROR, OK, Generator, KeptPairJudge
+from jobs.runtime import init_ray
+from stmed.config import ConfigError, ModelConfig, RayConfig, load_config, write_config
+from stmed.data import PreferencePair, export_dpo_json, list_images, sample_images, write_preferences
+from stmed.generation import GenerationSettings
+from stmed.judging import JudgeSettings, JudgeVerdict, decide, summarize
+from stmed.log import get_logger
+from stmed.runs import write_summary
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class JudgeGroup(JudgeSettings):
+    reference_findings: str | None = None
+    """A synthetic findings.json: start the offline reference judge on loopback and use it."""
+
+
+@dataclass(frozen=True)
+class PoolsConfig:
+    generators: int = 1
+    """Generator actors (hf engine), each holding a model."""
+    generator_cpus: float = 1.0
+    generator_gpus: float = 0.0
+    images_per_batch: int = 4
+    judge_min: int = 1
+    judge_max: int = 4
+    """The judge pool autoscales between these; the RPM/TPM budgets are split over judge_max."""
+    judge_cpus: float = 0.25
+    """Judge actors wait on the network: a fraction of a CPU leaves room for the generators."""
+    pairs_per_judge_batch: int = 16
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Generate self-play preference pairs and judge them."""
+
+    output_dir: str
+    images: str
+    """The image manifest: a folder of images, a JSON/JSONL list of paths, or an instruct file."""
+    model: ModelConfig
+    image_root: str | None = None
+    """Where the manifest's relative paths live (default: the manifest's folder)."""
+    num_images: int = 10_000
+    sample_seed: int = 0
+    """Seed of the image sample."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    judge: JudgeGroup = field(default_factory=JudgeGroup)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.generation.engine == "vllm" and self.model.name_or_path is None:
+            raise ConfigError("generation.engine=vllm needs model.name_or_path (a merged checkpoint)")
+        if self.num_images < 1:
+            raise ConfigError(f"num_images must be >= 1, got {self.num_images}")
+        if not 1 <= self.pools.judge_min <= self.pools.judge_max:
+            raise ConfigError(f"pools: need 1 <= judge_min <= judge_max, got {self.pools.judge_min}, "
+                              f"{self.pools.judge_max}")
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    output_dir: Path
+    summary: dict[str, Any]
+
+
+def image_root(cfg: GenerateConfig) -> Path:
+    manifest = Path(cfg.images)
+    return Path(cfg.image_root) if cfg.image_root else manifest if manifest.is_dir() else manifest.parent
+
+
+def sampled_images(cfg: GenerateConfig) -> list[dict[str, str]]:
+    """The reproducible image sample; ``image_id`` is the path relative to the image root, so seeds
+    (derived from it) do not depend on where the data is mounted."""
+    root = image_root(cfg)
+    paths = sample_images(list_images(cfg.images, cfg.image_root), cfg.num_images, cfg.sample_seed)
+    return [{"image_id": os.path.relpath(p, root) if Path(p).is_relative_to(root) else p, "image_path": p}
+            for p in paths]
+
+
+def read_parts(parts: Path) -> dict[str, dict[str, Any]]:
+    """Every row written so far, by pair_id; a later part (a retried judgement) replaces an earlier."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in sorted(parts.glob("part-*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            rows[row["pair_id"]] = row
+    return rows
+
+
+def _finished(row: dict[str, Any]) -> bool:
+    return row["status"] != OK or row.get("error") is None
+
+
+def plan_resume(images: list[dict], done: dict[str, dict], k: int) -> tuple[list[dict], frozenset[str]]:
+    """Images still to generate, and the pair_ids of their rows that are already finished."""
+    finished = [row for row in done.values() if _finished(row)]
+    per_image = Counter(row["image_id"] for row in finished)
+    failed_images = {row["image_id"] for row in finished if row["status"] == IMAGE_ERROR}
+    todo = [im for im in images if im["image_id"] not in failed_images and per_image[im["image_id"]] < k]
+    pending = {im["image_id"] for im in todo}
+    return todo, frozenset(row["pair_id"] for row in finished if row["image_id"] in pending)
+
+
+def build_dataset(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], judge: JudgeSettings):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items(todo)
+    if cfg.generation.engine == "vllm":
+        from actors.vllm_generator import vllm_generate  # GPU only; imports ray.data.llm and vLLM
+
+        ds = vllm_generate(ds, cfg.model.name_or_path, cfg.generation, skip)
+    else:
+        ds = ds.map_batches(
+            Generator, fn_constructor_kwargs={"model": cfg.model, "settings": cfg.generation,
+                                              "skip_pair_ids": skip},
+            compute=ActorPoolStrategy(size=cfg.pools.generators), batch_size=cfg.pools.images_per_batch,
+            num_cpus=cfg.pools.generator_cpus, num_gpus=cfg.pools.generator_gpus, batch_format="numpy")
+    return ds.map_batches(
+        KeptPairJudge, fn_constructor_kwargs={"settings": judge, "num_actors": cfg.pools.judge_max},
+        compute=ActorPoolStrategy(min_size=cfg.pools.judge_min, max_size=cfg.pools.judge_max),
+        batch_size=cfg.pools.pairs_per_judge_batch, num_cpus=cfg.pools.judge_cpus, batch_format="numpy")
+
+
+def write_part(parts: Path, name: str, table: pa.Table) -> Path:
+    """One finished block, atomically: a kill leaves whole parts or none."""
+    path = parts / f"{name}.parquet"
+    pq.write_table(table, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+def run_pipeline(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], judge: JudgeSettings,
+                 parts: Path) -> None:
+    """Stream the pipeline, writing each finished block as it arrives (parts sort by run, then block)."""
+    init_ray(cfg.ray)
+    run = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
+    rows = 0
+    dataset = build_dataset(cfg, todo, skip, judge)
+    blocks = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        for n, block in enumerate(blocks):
+            if block.num_rows:
+                write_part(parts, f"part-{run}-{n:06d}", block)
+                rows += block.num_rows
+                log.info("wrote %d rows (%d this run)", block.num_rows, rows)
+    finally:  # on an interrupt, stop the streaming executor (and its actors) now, not at GC
+        getattr(blocks, "close", lambda: None)()
+
+
+def assemble(rows: list[dict], judge: JudgeSettings) -> tuple[list[PreferencePair], list[dict]]:
+    """Judged rows → preference pairs by the tie policy; everything else → failure records."""
+    pairs, failures = [], []
+    for row in sorted(rows, key=lambda r: (r["image_id"], r["question_index"])):
+        where = {"pair_id": row["pair_id"], "image": row["image_path"], "question": row["question"]}
+        if row["status"] != OK:
+            failures.append({**where, "stage": row["status"], "reason": row["reason"]})
+            continue
+        verdict = JudgeVerdict.from_row(row)
+        choice, why = decide(verdict, judge.tie_policy, judge.drop_inconsistent)
+        if choice is None:
+            failures.append({**where, "stage": "judge", "reason": why,
+                             "scores": [verdict.score1, verdict.score2]})
+            continue
+        answers, scores = (row["answer1"], row["answer2"]), (verdict.score1, verdict.score2)
+        seeds = (row["seed1"], row["seed2"])
+        pairs.append(PreferencePair(
+            pair_id=row["pair_id"], image=row["image_path"], question=row["question"],
+            chosen=answers[choice], rejected=answers[1 - choice], chosen_score=scores[choice],
+            rejected_score=scores[1 - choice], judge_model=verdict.judge_model,
+            seeds=[seeds[choice], seeds[1 - choice]], question_seed=row["question_seed"]))
+    return pairs, failures
+
+
+def reason_kind(reason: str) -> str:
+    """``"failed: http 500 after 5 attempts"`` → ``"http 500"``: the reason without its particulars."""
+    return reason.removeprefix("failed: ").split(":")[0].split(" after ")[0]
+
+
+def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list[dict], judge: JudgeSettings,
+                  extra: dict[str, Any]) -> dict[str, Any]:
+    """preferences.parquet, dpo.json, failures.jsonl and summary.json from every row written."""
+    pairs, failures = assemble(rows, judge)
+    write_preferences(out / "preferences.parquet", pairs)
+    export_dpo_json(pairs, out / "dpo.json", image_root=image_root(cfg))
+    tmp = out / "failures.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
+    os.replace(tmp, out / "failures.jsonl")
+    judged = [JudgeVerdict.from_row(r) for r in rows if r["status"] == OK]
+    questions = [r for r in rows if r["status"] != IMAGE_ERROR]
+    summary = {
+        "images": len(images),
+        "image_errors": sum(r["status"] == IMAGE_ERROR for r in rows),
+        "questions": len(questions),
+        "questions_kept": sum(r["status"] != "question_filtered" for r in questions),
+        "answer_pairs_judged": len(judged),
+        "pairs": len(pairs),
+        "ties": sum(f["reason"] == "tie" for f in failures),
+        "failures": dict(Counter(f"{f['stage']}: {reason_kind(f['reason'])}" for f in failures)),
+        "judge": summarize(judged, judge),
+        **extra,
+    }
+    write_summary(out, summary)
+    return summary
+
+
+def main(cfg: GenerateConfig) -> GenerateResult:
+    start = time.monotonic()
+    out = Path(cfg.output_dir)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out)
+    images = sampled_images(cfg)
+    done = read_parts(parts)
+    todo, skip = plan_resume(images, done, cfg.generation.questions_per_image)
+    log.info("%d images sampled, %d to generate (%d rows already written)", len(images), len(todo), len(done))
+    server = None
+    if cfg.judge.reference_findings:
+        from stmed.reference_judge import start_server
+
+        server = start_server(cfg.judge.reference_findings)
+    judge_fields = {f.name: getattr(cfg.judge, f.name) for f in dataclasses.fields(JudgeSettings)}
+    judge = JudgeSettings(**{**judge_fields, "base_url": server.url if server else cfg.judge.base_url,
+                             "cache_dir": cfg.judge.cache_dir or str(out / "judge_cache")})
+    try:
+        if todo:
+            run_pipeline(cfg, todo, skip, judge, parts)
+    finally:
+        if server is not None:
+            server.stop()
+    wanted = {im["image_id"] for im in images}
+    rows = [r for r in read_parts(parts).values() if r["image_id"] in wanted]
+    extra = {"resumed_rows": len(done), "wall_time_s": round(time.monotonic() - start, 2)}
+    if server is not None:  # what the offline judge saw in this run (retries and re-sends included)
+        stats = server.stats
+        extra["reference_judge"] = {"requests": stats.total, "resent": stats.resent,
+                                    "outcomes": stats.outcomes}
+    summary = write_outputs(cfg, out, images, rows, judge, extra)
+    log.info("%d preference pairs from %d images in %s", summary["pairs"], len(images), out)
+    return GenerateResult(out, summary)
+
+
+if __name__ == "__main__":
+    main(load_config(GenerateConfig))

@@ -1,0 +1,209 @@
+"""The Generator actor called directly (no Ray): row schema, seeds, filters, de-duplication, the
+judge gate, and the pure pieces of the (GPU-only) vLLM path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from actors.generator import OUTPUT_COLUMNS, Generator, KeptPairJudge, make_row, self_play, to_columns
+from actors.judge import VERDICT_COLUMNS
+from actors.vllm_generator import finish_pair, questions_of_image, vllm_request
+from stmed import generation, prompts
+from stmed.generation import GenerationSettings
+from stmed.images import decode_data_url, load_image, pixel_digest
+from stmed.judging import JudgeSettings
+
+K = 3
+SETTINGS = GenerationSettings(questions_per_image=K, seed=7, batch_size=8, describe_max_tokens=8,
+                              question_max_tokens=12, answer_max_tokens=8)
+
+
+def _write_images(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)
+        paths.append(str(folder / f"img{i}.png"))
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def generator() -> Generator:
+    return Generator({"preset": "tiny"}, SETTINGS)
+
+
+def _rows(out: dict[str, np.ndarray]) -> list[dict]:
+    return [{name: out[name][i] for name in OUTPUT_COLUMNS} for i in range(len(out["pair_id"]))]
+
+
+def test_generator_rows_cover_every_question_and_unreadable_image(generator: Generator, tmp_path: Path):
+    paths = _write_images(tmp_path / "images", 3)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    ids = ["a.png", "b.png", "c.png", "missing.png", "broken.png"]
+    batch = {"image_id": np.array(ids), "image_path": np.array([*paths, str(tmp_path / "nope.png"),
+                                                                 str(tmp_path / "broken.png")])}
+    out = generator(batch)
+    assert set(out) == set(OUTPUT_COLUMNS)
+    rows = _rows(out)
+    errors = {r["image_id"]: r["reason"] for r in rows if r["status"] == "image_error"}
+    assert errors["missing.png"] == "file not found"
+    assert errors["broken.png"].startswith(("corrupt", "unsupported"))
+    assert Counter(r["image_id"] for r in rows if r["status"] != "image_error") == {i: K for i in ids[:3]}
+    assert len({r["pair_id"] for r in rows}) == len(rows)
+    for image_id, path in zip(ids[:3], paths):
+        mine = sorted((r for r in rows if r["image_id"] == image_id), key=lambda r: r["question_index"])
+        assert [r["question_index"] for r in mine] == list(range(K))
+        assert [r["question_seed"] for r in mine] == [SETTINGS.question_seed(image_id, j) for j in range(K)]
+        # every filtered question carries exactly the reason the filter gives for this image's questions
+        reasons = generation.question_reasons([r["question"] for r in mine])
+        assert [r["reason"] if r["status"] == "question_filtered" else None for r in mine] == reasons
+        for r in mine:
+            if r["status"] in ("ok", "answer_filtered"):
+                assert (r["seed1"], r["seed2"]) == SETTINGS.answer_seeds(image_id, r["question_index"])
+                assert r["reason"] == (generation.answer_pair_reason(r["answer1"], r["answer2"]) or "")
+            if r["status"] == "ok":  # the judge sees exactly the pixels the model saw
+                assert pixel_digest(decode_data_url(r["image_data_url"])) == pixel_digest(load_image(path))
+            else:
+                assert r["image_data_url"] == ""
+
+
+def test_generator_output_does_not_depend_on_batching_and_skips_finished_rows(generator: Generator, tmp_path):
+    paths = _write_images(tmp_path, 3)
+    together = _rows(generator({"image_id": np.array(["x", "y", "z"]), "image_path": np.array(paths)}))
+    alone = _rows(generator({"image_id": np.array(["z"]), "image_path": np.array(paths[2:])}))
+    key = ("pair_id", "question", "answer1", "answer2", "status", "reason")
+    z_in_batch = [tuple(r[k] for k in key) for r in together if r["image_id"] == "z"]
+    assert z_in_batch == [tuple(r[k] for k in key) for r in alone]
+
+    resumed = Generator({"preset": "tiny"}, SETTINGS, skip_pair_ids=[alone[0]["pair_id"]])
+    rest = _rows(resumed({"image_id": np.array(["z"]), "image_path": np.array(paths[2:])}))
+    assert [r["pair_id"] for r in rest] == [r["pair_id"] for r in alone[1:]]
+
+
+class ScriptedEngine:
+    """Stands in for HFEngine: answers by what the prompt asks, so every filter path is reached."""
+
+    QUESTIONS: ClassVar[dict[str, list[str]]] = {  # per image: k=4 sampled questions
+        "img-a": ["Is there a lesion?", "Is there a  LESION?", "brain", "What organ is shown here?"],
+        "img-b": ["What is in this image?", "the the the the the the?", "Where is the lesion located",
+                  "Which side is the lesion on?"],
+    }
+    ANSWERS: ClassVar[dict[str, tuple[str, str]]] = {
+        "Is there a lesion?": ("Yes.", "yes"),  # identical once normalised
+        "What organ is shown here?": ("The brain.", ""),
+        "What is in this image?": ("A CT of the chest.", "An MRI of the brain."),
+        "Which side is the lesion on?": ("Left.", "It is on the right side."),
+    }
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def generate(self, texts, images, sampling, seed=0, row_seeds=None):
+        self.calls.append(len(texts))
+        outputs, asked = [], Counter()
+        for text, image in zip(texts, images):
+            if text.endswith(prompts.QUESTIONER + ":"):
+                image_id = image.info["id"]
+                outputs.append(self.QUESTIONS[image_id][asked[image_id]])
+                asked[image_id] += 1
+            elif prompts.DESCRIBE_QUESTION in text.split("USER:")[-1]:
+                outputs.append("A scan.")
+            else:
+                question = text.split("<image>\n")[1].rsplit(" ASSISTANT:", 1)[0]
+                first = sum(1 for t in texts[: len(outputs)] if t == text) == 0
+                outputs.append(self.ANSWERS[question][0 if first else 1])
+        return outputs
+
+
+def test_self_play_dedupes_and_counts_every_filter():
+    images = []
+    for image_id in ("img-a", "img-b"):
+        img = Image.new("RGB", (8, 8))
+        img.info["id"] = image_id
+        images.append((image_id, f"/data/{image_id}.png", img))
+    settings = GenerationSettings(questions_per_image=4, seed=1)
+    engine = ScriptedEngine()
+    rows = self_play(engine, images, settings)
+    outcome = {(r["image_id"], r["question_index"]): (r["status"], r["reason"]) for r in rows}
+    assert outcome == {
+        ("img-a", 0): ("answer_filtered", "identical_answers"),
+        ("img-a", 1): ("question_filtered", "duplicate"),
+        ("img-a", 2): ("question_filtered", "too_short"),
+        ("img-a", 3): ("answer_filtered", "answer2_empty"),
+        ("img-b", 0): ("ok", ""),
+        ("img-b", 1): ("question_filtered", "repetitive"),
+        ("img-b", 2): ("question_filtered", "not_a_question"),
+        ("img-b", 3): ("ok", ""),
+    }
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [(r["answer1"], r["answer2"]) for r in ok] == [("A CT of the chest.", "An MRI of the brain."),
+                                                         ("Left.", "It is on the right side.")]
+    assert all(r["image_data_url"].startswith("data:image/png;base64,") for r in ok)
+    # one describe call, one call for all 8 questions, one for both answers of the 4 kept questions
+    assert engine.calls == [2, 8, 8]
+
+
+def _reply(request: httpx.Request) -> httpx.Response:
+    body = json.loads(request.content)
+    text = body["messages"][0]["content"][0]["text"]
+    content = "7 3\nfirst is better" if "Left." in text else "5 5\nequal"
+    return httpx.Response(200, json={
+        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105}})
+
+
+def test_kept_pair_judge_judges_ok_rows_and_passes_the_rest():
+    url = "data:image/png;base64,iVBORw0KGgo="
+    rows = [make_row("i", "/i.png", "question_filtered", "duplicate", 1, "Q?", 11),
+            make_row("i", "/i.png", index=0, question="Which side?", question_seed=10,
+                     answers=("Left.", "Right."), seeds=(1, 2), image_data_url=url),
+            make_row("j", "/j.png", "image_error", "file not found"),
+            make_row("j", "/j.png", index=2, question="What?", question_seed=12, answers=("A", "B"),
+                     seeds=(3, 4), image_data_url=url)]
+    judge = KeptPairJudge(JudgeSettings(base_url="http://127.0.0.1:9/v1", model="m"),
+                          http_client=httpx.AsyncClient(transport=httpx.MockTransport(_reply)))
+    out = asyncio.run(judge(to_columns(rows)))
+    assert "image_data_url" not in out
+    assert set(out) == (set(OUTPUT_COLUMNS) - {"image_data_url"}) | set(VERDICT_COLUMNS)
+    by_id = {out["pair_id"][i]: {k: out[k][i] for k in out} for i in range(len(out["pair_id"]))}
+    assert len(by_id) == 4
+    assert (by_id[rows[1]["pair_id"]]["score1"], by_id[rows[1]["pair_id"]]["score2"]) == (7.0, 3.0)
+    assert (by_id[rows[3]["pair_id"]]["score1"], by_id[rows[3]["pair_id"]]["score2"]) == (5.0, 5.0)
+    for passed in (rows[0], rows[2]):
+        got = by_id[passed["pair_id"]]
+        assert got["status"] == passed["status"] and got["score1"] is None and got["error"] is None
+
+
+def test_vllm_path_pieces_build_requests_and_rows_like_the_hf_path():
+    """The vLLM path cannot run here (no GPU); its row-level functions can."""
+    url = "data:image/png;base64,iVBORw0KGgo="
+    row = make_row("i", "/i.png", index=0, question="Which side?", question_seed=5, image_data_url=url)
+    request = vllm_request(row, prompts.answer_prompt("Which side?"), SETTINGS.answer_sampling, seed=42)
+    assert request["prompt"].endswith("Which side? ASSISTANT:") and request["prompt"].count("<image>") == 1
+    assert request["messages"][0]["content"][0] == {"type": "image_url", "image_url": {"url": url}}
+    assert request["sampling_params"] == {"temperature": 1.2, "top_p": 0.95, "top_k": 100, "max_tokens": 8,
+                                          "stop": ["</s>"], "seed": 42}
+    questions = ["Is it the brain?", "Is it the  BRAIN?", "Where?"]
+    rows = [make_row("i", "/i.png", index=j, question=q, question_seed=j, image_data_url=url)
+            for j, q in reversed(list(enumerate(questions)))]  # groups arrive in any order
+    group = {name: np.array([row[name] for row in rows]) for name in OUTPUT_COLUMNS}
+    got = questions_of_image(group)
+    assert list(got["question_index"]) == [0, 1, 2]
+    assert list(got["status"]) == ["ok", "question_filtered", "question_filtered"]
+    assert list(got["reason"]) == ["", "duplicate", "too_short"]
+    same = finish_pair({**row, "answer1": "Left.", "answer2": "left"})
+    assert (same["status"], same["reason"]) == ("answer_filtered", "identical_answers")
+    assert same["image_data_url"] == ""
+    assert finish_pair({**row, "answer1": "Left.", "answer2": "Right."})["status"] == "ok"

@@ -1,0 +1,171 @@
+"""jobs.generate end to end on a loopback Ray: a tiny model that can ask, the reference judge over real
+HTTP with the real openai client (faults injected), and a run killed midway then resumed."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import generate
+from stmed.config import build_config
+from stmed.conversation import collate, encode, render, to_turns
+from stmed.data import read_preferences
+from stmed.images import load_image
+from stmed.model import build_tiny, image_seq_len, pixel_values
+from stmed.prompts import SYSTEM_SQ
+from stmed.reference_judge import Faults, score_answer, start_server
+from stmed.synthetic import load_findings, make_dataset
+
+K = 3
+NUM_IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("synthetic"), num_images=24, seed=0)
+
+
+@pytest.fixture(scope="module")
+def talking_model(data, tmp_path_factory) -> Path:
+    """The tiny LLaVA after ~100 steps on the synthetic conversations (questions as questioner turns):
+    enough to ask real questions, so pairs reach the judge. A random model almost never writes '?'."""
+    model, processor = build_tiny(seed=0)
+    tokenizer, seq_len, rng = processor.tokenizer, image_seq_len(processor), random.Random(0)
+    samples = [(encode(render(to_turns(s["conversations"], 1.0, rng), SYSTEM_SQ), tokenizer, seq_len, 384),
+                load_image(data.images / s["image"]))
+               for s in json.loads(data.instruct.read_text())]
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~0.2 s a step; two threads on a shared 2-core box mostly spin
+    try:
+        for _ in range(100):
+            batch = rng.sample(samples, 8)
+            inputs = collate([enc for enc, _ in batch], tokenizer.pad_token_id)
+            pixels = pixel_values(processor, [img for _, img in batch])
+            loss = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         labels=inputs["labels"], pixel_values=pixels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 1.5
+    out = tmp_path_factory.mktemp("talking")
+    model.eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def config(out: Path, data, model: Path, **overrides) -> generate.GenerateConfig:
+    values = {
+        "output_dir": str(out), "images": str(data.unlabelled), "num_images": NUM_IMAGES,
+        "model.name_or_path": str(model),
+        "generation.questions_per_image": K, "generation.describe_max_tokens": 24,
+        "generation.question_max_tokens": 24, "generation.answer_max_tokens": 24,
+        "judge.model": "stmed-reference-judge", "judge.backoff_base_s": 0.05, "judge.backoff_max_s": 0.5,
+        "judge.max_attempts": 6, "judge.parse_retries": 2, "judge.timeout_s": 20,
+        "pools.images_per_batch": 2, "pools.judge_max": 2, "pools.pairs_per_judge_batch": 4,
+        "ray.num_cpus": 2, **overrides,
+    }
+    return build_config(generate.GenerateConfig, {}, [f"{k}={v}" for k, v in values.items()])
+
+
+def generated_rows(out: Path) -> list[dict]:
+    parts = sorted((out / "parts").glob("*.parquet"))
+    return [row for path in parts for row in pq.read_table(path).to_pylist()]
+
+
+def test_generate_end_to_end_with_a_faulty_judge(ray_session, data, talking_model, tmp_path):
+    faults = Faults(rate_limit_first=2, retry_after_s=0.2, error_rate=0.2, garbled_rate=0.2, latency_ms=20)
+    server = start_server(data.findings, faults=faults)
+    try:
+        cfg = config(tmp_path / "run", data, talking_model, **{"judge.base_url": server.url})
+        result = generate.main(cfg)
+        stats = server.stats
+    finally:
+        server.stop()
+    out, summary = result.output_dir, result.summary
+    rows = generated_rows(out)
+    ids = [row["pair_id"] for row in rows]
+    assert len(ids) == len(set(ids)) == NUM_IMAGES * K  # one row per sampled question, none twice
+    judged = [row for row in rows if row["status"] == "ok"]
+    assert judged, "the talking model should produce pairs for the judge"
+
+    # every injected fault happened, was retried, and no pair was lost or judged twice into the output
+    assert stats.outcomes["rate_limited"] == 2 and stats.outcomes["server_error"] >= 1
+    assert stats.outcomes["garbled"] >= 1 and stats.total == summary["judge"]["requests"] > len(judged)
+    pairs = read_preferences(out / "preferences.parquet")
+    assert pairs, "the reference judge should prefer one answer of some pairs"
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted([p.pair_id for p in pairs] + [f["pair_id"] for f in failures]) == sorted(ids)
+
+    # scores are the reference judge's, chosen beats rejected, seeds follow the choice
+    findings = load_findings(data.findings)
+    by_id = {row["pair_id"]: row for row in rows}
+    for pair in pairs:
+        row = by_id[pair.pair_id]
+        truth = findings[Path(pair.image).name]
+        assert pair.chosen_score == score_answer(pair.question, pair.chosen, truth) > pair.rejected_score
+        assert pair.rejected_score == score_answer(pair.question, pair.rejected, truth)
+        chosen_slot = 1 if pair.chosen == row["answer1"] else 2
+        seeds = [row["seed1"], row["seed2"]]
+        assert pair.seeds == (seeds if chosen_slot == 1 else seeds[::-1])
+        assert pair.judge_model == "stmed-reference-judge"
+    dpo = json.loads((out / "dpo.json").read_text())
+    assert [d["id"] for d in dpo] == [p.pair_id for p in pairs]
+    assert dpo[0]["chosen_conversations"][0]["value"] == f"<image>\n{pairs[0].question}"
+    assert dpo[0]["chosen_conversations"][1]["value"] == pairs[0].chosen
+    assert dpo[0]["reject_conversations"][1]["value"] == pairs[0].rejected
+    assert not Path(dpo[0]["image"]).is_absolute()  # relative to the image root, as the reference expects
+
+    stages = Counter(f["stage"] for f in failures)
+    assert summary["images"] == NUM_IMAGES and summary["questions"] == NUM_IMAGES * K
+    assert summary["pairs"] == len(pairs) and summary["answer_pairs_judged"] == len(judged)
+    assert summary["ties"] == sum(f["reason"] == "tie" for f in failures)
+    assert summary["questions"] - summary["questions_kept"] == stages["question_filtered"]
+    assert sum(summary["failures"].values()) == len(failures)
+    assert summary["judge"]["cost_usd"] > 0 and summary["judge"]["prompt_tokens"] > 0
+    assert (out / "config.yaml").is_file()
+
+
+def test_killed_run_resumes_without_resending_finished_requests(ray_session, data, talking_model, tmp_path,
+                                                                 monkeypatch):
+    out = tmp_path / "run"
+    cfg = config(out, data, talking_model, **{"judge.reference_findings": str(data.findings)})
+    real_write = generate.write_part
+
+    def write_then_die(parts, name, table):
+        real_write(parts, name, table)
+        raise KeyboardInterrupt("killed after the first part")
+
+    monkeypatch.setattr(generate, "write_part", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(cfg)
+    first = generated_rows(out)
+    assert 0 < len(first) < NUM_IMAGES * K and not (out / "summary.json").exists()
+    monkeypatch.setattr(generate, "write_part", real_write)
+
+    summary = generate.main(cfg).summary
+    written = generated_rows(out)
+    rows = {row["pair_id"]: row for row in written}
+    assert len(written) == len(rows) == NUM_IMAGES * K  # nothing written twice
+    assert summary["resumed_rows"] == len(first)
+    finished_before = {row["pair_id"] for row in first}
+    redone = [row for pid, row in rows.items() if pid not in finished_before and row["status"] == "ok"]
+    assert redone
+    # the second run asks the judge only about pairs not written before the kill, each once; a pair
+    # whose reply arrived (and was cached) before the kill costs no request at all
+    sent = summary["reference_judge"]["requests"]
+    assert sent == sum(not row["cached"] for row in redone) and summary["reference_judge"]["resent"] == 0
+    assert summary["questions"] == NUM_IMAGES * K
+
+    again = generate.main(cfg).summary  # a finished run: nothing to generate, nothing to send
+    assert again["reference_judge"]["requests"] == 0 and again["pairs"] == summary["pairs"]
