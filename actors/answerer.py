@@ -121,6 +121,8 @@ def vllm_answer(ds: ray.data.Dataset, model_path: str, system: str = "sq", max_n
     from ray.data.expressions import col
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    from actors.vllm_generator import vllm_request
+
     config = vLLMEngineProcessorConfig(
         model_source=model_path, engine_kwargs={"max_model_len": 4096}, batch_size=batch_size,
         concurrency=concurrency, accelerator_type=None, prepare_multimodal_stage={"enabled": True},
@@ -128,11 +130,11 @@ def vllm_answer(ds: ray.data.Dataset, model_path: str, system: str = "sq", max_n
         detokenize_stage={"enabled": False},
     )
 
-    def request(row: dict[str, Any]) -> dict[str, Any]:
-        image = {"type": "image_url", "image_url": {"url": str(row["image_data_url"])}}
-        return {**row, "prompt": prompts.answer_prompt(str(row["question"]), system=system_text),
-                "messages": [{"role": "user", "content": [image]}],
-                "sampling_params": {"temperature": 0.0, "max_tokens": max_new_tokens, "stop": [prompts.EOS]}}
+    sampling = dataclasses.replace(GREEDY, max_new_tokens=max_new_tokens)
+
+    def request(row: dict[str, Any]) -> dict[str, Any]:  # the input columns ride along to the postprocess
+        prompt = prompts.answer_prompt(str(row["question"]), system=system_text)
+        return {**row, **vllm_request(row, prompt, sampling, seed=None)}
 
     loaded = ds.map_batches(_with_image_url, batch_format="numpy")
     processor = build_processor(

@@ -13,9 +13,10 @@ derives from the global seed and the image id (``GenerationSettings.question_see
 engine samples each row from its own generator, so a rerun gives the same rows whatever the batching.
 
 Output: one row per sampled question (k per image) and one per unreadable image, all with the same
-columns (``OUTPUT_COLUMNS``). ``status`` is ``ok`` for a pair to judge, else ``image_error``,
-``question_filtered`` or ``answer_filtered`` with the ``reason``; so counting the stream's statuses
-counts every filter. ``pair_id`` identifies a row across reruns (resume skips finished ones).
+columns (the row schema of ``stmed.preferences``). ``status`` is ``ok`` for a pair to judge, else
+``image_error``, ``question_filtered`` or ``answer_filtered`` with the ``reason``; so counting the
+stream's statuses counts every filter. ``pair_id`` identifies a row across reruns (resume skips
+finished ones).
 
 Two engines, one row schema: ``Generator`` here (HF ``generate``, CPU or GPU) and
 ``actors.vllm_generator.vllm_generate`` (Ray Data LLM processors, GPU only). ``KeptPairJudge`` is the
@@ -24,7 +25,6 @@ Judge actor that lets the dropped rows pass, so one stream carries every outcome
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -34,31 +34,17 @@ from stmed import generation
 from stmed.config import ModelConfig, build_config
 from stmed.generation import GenerationSettings, HFEngine
 from stmed.images import ImageLoadError, image_to_data_url, load_image
+from stmed.preferences import (
+    ANSWER_FILTERED,
+    IMAGE_ERROR,
+    INPUT_COLUMNS,
+    OK,
+    OUTPUT_COLUMNS,
+    QUESTION_FILTERED,
+    make_row,
+)
 
-OK, IMAGE_ERROR = "ok", "image_error"
-QUESTION_FILTERED, ANSWER_FILTERED = "question_filtered", "answer_filtered"
-INPUT_COLUMNS = ("image_id", "image_path")
-OUTPUT_COLUMNS = ("pair_id", "image_id", "image_path", "question_index", "question", "question_seed",
-                  "answer1", "answer2", "seed1", "seed2", "image_data_url", "status", "reason")
 _INT_COLUMNS = {"question_index", "question_seed", "seed1", "seed2"}
-
-
-def make_pair_id(image_id: str, index: int, question_seed: int) -> str:
-    """Stable id of question ``index`` of an image (``index=-1``: the image itself)."""
-    return hashlib.sha256(f"{image_id}\x1f{index}\x1f{question_seed}".encode()).hexdigest()[:24]
-
-
-def make_row(image_id: str, image_path: str, status: str = OK, reason: str = "", index: int = -1,
-             question: str = "", question_seed: int = -1, answers: tuple[str, str] = ("", ""),
-             seeds: tuple[int, int] = (-1, -1), image_data_url: str = "") -> dict[str, Any]:
-    """One output row; the image travels only with ``ok`` rows (the judge needs it, nothing else does)."""
-    return {
-        "pair_id": make_pair_id(image_id, index, question_seed), "image_id": image_id,
-        "image_path": image_path, "question_index": index, "question": question,
-        "question_seed": question_seed, "answer1": answers[0], "answer2": answers[1],
-        "seed1": seeds[0], "seed2": seeds[1], "image_data_url": image_data_url if status == OK else "",
-        "status": status, "reason": reason,
-    }
 
 
 def to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:

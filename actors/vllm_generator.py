@@ -26,18 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from actors.generator import (
-    ANSWER_FILTERED,
-    IMAGE_ERROR,
-    OK,
-    OUTPUT_COLUMNS,
-    QUESTION_FILTERED,
-    make_row,
-    to_columns,
-)
+from actors.generator import to_columns
 from stmed import generation, prompts
 from stmed.generation import GenerationSettings, Sampling
 from stmed.images import ImageLoadError, image_to_data_url, load_image
+from stmed.preferences import ANSWER_FILTERED, IMAGE_ERROR, OK, OUTPUT_COLUMNS, QUESTION_FILTERED, make_row
 
 if TYPE_CHECKING:
     import ray.data
@@ -95,7 +88,7 @@ def finish_pair(row: dict) -> dict[str, Any]:
 
 def vllm_generate(ds: ray.data.Dataset, model_path: str, settings: GenerationSettings,
                   skip_pair_ids: frozenset[str] = frozenset()) -> ray.data.Dataset:
-    """Rows ``image_id, image_path`` → ``actors.generator.OUTPUT_COLUMNS`` rows (see the module doc)."""
+    """Rows ``image_id, image_path`` → ``stmed.preferences.OUTPUT_COLUMNS`` rows (see the module doc)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     config = vLLMEngineProcessorConfig(

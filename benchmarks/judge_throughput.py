@@ -26,10 +26,11 @@ from pathlib import Path
 
 import httpx
 
-from actors.generator import KeptPairJudge, make_row, to_columns
+from actors.generator import KeptPairJudge, to_columns
 from stmed.data import list_images
 from stmed.images import image_to_data_url, load_image
 from stmed.judging import JudgeSettings
+from stmed.preferences import make_row
 from stmed.synthetic import make_dataset
 
 

@@ -27,8 +27,9 @@ from jobs.runtime import init_ray, use_local_ray_env
 
 use_local_ray_env()  # before Ray is imported below: loopback only, auth off
 
-from actors.serve import AutoscalingConfig, BatchingConfig, LimitsConfig, ReplicaConfig, build_app
+from actors.serve import AutoscalingConfig, BatchingConfig, ReplicaConfig, build_app
 from stmed.config import ModelConfig, RayConfig
+from stmed.serving import LimitsConfig
 
 
 def _payloads(n: int, max_tokens: int) -> list[dict]:

@@ -16,6 +16,7 @@ re-judged; failed judgements are retried. Judge replies are cached on disk
 (``judge.cache_dir``, default ``output_dir/judge_cache``), so a request that was answered before the
 kill is not paid twice. (Ray Data's CheckpointConfig would also do this, but its filter actor takes a
 whole CPU, which starves a 2-CPU machine.) On a cluster ``output_dir`` must be on shared storage.
+The row schema, the resume bookkeeping and the pair assembly are Ray-free, in ``stmed.preferences``.
 """
 
 from __future__ import annotations
@@ -24,21 +25,18 @@ import dataclasses
 import json
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from actors.generator import IMAGE_ERROR, OK, Generator, KeptPairJudge
+from actors.generator import Generator, KeptPairJudge
 from jobs.runtime import init_ray
 from stmed.config import ConfigError, ModelConfig, RayConfig, load_config, write_config
-from stmed.data import PreferencePair, export_dpo_json, list_images, sample_images, write_preferences
+from stmed.data import export_dpo_json, list_images, sample_images, write_preferences
 from stmed.generation import GenerationSettings
-from stmed.judging import JudgeSettings, JudgeVerdict, decide, summarize
+from stmed.judging import JudgeSettings
 from stmed.log import get_logger
+from stmed.preferences import assemble, plan_resume, read_parts, summarize_rows, write_part
 from stmed.runs import write_summary
 
 log = get_logger(__name__)
@@ -113,29 +111,6 @@ def sampled_images(cfg: GenerateConfig) -> list[dict[str, str]]:
             for p in paths]
 
 
-def read_parts(parts: Path) -> dict[str, dict[str, Any]]:
-    """Every row written so far, by pair_id; a later part (a retried judgement) replaces an earlier."""
-    rows: dict[str, dict[str, Any]] = {}
-    for path in sorted(parts.glob("part-*.parquet")):
-        for row in pq.read_table(path).to_pylist():
-            rows[row["pair_id"]] = row
-    return rows
-
-
-def _finished(row: dict[str, Any]) -> bool:
-    return row["status"] != OK or row.get("error") is None
-
-
-def plan_resume(images: list[dict], done: dict[str, dict], k: int) -> tuple[list[dict], frozenset[str]]:
-    """Images still to generate, and the pair_ids of their rows that are already finished."""
-    finished = [row for row in done.values() if _finished(row)]
-    per_image = Counter(row["image_id"] for row in finished)
-    failed_images = {row["image_id"] for row in finished if row["status"] == IMAGE_ERROR}
-    todo = [im for im in images if im["image_id"] not in failed_images and per_image[im["image_id"]] < k]
-    pending = {im["image_id"] for im in todo}
-    return todo, frozenset(row["pair_id"] for row in finished if row["image_id"] in pending)
-
-
 def build_dataset(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], judge: JudgeSettings):
     import ray
     from ray.data import ActorPoolStrategy
@@ -157,14 +132,6 @@ def build_dataset(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], j
         batch_size=cfg.pools.pairs_per_judge_batch, num_cpus=cfg.pools.judge_cpus, batch_format="numpy")
 
 
-def write_part(parts: Path, name: str, table: pa.Table) -> Path:
-    """One finished block, atomically: a kill leaves whole parts or none."""
-    path = parts / f"{name}.parquet"
-    pq.write_table(table, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    return path
-
-
 def run_pipeline(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], judge: JudgeSettings,
                  parts: Path) -> None:
     """Stream the pipeline, writing each finished block as it arrives (parts sort by run, then block)."""
@@ -183,35 +150,6 @@ def run_pipeline(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], ju
         getattr(blocks, "close", lambda: None)()
 
 
-def assemble(rows: list[dict], judge: JudgeSettings) -> tuple[list[PreferencePair], list[dict]]:
-    """Judged rows → preference pairs by the tie policy; everything else → failure records."""
-    pairs, failures = [], []
-    for row in sorted(rows, key=lambda r: (r["image_id"], r["question_index"])):
-        where = {"pair_id": row["pair_id"], "image": row["image_path"], "question": row["question"]}
-        if row["status"] != OK:
-            failures.append({**where, "stage": row["status"], "reason": row["reason"]})
-            continue
-        verdict = JudgeVerdict.from_row(row)
-        choice, why = decide(verdict, judge.tie_policy, judge.drop_inconsistent)
-        if choice is None:
-            failures.append({**where, "stage": "judge", "reason": why,
-                             "scores": [verdict.score1, verdict.score2]})
-            continue
-        answers, scores = (row["answer1"], row["answer2"]), (verdict.score1, verdict.score2)
-        seeds = (row["seed1"], row["seed2"])
-        pairs.append(PreferencePair(
-            pair_id=row["pair_id"], image=row["image_path"], question=row["question"],
-            chosen=answers[choice], rejected=answers[1 - choice], chosen_score=scores[choice],
-            rejected_score=scores[1 - choice], judge_model=verdict.judge_model,
-            seeds=[seeds[choice], seeds[1 - choice]], question_seed=row["question_seed"]))
-    return pairs, failures
-
-
-def reason_kind(reason: str) -> str:
-    """``"failed: http 500 after 5 attempts"`` → ``"http 500"``: the reason without its particulars."""
-    return reason.removeprefix("failed: ").split(":")[0].split(" after ")[0]
-
-
 def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list[dict], judge: JudgeSettings,
                   extra: dict[str, Any]) -> dict[str, Any]:
     """preferences.parquet, dpo.json, failures.jsonl and summary.json from every row written."""
@@ -221,20 +159,7 @@ def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list
     tmp = out / "failures.jsonl.tmp"
     tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
     os.replace(tmp, out / "failures.jsonl")
-    judged = [JudgeVerdict.from_row(r) for r in rows if r["status"] == OK]
-    questions = [r for r in rows if r["status"] != IMAGE_ERROR]
-    summary = {
-        "images": len(images),
-        "image_errors": sum(r["status"] == IMAGE_ERROR for r in rows),
-        "questions": len(questions),
-        "questions_kept": sum(r["status"] != "question_filtered" for r in questions),
-        "answer_pairs_judged": len(judged),
-        "pairs": len(pairs),
-        "ties": sum(f["reason"] == "tie" for f in failures),
-        "failures": dict(Counter(f"{f['stage']}: {reason_kind(f['reason'])}" for f in failures)),
-        "judge": summarize(judged, judge),
-        **extra,
-    }
+    summary = {**summarize_rows(len(images), rows, pairs, failures, judge), **extra}
     write_summary(out, summary)
     return summary
 

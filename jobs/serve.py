@@ -22,15 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from actors.serve import (
-    AutoscalingConfig,
-    BatchingConfig,
-    LimitsConfig,
-    ReplicaConfig,
-    api_key_digest,
-    build_app,
-    build_vllm_app,
-)
+from actors.serve import AutoscalingConfig, BatchingConfig, ReplicaConfig, build_app, build_vllm_app
 from jobs.runtime import init_ray
 from stmed.config import (
     ConfigError,
@@ -43,6 +35,7 @@ from stmed.config import (
 )
 from stmed.log import get_logger
 from stmed.runs import write_summary
+from stmed.serving import LimitsConfig, api_key_digest
 
 log = get_logger("stmed.jobs.serve")
 

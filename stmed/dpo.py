@@ -1,10 +1,10 @@
 """Stage 2 (METHOD §4): DPO of the stage-1 model on its own judged answer pairs, one loop for every launcher.
 
-The loss is sigmoid DPO on sequence log-probabilities summed over the answer tokens only:
-``L = -log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))])``, and the implicit
-rewards are ``β·(log π − log π_ref)``. Each pair is rendered with the plain Vicuna v1 prompt
+The loss (``stmed.losses.dpo_loss``) is sigmoid DPO on sequence log-probabilities summed over the answer
+tokens only: ``L = -log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))])``, and the
+implicit rewards are ``β·(log π − log π_ref)``. Each pair is rendered with the plain Vicuna v1 prompt
 (``preference_prompt``, no questioner) and encoded by ``encode_prompt_answer``, whose label mask marks
-the answer and its ``</s>`` — the same mask convention as stage 1.
+the answer and its ``</s>`` — the same mask convention as stage 1 (``stmed.preference_data``).
 
 The reference policy is the frozen stage-1 model *entirely*, vision tower and projector included (the
 reference code's quirk embedded images with the drifting policy tower; we do not). The policy is a fresh
@@ -19,12 +19,13 @@ cached in ``output_dir`` for resumes) instead of a second forward pass every ste
 Why a hand loop and not TRL's ``DPOTrainer``: the trainer tokenises prompts with its own processor and
 chat template, which would bypass our Vicuna rendering and offset-based label masks, and it brings a
 second checkpoint/resume/reporting mechanism (HF ``Trainer`` + ``RayTrainReportCallback``, which reports
-only when HF saves). The loop below reuses stage 1's schedule, optimiser groups, step plan, sessions and
-checkpoints (``stmed.train``); it only swaps the data, the loss and the reference pass. Chosen and
-rejected go through the model as one concatenated batch, so DDP sees one forward per backward in which
-every trainable parameter takes part; the reference pass runs on the unwrapped model without a graph.
-That is why Ray's default ``find_unused_parameters=False`` works here (the trap ARCHITECTURE.md records
-for TRL under DDP does not arise).
+only when HF saves). The loop below reuses stage 1's schedule, optimiser groups, step plan, sessions
+(``stmed.train``) and checkpoints (``stmed.checkpoints``); it only swaps the data
+(``stmed.preference_data``), the loss and the reference pass. Chosen and rejected go through the model as
+one concatenated batch, so DDP sees one forward per backward in which every trainable parameter takes
+part; the reference pass runs on the unwrapped model without a graph. That is why Ray's default
+``find_unused_parameters=False`` works here (the trap ARCHITECTURE.md records for TRL under DDP does not
+arise).
 """
 
 from __future__ import annotations
@@ -33,9 +34,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,18 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from peft import PeftModel
-from torch.utils.data import DataLoader, Dataset
 
+from stmed.checkpoints import report_step, resume
 from stmed.config import ConfigError, LoRAConfig, ModelConfig, build_config, config_to_dict
-from stmed.conversation import IGNORE_INDEX, Encoded, collate, encode_prompt_answer
-from stmed.data import PreferencePair, Skip, read_preferences
-from stmed.images import ImageLoadError, load_image
+from stmed.data import PreferencePair
+from stmed.distributed import all_reduce_sum, gather_dicts
 from stmed.log import get_logger
-from stmed.model import attach_lora, enable_gradient_checkpointing, image_seq_len, load_model, pixel_values
-from stmed.prompts import preference_prompt
+from stmed.losses import dpo_loss, dpo_metrics, dpo_stats, sequence_logps
+from stmed.model import load_model
+from stmed.preference_data import PreferenceDataset, collate_pairs, load_preference_data
 from stmed.runs import MetricsLog, write_json
 from stmed.train import (
     ATTEMPTS_FILE,
@@ -62,20 +59,17 @@ from stmed.train import (
     METRICS_FILE,
     TrainConfig,
     TrainSession,
-    _all_reduce,
-    _export,
-    _maybe_fail,
+    autocast_context,
     build_optimizer,
-    load_checkpoint,
+    export_final,
+    make_trainable,
+    maybe_inject_failure,
     plan_steps,
-    save_checkpoint,
-    uses_autocast,
 )
 
 log = get_logger(__name__)
 
 REFERENCE_CACHE_FILE = "reference_logps.pt"
-_MISSING_IMAGE = ("file not found", "is a directory")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -125,169 +119,6 @@ class DPOLoopConfig:
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     dpo: DPOSettings = field(default_factory=DPOSettings)
     export_merged: bool = True
-
-
-# ----------------------------------------------------------------------------- the objective
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of log p(label_t | tokens < t) over target tokens: ``(rows, T, V)`` → ``(rows,)``.
-
-    Only target rows of the logits are upcast to float32, which keeps a 32k-vocab batch small.
-    """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    token_logps = -F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
-    rows = mask.nonzero()[:, 0]
-    return torch.zeros(labels.shape[0], device=logits.device).index_add(0, rows, token_logps)
-
-
-@dataclass(frozen=True)
-class DPOOutput:
-    """Per-pair loss and implicit rewards ``β·(log π − log π_ref)``, each of shape ``(pairs,)``."""
-
-    losses: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-
-
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> DPOOutput:  # fmt: skip
-    """Sigmoid DPO: ``-logσ(β·((π_c − ref_c) − (π_r − ref_r)))`` per pair."""
-    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-    losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
-    return DPOOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
-
-
-def dpo_stats(out: DPOOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> torch.Tensor:
-    """Sums of loss, rewards, accuracy, margin, pair count and policy log-probs, summable over ranks."""
-    chosen, rejected = out.chosen_rewards.double(), out.rejected_rewards.double()
-    return torch.stack([out.losses.detach().double().sum(), chosen.sum(), rejected.sum(),
-                        (chosen > rejected).double().sum(), (chosen - rejected).sum(),
-                        torch.tensor(float(chosen.numel()), dtype=torch.float64, device=chosen.device),
-                        policy_chosen.detach().double().sum(), policy_rejected.detach().double().sum()])  # fmt: skip
-
-
-def dpo_metrics(stats: torch.Tensor) -> dict[str, float]:
-    """Means over pairs of the :func:`dpo_stats` sums, under TRL's metric names."""
-    loss, chosen, rejected, hits, margin, n, logp_c, logp_r = stats.tolist()[:8]
-    return {"loss": loss / n, "rewards/chosen": chosen / n, "rewards/rejected": rejected / n,
-            "rewards/accuracies": hits / n, "rewards/margins": margin / n,
-            "logps/chosen": logp_c / n, "logps/rejected": logp_r / n}  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class PreferenceData:
-    """The usable pairs, the rejected ones with reasons, and how many pairs get truncated."""
-
-    pairs: list[PreferencePair]
-    skips: list[Skip]
-    read: int
-    truncated: int
-
-    def report(self) -> dict[str, Any]:
-        reasons = Counter(skip.reason.split(":")[0] for skip in self.skips)
-        return {"pairs_read": self.read, "pairs_used": len(self.pairs), "rejected": len(self.skips),
-                "rejected_by_reason": dict(reasons.most_common()), "truncated": self.truncated,
-                "rejected_examples": [skip.to_row() for skip in self.skips[:20]]}  # fmt: skip
-
-
-def encode_pair(pair: PreferencePair, tokenizer, seq_len: int, max_length: int) -> tuple[Encoded, Encoded]:
-    """The chosen and rejected sequences: plain Vicuna prompt + answer, answer tokens as targets."""
-    prompt = preference_prompt(pair.question)
-    return (encode_prompt_answer(prompt, pair.chosen, tokenizer, seq_len, max_length),
-            encode_prompt_answer(prompt, pair.rejected, tokenizer, seq_len, max_length))  # fmt: skip
-
-
-def pair_problem(pair: PreferencePair, image_root: Path, tokenizer, seq_len: int, max_length: int,
-                 images_seen: dict[Path, str | None]) -> tuple[str | None, bool]:  # fmt: skip
-    """``(reason, truncated)``: why a pair cannot be trained on (``"kind: detail"``, None if it can).
-
-    ``images_seen`` caches each image's verdict: a file shared by several questions is decoded once.
-    """
-    chosen, rejected = pair.chosen.strip(), pair.rejected.strip()
-    if not pair.question.strip():
-        return "empty_question", False
-    if not chosen or not rejected:
-        return "empty_answer: " + ("chosen" if not chosen else "rejected"), False
-    if chosen == rejected:
-        return "chosen_equals_rejected", False
-    path = image_root / pair.image
-    if path not in images_seen:
-        try:
-            load_image(path)
-            images_seen[path] = None
-        except ImageLoadError as err:
-            kind = "image_missing" if err.reason in _MISSING_IMAGE else "image_unreadable"
-            images_seen[path] = f"{kind}: {err.reason}"
-    if images_seen[path]:
-        return images_seen[path], False
-    prompt_len = len(tokenizer(preference_prompt(pair.question))["input_ids"]) - 1 + seq_len
-    if prompt_len >= max_length:
-        return f"too_long: prompt and image take {prompt_len} tokens, max_length={max_length}", False
-    try:
-        encoded = encode_pair(pair, tokenizer, seq_len, max_length)
-    except ValueError as err:
-        return f"bad_text: {err}", False
-    if min(e.num_targets for e in encoded) == 0:
-        return f"too_long: no answer token within max_length={max_length}", False
-    return None, any(e.truncated for e in encoded)
-
-
-def load_preference_data(path: str | Path, image_root: str | Path, processor, max_length: int,
-                         rank: int = 0, world_size: int = 1) -> PreferenceData:  # fmt: skip
-    """Read and check the preference parquet; each rank checks a slice and the verdicts are shared.
-
-    Raises ``ValueError`` when no pair is usable.
-    """
-    pairs = read_preferences(path)
-    root, seq_len, seen = Path(image_root), image_seq_len(processor), {}
-    verdicts = {i: pair_problem(pairs[i], root, processor.tokenizer, seq_len, max_length, seen)
-                for i in range(rank, len(pairs), world_size)}  # fmt: skip
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        gathered: list[dict] = [{} for _ in range(world_size)]
-        dist.all_gather_object(gathered, verdicts)
-        verdicts = {i: v for part in gathered for i, v in part.items()}
-    if len(verdicts) != len(pairs):
-        raise RuntimeError(f"checked {len(verdicts)} of {len(pairs)} pairs; is the process group up?")
-    kept = [p for i, p in enumerate(pairs) if verdicts[i][0] is None]
-    skips = [Skip(p.pair_id, verdicts[i][0]) for i, p in enumerate(pairs) if verdicts[i][0]]
-    data = PreferenceData(kept, skips, len(pairs), sum(1 for v in verdicts.values() if v[0] is None and v[1]))
-    if not kept:
-        top = ", ".join(f"{r} ({n})" for r, n in Counter(data.report()["rejected_by_reason"]).most_common(3))
-        raise ValueError(f"no usable preference pairs in {path} (images under {image_root}); "
-                         f"{len(skips)} rejected: {top or 'the file is empty'}")  # fmt: skip
-    return data
-
-
-class PreferenceDataset(Dataset):
-    """Checked pairs as ``(index, chosen, rejected, pixels)``, keyed like stage 1 by ``(epoch, index)``."""
-
-    def __init__(self, pairs: list[PreferencePair], image_root: str | Path, processor, max_length: int):
-        self.pairs, self.image_root, self.processor = pairs, Path(image_root), processor
-        self.max_length, self.seq_len = max_length, image_seq_len(processor)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Encoded, Encoded, torch.Tensor]:
-        _, index = key  # the epoch does not change a pair's encoding
-        pair = self.pairs[index]
-        chosen, rejected = encode_pair(pair, self.processor.tokenizer, self.seq_len, self.max_length)
-        pixels = pixel_values(self.processor, [load_image(self.image_root / pair.image)])[0]
-        return index, chosen, rejected, pixels
-
-
-def collate_pairs(items: list[tuple[int, Encoded, Encoded, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch of ``2B`` rows — the B chosen sequences, then the B rejected — plus each pair's index."""
-    batch = collate([c for _, c, _, _ in items] + [r for _, _, r, _ in items], pad_id)
-    pixels = torch.stack([p for _, _, _, p in items])
-    batch["pixel_values"] = torch.cat([pixels, pixels])  # each image once per row that holds it
-    batch["index"] = torch.tensor([i for i, _, _, _ in items], dtype=torch.long)
-    return batch
 
 
 # ----------------------------------------------------------------------------- the reference policy
@@ -353,7 +184,7 @@ def precompute_reference(cfg: DPOLoopConfig, peft_model: PeftModel, dataset: Pre
     rank, world, device = session.world_rank, session.world_size, session.device
     cache, key = Path(cfg.output_dir) / REFERENCE_CACHE_FILE, _cache_key(cfg, dataset.pairs)
     table = _load_cache(cache, key)
-    have = _all_reduce(torch.tensor([float(table is not None)], device=device)).item()
+    have = all_reduce_sum(torch.tensor([float(table is not None)], device=device)).item()
     if have == world:
         log.info("reference log-probs read from %s", cache)
         return table.to(device)
@@ -371,10 +202,7 @@ def precompute_reference(cfg: DPOLoopConfig, peft_model: PeftModel, dataset: Pre
             logps = reference_logps(peft_model, batch).float().cpu()
         half = len(batch["index"])
         rows.update({int(i): (float(logps[j]), float(logps[half + j])) for j, i in enumerate(batch["index"])})
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        gathered: list[dict] = [{} for _ in range(world)]
-        dist.all_gather_object(gathered, rows)
-        rows = {i: v for part in gathered for i, v in part.items()}
+    rows = gather_dicts(rows, world)
     table = torch.tensor([rows[i] for i in range(len(dataset))], dtype=torch.float32)
     if rank == 0:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -391,14 +219,9 @@ def _prepare(cfg: DPOLoopConfig, session: TrainSession):
     """Fresh LoRA on the merged stage-1 model, its processor, and the checked pairs."""
     torch.manual_seed(cfg.train.seed)  # same LoRA init on every rank
     model, processor = load_model(cfg.model)
-    peft_model = attach_lora(model, cfg.lora)
-    # Trainable weights in fp32 (as in stage 1): bf16 cannot hold a 5e-6 update. The frozen original
-    # projector keeps the checkpoint's dtype, so the reference is the stage-1 model bit for bit.
-    for param in peft_model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(peft_model)
+    # Trainable weights in fp32 whatever the autocast (unlike stage 1): bf16 cannot hold a 5e-6 update.
+    # The frozen original projector keeps the checkpoint's dtype: the reference is stage 1 bit for bit.
+    peft_model = make_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, upcast=True)
     data = load_preference_data(cfg.preferences_path, cfg.image_root, processor, cfg.train.max_length,
                                 session.world_rank, session.world_size)  # fmt: skip
     return peft_model, processor, data
@@ -423,12 +246,8 @@ def train_dpo(config: dict[str, Any], session: TrainSession) -> None:
 
     model = session.prepare_model(peft_model)
     optimizer, scheduler = build_optimizer(peft_model, train, total_steps)
-    ckpt = session.latest_checkpoint()
-    start_step = load_checkpoint(ckpt, peft_model, optimizer, scheduler, rank) if ckpt else 0
-    if ckpt is None:
-        torch.manual_seed(train.seed + 1 + rank)  # dropout differs across ranks
-    autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if uses_autocast(train, device)
-                else contextlib.nullcontext)  # fmt: skip
+    start_step = resume(session, peft_model, optimizer, scheduler, train.seed)
+    autocast = autocast_context(train, device)
     dataset = PreferenceDataset(data.pairs, cfg.image_root, processor, train.max_length)
     started = time.perf_counter()
     table = precompute_reference(cfg, peft_model, dataset, session, autocast) if cfg.dpo.precompute_reference \
@@ -443,17 +262,14 @@ def train_dpo(config: dict[str, Any], session: TrainSession) -> None:
                  total_steps, start_step, len(data.pairs), len(data.skips), world,
                  "precomputed" if table is not None else "per step")  # fmt: skip
 
-    loader = DataLoader(dataset, batch_sampler=list(plan.micro_batches(start_step, total_steps)),
-                        collate_fn=partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id),
-                        num_workers=train.loader_workers)  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # iter() draws a base seed; keep dropout's stream untouched
-        batches = iter(loader)
+    collate_fn = partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id)
+    batches = plan.batches(dataset, start_step, total_steps, collate_fn, train.loader_workers)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     pairs_per_rank = train.micro_batch_size * train.grad_accum_steps  # every step is full (StepPlan)
     metrics_log = MetricsLog(out / METRICS_FILE)
     model.train()
     for step in range(start_step + 1, total_steps + 1):
-        _maybe_fail(train, step, rank, out)
+        maybe_inject_failure(train, step, rank, out)
         started = time.perf_counter()
         stats = torch.zeros(9, dtype=torch.float64, device=device)
         for i in range(train.grad_accum_steps):
@@ -475,7 +291,7 @@ def train_dpo(config: dict[str, Any], session: TrainSession) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = _all_reduce(stats).cpu()
+        stats = all_reduce_sum(stats).cpu()
         elapsed = time.perf_counter() - started
         row = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch, **dpo_metrics(stats),
                "grad_norm": float(grad_norm), "pairs": int(stats[5]), "tokens": int(stats[8]),
@@ -486,11 +302,6 @@ def train_dpo(config: dict[str, Any], session: TrainSession) -> None:
             if step % train.log_every == 0 or step == total_steps:
                 log.info("step %d/%d loss %.4f margin %.4f acc %.2f %.1f pairs/s", step, total_steps, row["loss"],
                          row["rewards/margins"], row["rewards/accuracies"], row["pairs_per_s"])  # fmt: skip
-        if step % train.checkpoint_every == 0 or step == total_steps:
-            with tempfile.TemporaryDirectory(prefix="stmed-ckpt-") as tmp:
-                save_checkpoint(Path(tmp), peft_model, optimizer, scheduler, step, rank)
-                session.report(row, Path(tmp))
-        elif step % train.log_every == 0:
-            session.report(row, None)
+        report_step(session, row, peft_model, optimizer, scheduler, train, total_steps)
     if rank == 0:
-        _export(cfg, peft_model, processor)
+        export_final(peft_model, processor, cfg.output_dir, cfg.model.dtype, cfg.export_merged)

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from stmed.conversation import Encoded, collate, encode, render, to_turns
 from stmed.data import InstructSample, Skip, read_instruct
+from stmed.distributed import gather_dicts
 from stmed.images import ImageLoadError, load_image
 from stmed.model import image_seq_len, pixel_values
 from stmed.prompts import SYSTEM_SQ
@@ -74,10 +74,7 @@ def load_sft_data(instruct_path: str | Path, image_root: str | Path, processor, 
     root, seq_len = Path(image_root), image_seq_len(processor)
     verdicts = {i: _sample_problem(samples[i], root, processor.tokenizer, seq_len, max_length)
                 for i in range(rank, len(samples), world_size)}  # fmt: skip
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        gathered: list[dict] = [{} for _ in range(world_size)]
-        dist.all_gather_object(gathered, verdicts)
-        verdicts = {i: v for part in gathered for i, v in part.items()}
+    verdicts = gather_dicts(verdicts, world_size)
     if len(verdicts) != len(samples):
         raise RuntimeError(f"checked {len(verdicts)} of {len(samples)} samples; is the process group up?")
     kept = [s for i, s in enumerate(samples) if verdicts[i][0] is None]

@@ -9,50 +9,47 @@ What one optimiser step computes. Each rank takes ``grad_accum_steps`` micro-bat
 loss is next-token cross-entropy summed over every target token of the *global* step and divided by the
 global target count, so the gradient is the same whatever the split into ranks and micro-batches. L_qa
 and L_vq are the same mean over answer tokens and question tokens alone (``loss_kind``), reported beside
-the total: they are the only way to see that the model learns to ask (METHOD §2).
+the total: they are the only way to see that the model learns to ask (METHOD §2; ``stmed.losses``).
+Stage 2 (``stmed.dpo``) reuses the config, schedule, step plan, sessions and export defined here.
 
 Data (``stmed.sft_data``) is checked once, skips counted with reasons. Order: a seeded permutation per
 epoch, cut into rank shards (:class:`StepPlan`); the samples of step ``s`` are a pure function of ``s``,
 and so are their questioner relabellings, so resuming needs only the step number.
 
-A checkpoint holds the trainable weights (``stmed.model.save_trainable``), the optimiser and scheduler
-state, the step, and each rank's RNG state (dropout): a resumed run continues at the saved step.
+A checkpoint (``stmed.checkpoints``) holds the trainable weights, the optimiser and scheduler state, the
+step, and each rank's RNG state (dropout): a resumed run continues at the saved step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import random
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel
 
+from stmed.checkpoints import report_step, resume, store_checkpoint, stored_checkpoints
 from stmed.config import ConfigError, LoRAConfig, ModelConfig, build_config
-from stmed.conversation import IGNORE_INDEX, LOSS_QA, LOSS_VQ
+from stmed.conversation import IGNORE_INDEX
+from stmed.distributed import all_reduce_sum
 from stmed.log import get_logger
+from stmed.losses import loss_means, loss_stats, token_losses
 from stmed.model import (
     DTYPES,
     attach_lora,
     enable_gradient_checkpointing,
     load_model,
-    load_trainable,
     merge_and_export,
     param_groups,
     save_trainable,
@@ -152,44 +149,7 @@ class SFTLoopConfig:
     export_merged: bool = True
 
 
-# ----------------------------------------------------------------------------- loss and schedule
-
-
-def token_losses(
-    logits: torch.Tensor, labels: torch.Tensor, loss_kind: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of every target token (position t predicts label t+1) and its loss kind, flattened.
-
-    Only target rows of the logits are upcast to float32, which keeps a 32k-vocab batch small.
-    """
-    targets, kinds = labels[:, 1:], loss_kind[:, 1:]
-    mask = targets != IGNORE_INDEX
-    ce = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
-    return ce, kinds[mask]
-
-
-def loss_stats(ce: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-    """``[sum, n, sum_qa, n_qa, sum_vq, n_vq]`` of token losses (detached), summable over batches/ranks."""
-    ce = ce.detach().double()
-    qa, vq = kinds == LOSS_QA, kinds == LOSS_VQ
-    return torch.stack([ce.sum(), torch.tensor(float(ce.numel()), dtype=torch.float64, device=ce.device),
-                        ce[qa].sum(), qa.sum().double(), ce[vq].sum(), vq.sum().double()])  # fmt: skip
-
-
-def loss_means(stats: torch.Tensor) -> dict[str, float]:
-    """``loss``, ``loss_qa``, ``loss_vq`` from :func:`loss_stats` sums; NaN for a kind with no tokens."""
-    values = stats.tolist()
-
-    def mean(total: float, count: float) -> float:
-        return total / count if count else float("nan")
-
-    return {"loss": mean(values[0], values[1]), "loss_qa": mean(values[2], values[3]),
-            "loss_vq": mean(values[4], values[5])}  # fmt: skip
-
-
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_kind: torch.Tensor) -> dict[str, float]:
-    """Mean CE over all target tokens, over answer (qa) tokens and over question (vq) tokens."""
-    return loss_means(loss_stats(*token_losses(logits, labels, loss_kind)))
+# ----------------------------------------------------------------------------- schedule
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -239,6 +199,14 @@ class StepPlan:
             for i in range(0, per_step, self.micro_batch_size):
                 yield [(epoch, index) for index in mine[i : i + self.micro_batch_size]]
 
+    def batches(self, dataset: Dataset, start_step: int, total_steps: int, collate_fn: Callable[[list], Any],
+                num_workers: int = 0) -> Iterator[Any]:  # fmt: skip
+        """This rank's collated micro-batches for the steps after ``start_step``, in order."""
+        loader = DataLoader(dataset, batch_sampler=list(self.micro_batches(start_step, total_steps)),
+                            collate_fn=collate_fn, num_workers=num_workers)  # fmt: skip
+        with torch.random.fork_rng(devices=[]):  # iter() draws a base seed; keep dropout's stream untouched
+            return iter(loader)
+
 
 def plan_steps(num_samples: int, train: TrainConfig, rank: int, world_size: int) -> tuple[StepPlan, int]:
     """The step plan and the total number of optimiser steps; ValueError if one step cannot be filled."""
@@ -251,7 +219,7 @@ def plan_steps(num_samples: int, train: TrainConfig, rank: int, world_size: int)
     return plan, total
 
 
-# ----------------------------------------------------------------------------- sessions and checkpoints
+# ----------------------------------------------------------------------------- sessions
 
 
 class TrainSession(Protocol):
@@ -291,77 +259,18 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         self.reports.append(dict(metrics))
-        if checkpoint_dir is None:
-            return
-        target = self.checkpoint_root / f"checkpoint_{int(metrics['step']):06d}"
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)  # a crash mid-copy never leaves a half checkpoint that looks complete
-        for old in self._checkpoints()[: -self.num_to_keep]:
-            shutil.rmtree(old)
+        if checkpoint_dir is not None:
+            store_checkpoint(checkpoint_dir, self.checkpoint_root, int(metrics["step"]), self.num_to_keep)
 
     def latest_checkpoint(self) -> Path | None:
-        found = self._checkpoints()
+        found = stored_checkpoints(self.checkpoint_root)
         return found[-1] if found else None
-
-    def _checkpoints(self) -> list[Path]:
-        if not self.checkpoint_root.is_dir():
-            return []
-        return sorted(p for p in self.checkpoint_root.glob("checkpoint_*") if not p.name.endswith(".tmp"))
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out_dir: Path, model, optimizer: AdamW, scheduler: LambdaLR, step: int, rank: int) -> None:
-    """Rank 0 writes weights + optimiser + scheduler + step; every rank writes its own RNG state."""
-    if rank == 0:
-        save_trainable(model, out_dir / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-                   out_dir / "trainer_state.pt")  # fmt: skip
-    torch.save(_rng_state(), out_dir / f"rng_rank{rank}.pt")
-
-
-def load_checkpoint(ckpt: Path, model, optimizer: AdamW, scheduler: LambdaLR, rank: int) -> int:
-    """Restore a :func:`save_checkpoint` directory into a prepared model/optimiser; returns its step."""
-    load_trainable(model, ckpt / "adapter")
-    # weights_only=False: the state holds plain Python RNG tuples; the file is our own checkpoint.
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng_file = ckpt / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-    else:  # resumed with more workers than were saved: a fresh, still rank-distinct stream
-        log.warning("no RNG state for rank %d in %s; reseeding", rank, ckpt)
-        torch.manual_seed(state["step"] * 1000 + rank)
-    return int(state["step"])
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def _maybe_fail(train: TrainConfig, step: int, rank: int, output_dir: Path) -> None:
+def maybe_inject_failure(train: TrainConfig, step: int, rank: int, output_dir: Path) -> None:
     """Fault injection for tests: raise once (marker file) on rank 0 before step ``fail_at_step``."""
     if train.fail_at_step != step or rank != 0:
         return
@@ -399,13 +308,14 @@ def _prepare(cfg: SFTLoopConfig, session: TrainSession):
     return peft_model, processor, data
 
 
-def _export(cfg: SFTLoopConfig, peft_model, processor) -> None:
-    """Rank 0, after the last step: adapter/ (trainable weights) and merged/ (a plain HF checkpoint)."""
-    out = Path(cfg.output_dir)
+def export_final(peft_model: PeftModel, processor, output_dir: str | Path, dtype: str, merged: bool) -> None:
+    """Rank 0, after the last step: adapter/ (trainable weights) and, if ``merged``, merged/ (a plain HF
+    checkpoint in the model's ``dtype``)."""
+    out = Path(output_dir)
     peft_model.eval()
     save_trainable(peft_model, out / "adapter")
-    if cfg.export_merged:
-        peft_model.to(dtype=DTYPES[cfg.model.dtype])  # the upcast trainable weights back to the model's dtype
+    if merged:
+        peft_model.to(dtype=DTYPES[dtype])  # the upcast trainable weights back to the model's dtype
         hf_config = peft_model.get_base_model().config
         hf_config.use_cache = hf_config.text_config.use_cache = True  # undo the training-time setting
         merge_and_export(peft_model, processor, out / "merged", inplace=True)
@@ -414,6 +324,15 @@ def _export(cfg: SFTLoopConfig, peft_model, processor) -> None:
 def uses_autocast(train: TrainConfig, device: torch.device) -> bool:
     """bf16 autocast runs on CUDA only: on CPU it is slower than fp32 and the tiny model does not need it."""
     return train.bf16 and device.type == "cuda"
+
+
+def autocast_context(
+    train: TrainConfig, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the forward pass's context: bf16 autocast (see :func:`uses_autocast`) or nothing."""
+    if uses_autocast(train, device):
+        return partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def sft_step(model: nn.Module, micro: list[dict[str, torch.Tensor]], optimizer: AdamW, scheduler: LambdaLR,
@@ -425,9 +344,8 @@ def sft_step(model: nn.Module, micro: list[dict[str, torch.Tensor]], optimizer: 
     """
     # The global target count first, so every micro-batch's loss is scaled to the global token mean.
     n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-    n_global = _all_reduce(torch.tensor([float(n_local)], device=device)).item()
-    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if uses_autocast(train, device) else (
-        contextlib.nullcontext)  # fmt: skip
+    n_global = all_reduce_sum(torch.tensor([float(n_local)], device=device)).item()
+    autocast = autocast_context(train, device)
     stats = torch.zeros(8, dtype=torch.float64, device=device)
     for i, batch in enumerate(micro):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -449,7 +367,7 @@ def sft_step(model: nn.Module, micro: list[dict[str, torch.Tensor]], optimizer: 
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return _all_reduce(stats).cpu(), float(grad_norm)
+    return all_reduce_sum(stats).cpu(), float(grad_norm)
 
 
 def train_sft(config: dict[str, Any], session: TrainSession) -> None:
@@ -462,11 +380,7 @@ def train_sft(config: dict[str, Any], session: TrainSession) -> None:
 
     model = session.prepare_model(peft_model)
     optimizer, scheduler = build_optimizer(peft_model, train, total_steps)
-    ckpt = session.latest_checkpoint()
-    # Every rank loads the same weights, so the DDP replicas stay identical after a resume.
-    start_step = load_checkpoint(ckpt, peft_model, optimizer, scheduler, rank) if ckpt else 0
-    if ckpt is None:
-        torch.manual_seed(train.seed + 1 + rank)  # dropout differs across ranks
+    start_step = resume(session, peft_model, optimizer, scheduler, train.seed)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / DATA_REPORT_FILE, data.report())
@@ -476,15 +390,12 @@ def train_sft(config: dict[str, Any], session: TrainSession) -> None:
                  total_steps, start_step, len(data.samples), plan.steps_per_epoch, world)  # fmt: skip
 
     dataset = SFTDataset(data.samples, cfg.image_root, processor, train.max_length, train.sq_ratio, train.seed)
-    loader = DataLoader(dataset, batch_sampler=list(plan.micro_batches(start_step, total_steps)),
-                        collate_fn=partial(collate_sft, pad_id=processor.tokenizer.pad_token_id),
-                        num_workers=train.loader_workers)  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # iter() draws a base seed; keep dropout's stream untouched
-        batches = iter(loader)
+    collate_fn = partial(collate_sft, pad_id=processor.tokenizer.pad_token_id)
+    batches = plan.batches(dataset, start_step, total_steps, collate_fn, train.loader_workers)
     metrics_log = MetricsLog(out / METRICS_FILE)
     model.train()
     for step in range(start_step + 1, total_steps + 1):
-        _maybe_fail(train, step, rank, out)
+        maybe_inject_failure(train, step, rank, out)
         started = time.perf_counter()
         micro = [next(batches) for _ in range(train.grad_accum_steps)]
         lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}  # this step's lr
@@ -500,11 +411,6 @@ def train_sft(config: dict[str, Any], session: TrainSession) -> None:
             if step % train.log_every == 0 or step == total_steps:
                 log.info("step %d/%d loss %.4f (qa %.4f, vq %.4f) %.0f tok/s", step, total_steps, row["loss"],
                          row["loss_qa"], row["loss_vq"], row["tokens_per_s"])  # fmt: skip
-        if step % train.checkpoint_every == 0 or step == total_steps:
-            with tempfile.TemporaryDirectory(prefix="stmed-ckpt-") as tmp:
-                save_checkpoint(Path(tmp), peft_model, optimizer, scheduler, step, rank)
-                session.report(row, Path(tmp))
-        elif step % train.log_every == 0:
-            session.report(row, None)
+        report_step(session, row, peft_model, optimizer, scheduler, train, total_steps)
     if rank == 0:
-        _export(cfg, peft_model, processor)
+        export_final(peft_model, processor, cfg.output_dir, cfg.model.dtype, cfg.export_merged)

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.generator import OUTPUT_COLUMNS, Generator, KeptPairJudge, make_row, self_play, to_columns
+from actors.generator import Generator, KeptPairJudge, self_play, to_columns
 from actors.judge import VERDICT_COLUMNS
 from actors.vllm_generator import finish_pair, questions_of_image, vllm_request
 from stmed import generation, prompts
 from stmed.generation import GenerationSettings
 from stmed.images import decode_data_url, load_image, pixel_digest
 from stmed.judging import JudgeSettings
+from stmed.preferences import OUTPUT_COLUMNS, make_row
 
 K = 3
 SETTINGS = GenerationSettings(questions_per_image=K, seed=7, batch_size=8, describe_max_tokens=8,

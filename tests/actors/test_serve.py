@@ -21,16 +21,9 @@ import openai
 import pytest
 from PIL import Image
 
-from actors.serve import (
-    DISCLAIMER,
-    AutoscalingConfig,
-    BatchingConfig,
-    LimitsConfig,
-    ReplicaConfig,
-    api_key_digest,
-    build_app,
-)
+from actors.serve import AutoscalingConfig, BatchingConfig, ReplicaConfig, build_app
 from stmed.config import ConfigError, ModelConfig
+from stmed.serving import DISCLAIMER, LimitsConfig, api_key_digest
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

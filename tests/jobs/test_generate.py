@@ -16,10 +16,11 @@ from jobs import generate
 from stmed.config import build_config
 from stmed.conversation import collate, encode, render, to_turns
 from stmed.data import read_preferences
+from stmed.grading import score_answer
 from stmed.images import load_image
 from stmed.model import build_tiny, image_seq_len, pixel_values
 from stmed.prompts import SYSTEM_SQ
-from stmed.reference_judge import Faults, score_answer, start_server
+from stmed.reference_judge import Faults, start_server
 from stmed.synthetic import load_findings, make_dataset
 
 K = 3

@@ -1,4 +1,4 @@
-"""Stage-2 DPO without Ray: log-probs, the loss, the data check, the frozen reference, learning, resume."""
+"""Stage-2 DPO without Ray: the data check, the frozen reference, learning, resume (the loss: test_losses)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from stmed.config import ModelConfig, config_to_dict
 from stmed.conversation import IGNORE_INDEX
@@ -19,17 +18,13 @@ from stmed.dpo import (
     DPOLoRAConfig,
     DPOSettings,
     DPOTrainConfig,
-    PreferenceDataset,
-    collate_pairs,
-    dpo_loss,
     forward_logps,
-    load_preference_data,
     precompute_reference,
     reference_logps,
-    sequence_logps,
     train_dpo,
 )
 from stmed.model import attach_lora, build_tiny, load_model
+from stmed.preference_data import PreferenceDataset, collate_pairs, load_preference_data
 from stmed.runs import MetricsLog
 from stmed.synthetic import make_dataset
 from stmed.train import LocalSession
@@ -37,16 +32,6 @@ from stmed.train import LocalSession
 LORA = DPOLoRAConfig(llm_r=4, llm_alpha=8, vit_r=2, vit_alpha=4)
 CHOSEN = "Yes, there is a lesion in the left lung."
 REJECTED = "No, the image is normal."
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a shared 2-core box they spin against each other
-    (measured: 20-50x slower steps under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -95,32 +80,6 @@ def _perturb_trainable(model, seed: int = 1) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
-
-
-# ----------------------------------------------------------------------------- the objective
-
-
-def test_sequence_logps_sum_target_tokens_only():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 5, 7, generator=g)
-    x = IGNORE_INDEX
-    labels = torch.tensor([[4, x, 3, 5, x], [x, x, x, 6, 2]])  # position 0 has no predictor: ignored
-    want = [sum(torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
-                for t in range(1, 5) if labels[b, t] != x) for b in range(2)]  # fmt: skip
-    assert sequence_logps(logits, labels).tolist() == pytest.approx(want, rel=1e-6)
-
-
-def test_dpo_loss_is_the_sigmoid_formula_and_ln2_when_policy_is_reference():
-    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
-    rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -2.5])
-    out = dpo_loss(pc, pr, rc, rr, beta=0.1)
-    # pair 0: 0.1*((-3+3.5) - (-4+3)) = 0.15; pair 1: 0.1*((-5+4) - (-2+2.5)) = -0.15
-    assert out.losses.tolist() == pytest.approx([-F.logsigmoid(torch.tensor(0.15)).item(),
-                                                 -F.logsigmoid(torch.tensor(-0.15)).item()])  # fmt: skip
-    assert out.chosen_rewards.tolist() == pytest.approx([0.05, -0.1])
-    assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.05])
-    same = dpo_loss(pc, pr, pc, pr, beta=0.1)
-    assert same.losses.tolist() == pytest.approx([math.log(2)] * 2)
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,4 +1,4 @@
-"""The offline reference judge: rule scores against known findings, and the OpenAI-compatible server."""
+"""The offline reference judge: parsing the judge prompt, and the OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -19,98 +19,10 @@ from PIL import Image
 
 from stmed.images import image_to_data_url, load_image
 from stmed.judging import ScoreParseError, build_judge_messages, parse_scores
-from stmed.reference_judge import Faults, RunningServer, parse_request, score_answer, start_server
-from stmed.synthetic import Findings, SyntheticPaths, load_findings, make_dataset
+from stmed.reference_judge import Faults, RunningServer, parse_request, start_server
+from stmed.synthetic import SyntheticPaths, make_dataset
 
-LESION = Findings("ct", "chest", True, side="left", count=2, size="large")
-CLEAN = Findings("mri", "brain", False)
-
-
-# ----------------------------------------------------------------------------- score_answer
-
-
-def test_open_questions_score_the_right_finding_above_the_wrong_one() -> None:
-    assert score_answer("What imaging modality is used?", "CT", LESION) >= 8
-    assert score_answer("What imaging modality is used?", "MRI", LESION) <= 2
-    assert score_answer("Which organ is shown?", "The image shows the chest.", LESION) >= 8
-    assert score_answer("Which organ is shown?", "brain", LESION) <= 2
-    assert score_answer("How many lesions are there?", "two", LESION) >= 8
-    assert score_answer("How many lesions are there?", "There are 3 lesions.", LESION) <= 2
-    assert score_answer("Where is the lesion located?", "On the left side.", LESION) >= 8
-    assert score_answer("Where is the lesion located?", "right", LESION) <= 2
-    assert score_answer("How large are the lesions?", "There is no lesion.", LESION) <= 2
-    assert score_answer("How large are the lesions?", "There is no lesion.", CLEAN) >= 8
-
-
-def test_more_correct_detail_scores_a_bit_higher_and_false_detail_lower() -> None:
-    bare = score_answer("What type of scan is this?", "CT", LESION)
-    detailed = score_answer("What type of scan is this?", "This is a CT scan of the chest.", LESION)
-    false_detail = score_answer("What type of scan is this?", "This is a CT scan of the brain.", LESION)
-    assert detailed > bare > false_detail
-
-
-def test_closed_questions_check_the_yes_no_against_the_question_claims() -> None:
-    q = "Is the lesion on the left side? Please choose from the following two options: [yes, no]"
-    assert score_answer(q, "yes", LESION) >= 8
-    assert score_answer(q, "no", LESION) <= 2
-    assert score_answer(q, "Yes, they are on the left side.", LESION) > score_answer(q, "yes", LESION)
-    assert score_answer("Is there a small lesion on the left side?", "No, there are two large lesions.", LESION) >= 8
-    assert score_answer("Is there a lesion on the right side?", "No, there is no lesion.", CLEAN) >= 8
-    assert score_answer("Is this image normal?", "Yes.", CLEAN) >= 8
-    assert score_answer("Is this image normal?", "Yes.", LESION) <= 2
-    assert score_answer("Are there multiple lesions?", "Yes, there are two lesions.", LESION) >= 8
-    assert score_answer("Is this an X-ray scan?", "No, this is a CT scan.", LESION) >= 8
-    # no yes/no word: the statement itself is judged
-    assert score_answer("Is this a CT scan?", "It is an MRI scan.", LESION) <= 2
-
-
-@pytest.mark.parametrize("answer", ["", "   ", "...", "the the the the the the the", "no no no no",
-                                    "What type of scan is this?"])
-def test_empty_or_degenerate_answers_score_lowest(answer: str) -> None:
-    assert score_answer("What imaging modality is used?", answer, LESION) == 1
-
-
-def test_off_topic_answers_score_low() -> None:
-    assert score_answer("What imaging modality is used?", "I like turtles.", LESION) == 3
-    assert score_answer("Which side is the lesion on?", "This is a CT scan.", LESION) <= 5
-
-
-def test_descriptions_score_by_findings_right_and_wrong() -> None:
-    q = "Can you describe the image in detail?"
-    full = "This is a CT scan of the chest. There are two large lesions on the left side."
-    partial = "This is a CT scan of the chest."
-    wrong = "This is an MRI scan of the chest. There are two large lesions on the right side."
-    assert score_answer(q, full, LESION) == 10
-    assert score_answer(q, full, LESION) > score_answer(q, partial, LESION) > score_answer(q, wrong, LESION)
-    assert score_answer(q, "This is an MRI scan of the brain. No lesion is seen.", CLEAN) == 10
-
-
-def test_free_form_questions_fall_back_to_judging_the_statements() -> None:
-    q = "What else can be said about this picture?"
-    assert score_answer(q, "There are two large lesions.", LESION) > score_answer(q, "There is no lesion.", LESION)
-
-
-def test_every_benchmark_answer_scores_high_and_its_opposite_low(tmp_path: Path) -> None:
-    paths = make_dataset(tmp_path, num_images=60, seed=5, test_images=30)
-    findings = load_findings(paths.findings)
-    opposite = {"yes": "no", "no": "yes", "left": "right", "right": "left", "small": "large", "large": "small",
-                "one": "three", "two": "one", "three": "two", "CT": "MRI", "MRI": "X-ray", "X-ray": "CT",
-                "brain": "chest", "chest": "abdomen", "abdomen": "brain"}
-    rows = json.loads(paths.test_w_options.read_text()) + json.loads(paths.test.read_text())
-    for row in rows:
-        question, answer = (t["value"] for t in row["conversations"])
-        f = findings[row["image"]]
-        assert score_answer(question, answer, f) >= 8, (question, answer, f)
-        assert score_answer(question, opposite[answer], f) <= 2, (question, answer, f)
-    for row in json.loads(paths.instruct.read_text()):  # the training sentences too, description included
-        turns = [t["value"] for t in row["conversations"]]
-        for question, answer in zip(turns[::2], turns[1::2], strict=True):
-            assert score_answer(question, answer, findings[row["image"]]) >= 8, (question, answer)
-
-
-def test_findings_may_be_given_as_a_findings_json_entry() -> None:
-    entry = {**LESION.to_dict(), "split": "train", "pixel_digest": "ab"}
-    assert score_answer("Which organ is shown?", "chest", entry) == score_answer("Which organ is shown?", "chest", LESION)
+# ----------------------------------------------------------------------------- the request
 
 
 def test_parse_request_reads_the_judge_prompt_and_strips_the_question_label() -> None:

@@ -1,0 +1,69 @@
+"""The training objectives on hand-made tensors: stage-1 masked CE with its qa/vq split, stage-2 DPO."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stmed.conversation import IGNORE_INDEX, LOSS_QA, LOSS_VQ
+from stmed.losses import dpo_loss, sequence_logps, sft_loss, token_losses
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def _hand_ce(logits: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor, want: set[int]) -> float:
+    """Mean CE written out token by token: position t-1 predicts the label at t."""
+    total, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):
+            if labels[b, t] != IGNORE_INDEX and int(kinds[b, t]) in want:
+                total -= torch.log_softmax(logits[b, t - 1], dim=-1)[labels[b, t]].item()
+                count += 1
+    return total / count
+
+
+def test_loss_masks_and_split_on_a_hand_batch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 7, generator=g)
+    x = IGNORE_INDEX
+    # Row 0 position 0 carries a label and a kind: nothing predicts it, so it must not count.
+    labels = torch.tensor([[3, x, 4, 5, x, 2], [x, x, 1, 6, 2, x]])
+    kinds = torch.tensor([[1, 0, 1, 2, 0, 2], [0, 0, 2, 2, 1, 0]])
+    got = sft_loss(logits, labels, kinds)
+    assert got["loss"] == pytest.approx(_hand_ce(logits, labels, kinds, {LOSS_QA, LOSS_VQ}), rel=1e-6)
+    assert got["loss_qa"] == pytest.approx(_hand_ce(logits, labels, kinds, {LOSS_QA}), rel=1e-6)
+    assert got["loss_vq"] == pytest.approx(_hand_ce(logits, labels, kinds, {LOSS_VQ}), rel=1e-6)
+    ce, k = token_losses(logits, labels, kinds)
+    assert ce.numel() == 6 and sorted(k.tolist()) == [1, 1, 2, 2, 2, 2]
+    # No question tokens at all: L_vq is undefined (NaN), never 0.
+    only_qa = sft_loss(logits, labels, torch.where(kinds == LOSS_VQ, LOSS_QA, kinds))
+    assert math.isnan(only_qa["loss_vq"]) and only_qa["loss_qa"] == pytest.approx(got["loss"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def test_sequence_logps_sum_target_tokens_only():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    x = IGNORE_INDEX
+    labels = torch.tensor([[4, x, 3, 5, x], [x, x, x, 6, 2]])  # position 0 has no predictor: ignored
+    want = [sum(torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
+                for t in range(1, 5) if labels[b, t] != x) for b in range(2)]  # fmt: skip
+    assert sequence_logps(logits, labels).tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_dpo_loss_is_the_sigmoid_formula_and_ln2_when_policy_is_reference():
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -2.5])
+    out = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    # pair 0: 0.1*((-3+3.5) - (-4+3)) = 0.15; pair 1: 0.1*((-5+4) - (-2+2.5)) = -0.15
+    assert out.losses.tolist() == pytest.approx([-F.logsigmoid(torch.tensor(0.15)).item(),
+                                                 -F.logsigmoid(torch.tensor(-0.15)).item()])  # fmt: skip
+    assert out.chosen_rewards.tolist() == pytest.approx([0.05, -0.1])
+    assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.05])
+    same = dpo_loss(pc, pr, pc, pr, beta=0.1)
+    assert same.losses.tolist() == pytest.approx([math.log(2)] * 2)
