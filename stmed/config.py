@@ -72,6 +72,10 @@ class LoRAConfig:
     """Linear layers of the vision tower that get an adapter."""
     train_vit: bool = True
     """Attach and train the ViT LoRA at all."""
+    train_embeddings: bool = False
+    """Also train the LLM's input embeddings and output head in full (PEFT ``modules_to_save``, in the
+    LLM learning-rate group). For a randomly initialised model such as the ``tiny`` preset, whose random
+    token vectors a LoRA cannot move; a pretrained model keeps them frozen (the paper)."""
 
     def __post_init__(self) -> None:
         for name in ("llm_r", "vit_r", "llm_alpha", "vit_alpha"):

@@ -45,6 +45,8 @@ log = get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROJECTOR = "multi_modal_projector"
+# The LLM's token embeddings and output head, by their module names in HF LLaVA.
+EMBEDDINGS = ("embed_tokens", "lm_head")
 GROUP_NAMES = ("llm_lora", "vit_lora", "projector")
 
 # The tiny preset: 64 px images in 8 px patches -> 64 image tokens (CLS dropped).
@@ -203,6 +205,9 @@ def lora_targets(model: PreTrainedModel, lora: LoRAConfig) -> tuple[list[str], l
 def attach_lora(model: PreTrainedModel, lora: LoRAConfig) -> PeftModel:
     """Wrap ``model``: LLM LoRA, ViT LoRA, projector fully trainable, every other weight frozen.
 
+    With ``lora.train_embeddings`` the token embeddings and the output head are trainable too, kept like
+    the projector as ``modules_to_save`` copies, so ``disable_adapter()`` still runs the original ones.
+
     One PEFT adapter ("default") carries both LoRAs: ``rank_pattern``/``alpha_pattern`` give the vision
     modules their own r/alpha, and their dropout is set afterwards (PEFT has no dropout pattern). That
     dropout is a training-time setting only and is not stored in ``adapter_config.json``.
@@ -215,7 +220,7 @@ def attach_lora(model: PreTrainedModel, lora: LoRAConfig) -> PeftModel:
         target_modules=llm + vit,
         rank_pattern={vit_pattern: lora.vit_r} if vit else {},
         alpha_pattern={vit_pattern: lora.vit_alpha} if vit else {},
-        modules_to_save=[PROJECTOR], bias="none",
+        modules_to_save=[PROJECTOR, *(EMBEDDINGS if lora.train_embeddings else ())], bias="none",
     )  # fmt: skip
     peft_model = get_peft_model(model, config)
     vit_set = set(vit)
@@ -233,6 +238,8 @@ def _group_of(name: str) -> str:
     """Which optimiser group a trainable parameter belongs to, from its name."""
     if PROJECTOR in name:
         return "projector"
+    if "modules_to_save" in name and any(f".{module}." in name for module in EMBEDDINGS):
+        return "llm_lora"  # lora.train_embeddings: the LLM's own weights learn at the LLM's rate
     if "lora_" in name and "vision_tower" in name:
         return "vit_lora"
     if "lora_" in name and "language_model" in name:

@@ -59,7 +59,9 @@ def test_metrics_report_both_losses_every_step(sft_run):
         assert row["n_qa_tokens"] > 0 and row["n_vq_tokens"] > 0
         assert row["samples"] == 4 and row["tokens_per_s"] > 0
         assert {"lr_llm_lora", "lr_vit_lora", "lr_projector"} <= row.keys()
-    assert rows[-1]["lr_llm_lora"] / rows[-1]["lr_projector"] == pytest.approx(2e-3 / 1e-3)
+    train = read_yaml(LOCAL)["train"]
+    assert rows[-1]["lr_llm_lora"] / rows[-1]["lr_projector"] == pytest.approx(
+        float(train["lr_llm"]) / float(train["lr_projector"]))
 
 
 def test_summary_counts_and_points_at_the_outputs(sft_run):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from stmed.config import LoRAConfig, ModelConfig
 from stmed.model import (
+    PROJECTOR,
     attach_lora,
     build_tiny,
     enable_gradient_checkpointing,
@@ -248,3 +249,41 @@ def test_merge_and_export_reproduces_peft_logits(tiny, inputs, tmp_path: Path):
     assert torch.equal(_logits(peft_model, inputs), peft_logits)
     with peft_model.disable_adapter():
         assert torch.equal(_logits(peft_model, inputs), base_logits)
+
+
+# ----------------------------------------------------------------------------- trainable embeddings
+
+
+def test_train_embeddings_trains_embeddings_in_llm_group_and_keeps_originals(tiny, inputs, tmp_path: Path):
+    _, processor = tiny
+    lora = LoRAConfig(llm_r=4, llm_alpha=8, vit_r=2, vit_alpha=4, train_embeddings=True)
+    peft_model = _fresh_peft(lora)
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n
+               and PROJECTOR not in n}  # fmt: skip
+    assert trained == {"base_model.model.model.language_model.embed_tokens.modules_to_save.default.weight",
+                       "base_model.model.lm_head.modules_to_save.default.weight"}  # fmt: skip
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(peft_model, 1.0, 2.0, 3.0)}
+    params = dict(peft_model.named_parameters())
+    assert {id(params[n]) for n in trained} <= groups["llm_lora"]
+    # They get gradient (and the default config keeps them frozen).
+    grads = _grads_after_backward(peft_model, inputs)
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in trained)
+    assert not any("embed_tokens.modules_to_save" in n for n, _ in _fresh_peft().named_parameters())
+
+    with peft_model.disable_adapter():
+        base_logits = _logits(peft_model, inputs)
+    _perturb_trainable(peft_model)
+    base = peft_model.get_base_model()
+    assert not torch.equal(base.lm_head.modules_to_save["default"].weight, base.lm_head.original_module.weight)
+    peft_logits = _logits(peft_model, inputs)
+    # The DPO reference (adapter disabled) still runs the original embeddings and head.
+    with peft_model.disable_adapter():
+        assert torch.equal(_logits(peft_model, inputs), base_logits)
+    reference, _ = build_tiny(seed=0)
+    assert torch.equal(_logits(reference, inputs), base_logits)
+
+    # Export carries the trained embeddings and head.
+    merged, _ = load_model(ModelConfig(name_or_path=str(merge_and_export(peft_model, processor, tmp_path / "m"))))
+    torch.testing.assert_close(_logits(merged, inputs), peft_logits, atol=1e-5, rtol=1e-5)
+    trained_head = base.lm_head.modules_to_save["default"].weight
+    assert torch.equal(merged.lm_head.weight, trained_head)

@@ -1,0 +1,448 @@
+"""Does self-training work on the embedded default? Stage 1 vs stage 1 + DPO on the synthetic phantoms.
+
+    .venv/bin/python benchmarks/self_training_effect.py --seeds 0 1 2 --out runs/self_training_effect.json
+
+Ray-free: the library calls the jobs make, in one process, per seed:
+
+1. ``stmed.synthetic.make_dataset`` — phantom scans with known findings. Stage 1 sees only the first
+   ``--labelled`` instruct conversations (the "little medical data" premise); the remaining training
+   images are the unlabelled pool for self-play. The benchmark images (``test_w_options.json``) are
+   held out from both and never used for any choice made here.
+2. Stage 1, ``stmed.train.train_sft`` in a ``LocalSession``, settings from ``jobs/configs/local/sft.yaml``.
+3. Self-play with ``stmed.generation`` (``HFEngine``): greedy description, ``--questions`` sampled
+   questions per pool image (filtered by ``question_reasons``), two sampled answers per question.
+4. The offline reference judge scores both answers: by calling ``stmed.grading.score_answer``
+   (``--judge direct``, the default), or through the real judge client (``stmed.judging.judge_pair``)
+   against ``stmed.reference_judge.start_server`` on 127.0.0.1 (``--judge http``). Both give the same
+   scores (the server replies with ``score_answer``'s); HTTP costs ~0.1 s a pair on a busy 2-core box,
+   about a minute a seed. Ties and degenerate pairs are dropped; the rest become preference pairs.
+5. Stage 2, ``stmed.dpo.train_dpo`` in a ``LocalSession``, settings from ``jobs/configs/local/dpo.yaml``.
+6. Both models answer the benchmark greedily (system prompt as ``jobs/configs/local/evaluate.yaml``);
+   ``stmed.metrics.score`` gives closed accuracy and open recall, and the reference judge scores both
+   models' answers to every benchmark question: the DPO model wins, ties or loses each one.
+
+Printed per seed and as mean ± standard deviation (and min..max); ``--out`` writes all of it as JSON.
+Question well-formedness (criterion (a) of the issue) is the share of *all* sampled questions on the pool
+images that survive ``question_reasons`` and that the reference judge can read (a topic it grades against
+the findings: a description request, a yes/no claim, or an open question about a finding).
+CPU seconds are the process's own (``time.process_time``), which other load on the machine does not inflate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stmed import prompts  # noqa: E402
+from stmed import reference_judge as rj  # noqa: E402
+from stmed.config import ModelConfig  # noqa: E402
+from stmed.data import PreferencePair, Prediction, read_benchmark, write_preferences  # noqa: E402
+from stmed.dpo import train_dpo  # noqa: E402
+from stmed.grading import gradable, score_answer  # noqa: E402
+from stmed.generation import (  # noqa: E402
+    GenerationSettings,
+    HFEngine,
+    Sampling,
+    answer,
+    answer_pair_reason,
+    answer_twice_seeded,
+    ask_seeded,
+    describe,
+    question_reasons,
+)
+from stmed.images import image_to_data_url, load_image  # noqa: E402
+from stmed.metrics import score  # noqa: E402
+from stmed.model import load_model  # noqa: E402
+from stmed.runs import write_json  # noqa: E402
+from stmed.synthetic import load_findings, make_dataset, text_corpus  # noqa: E402
+from stmed.train import LocalSession, train_sft  # noqa: E402
+
+SFT_YAML = REPO / "jobs/configs/local/sft.yaml"
+DPO_YAML = REPO / "jobs/configs/local/dpo.yaml"
+GREEDY_EVAL = Sampling(max_new_tokens=32)  # jobs/configs/local/evaluate.yaml: max_new_tokens 32
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    num_images: int
+    test_images: int
+    labelled: int
+    pool_images: int
+    questions: int
+    temperature: float
+    answer_tokens: int
+    batch_size: int
+    judge: str
+    system: str
+    reuse_stage1: bool = False
+    sft_overrides: dict[str, Any] = field(default_factory=dict)
+    dpo_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def _yaml_groups(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The groups of a job config the loop config shares (lora, train, dpo), as the job would read them.
+
+    The job runs ``ray.num_workers`` workers; one process here accumulates that many times more
+    micro-batches, so an optimiser step sees the same global batch and the step count is the job's.
+    """
+    data = yaml.safe_load(path.read_text())
+    groups = {k: dict(data[k]) for k in keys if k in data}
+    workers = int(data.get("ray", {}).get("num_workers", 1))
+    train = groups.setdefault("train", {})
+    train["grad_accum_steps"] = int(train.get("grad_accum_steps", 1)) * workers
+    train.pop("global_batch_size", None)  # checked by the job against its worker count, not by the loop
+    return groups
+
+
+def _apply(groups: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for dotted, value in overrides.items():
+        group, key = dotted.split(".", 1)
+        groups.setdefault(group, {})[key] = value
+    return groups
+
+
+def _timed(label: str, timings: dict[str, dict[str, float]]):
+    """A context manager recording wall and process-CPU seconds of a stage under ``label``."""
+
+    class _Timer:
+        def __enter__(self):
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+        def __exit__(self, *exc):
+            timings[label] = {"wall_s": round(time.perf_counter() - self.wall, 1),
+                              "cpu_s": round(time.process_time() - self.cpu, 1)}
+
+    return _Timer()
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def prepare_data(root: Path, seed: int, s: Settings) -> dict[str, Any]:
+    """The dataset, the labelled subset stage 1 sees, and the unlabelled pool images (never test images)."""
+    paths = make_dataset(root / "data", num_images=s.num_images, seed=seed, test_images=s.test_images)
+    instruct = json.loads(paths.instruct.read_text())
+    if s.labelled + s.pool_images > len(instruct):
+        raise ValueError(f"--labelled {s.labelled} + --pool-images {s.pool_images} > {len(instruct)} training "
+                         "images; raise --num-images")
+    labelled_path = paths.root / "instruct_labelled.json"
+    write_json(labelled_path, instruct[: s.labelled])
+    pool = [row["image"] for row in instruct[s.labelled : s.labelled + s.pool_images]]
+    return {"paths": paths, "labelled": labelled_path, "pool": pool, "findings": load_findings(paths.findings)}
+
+
+def run_stage1(root: Path, seed: int, data: dict[str, Any], s: Settings) -> dict[str, Any]:
+    groups = _apply(_yaml_groups(SFT_YAML, ("lora", "train")), s.sft_overrides)
+    groups["train"]["seed"] = seed
+    config = {"model": {"preset": "tiny", "seed": seed}, **groups, "instruct_path": str(data["labelled"]),
+              "image_root": str(data["paths"].images), "output_dir": str(root / "sft")}
+    if not (s.reuse_stage1 and (root / "sft" / "merged").is_dir()):
+        shutil.rmtree(root / "sft", ignore_errors=True)  # a fresh run, not a resume of an older one
+        train_sft(config, LocalSession(root / "sft" / "checkpoints"))
+    rows = [json.loads(line) for line in (root / "sft" / "metrics.jsonl").read_text().splitlines()]
+    return {"merged": root / "sft" / "merged", "steps": len(rows), "config": config,
+            "loss_vq": [r["loss_vq"] for r in rows], "loss_qa": [r["loss_qa"] for r in rows]}
+
+
+def _edges(values: list[float], n: int = 3) -> tuple[float, float]:
+    """Mean of the first and of the last ``n`` finite values: a step's L_vq is noisy (few question tokens)."""
+    finite = [v for v in values if v == v]
+    return statistics.fmean(finite[:n]), statistics.fmean(finite[-n:])
+
+
+_TEMPLATE_QUESTIONS = None
+
+
+def is_template(question: str) -> bool:
+    global _TEMPLATE_QUESTIONS
+    if _TEMPLATE_QUESTIONS is None:
+        _TEMPLATE_QUESTIONS = set(text_corpus()) | {t + prompts.CLOSED_SUFFIX for t in text_corpus()}
+    return question in _TEMPLATE_QUESTIONS
+
+
+def self_play(engine: HFEngine, data: dict[str, Any], seed: int, s: Settings) -> dict[str, Any]:
+    """Descriptions, questions and answer pairs on the pool images; the pairs still unjudged."""
+    gen = GenerationSettings(questions_per_image=s.questions, seed=seed, answer_temperature=s.temperature,
+                             question_temperature=s.temperature)
+    names = data["pool"]
+    images = [load_image(data["paths"].images / n) for n in names]
+    descriptions = describe(engine, images, Sampling(max_new_tokens=48))
+    seeds = [[gen.question_seed(n, j) for j in range(s.questions)] for n in names]
+    qsampling = Sampling(s.temperature, gen.question_top_k, gen.question_top_p, 32)
+    questions = ask_seeded(engine, images, descriptions, seeds, qsampling)
+    flat: list[tuple[int, str, int]] = []
+    all_questions, reasons_count = [], {}
+    for i, qs in enumerate(questions):
+        for j, (q, reason) in enumerate(zip(qs, question_reasons(qs))):
+            all_questions.append((q, reason))
+            reasons_count[reason or "kept"] = reasons_count.get(reason or "kept", 0) + 1
+            if reason is None:
+                flat.append((i, q, j))
+    asampling = Sampling(s.temperature, gen.answer_top_k, gen.answer_top_p, s.answer_tokens)
+    answer_seeds = [gen.answer_seeds(names[i], j) for i, _, j in flat]
+    answers = answer_twice_seeded(engine, [images[i] for i, _, _ in flat], [q for _, q, _ in flat],
+                                  answer_seeds, asampling)
+    n = len(all_questions)
+    well_formed = sum(1 for q, r in all_questions if r is None and gradable(q))
+    return {
+        "images": images, "names": names, "descriptions": descriptions, "flat": flat, "answers": answers,
+        "answer_seeds": answer_seeds,
+        "questions": {"sampled": n, "by_reason": reasons_count, "well_formed_rate": well_formed / n,
+                      "template_rate": sum(1 for q, r in all_questions if r is None and is_template(q)) / n,
+                      "examples": [q for q, _ in all_questions[:12]]},
+    }
+
+
+async def _judge_http(server_url: str, items: list[tuple[str, str, str, str]]) -> list[tuple[float, float] | None]:
+    """Scores of (question, answer1, answer2, image data URL) items through the real judge client."""
+    from stmed import judging
+
+    settings = judging.JudgeSettings(base_url=server_url, model=rj.MODEL_ID, max_in_flight=32,
+                                     backoff_base_s=0.2, backoff_max_s=5.0, timeout_s=30.0)
+    client = judging.make_client(settings)
+    limiter = judging.make_limiter(settings)
+    try:
+        verdicts = await asyncio.gather(*(judging.judge_pair(client, settings, limiter, None, q, a1, a2, url,
+                                                             pair_id=str(k))
+                                          for k, (q, a1, a2, url) in enumerate(items)))
+    finally:
+        await client.close()
+    return [(v.score1, v.score2) if v.ok else None for v in verdicts]
+
+
+def judge_items(items: list[tuple[str, str, str, Any, str]], s: Settings, server) -> list[tuple[float, float] | None]:
+    """Score (question, answer1, answer2, image, image file name) items with the reference judge."""
+    if s.judge == "direct":
+        return [(float(score_answer(q, a1, f)), float(score_answer(q, a2, f))) for q, a1, a2, _, f in items]
+    urls: dict[int, str] = {}
+    payload = []
+    for q, a1, a2, image, _ in items:
+        url = urls.setdefault(id(image), image_to_data_url(image))
+        payload.append((q, a1, a2, url))
+    return asyncio.run(_judge_http(server.url, payload))
+
+
+def make_pairs(play: dict[str, Any], data: dict[str, Any], s: Settings, server) -> tuple[list[PreferencePair], dict]:
+    candidates, dropped = [], {}
+    for k, ((i, q, _), (a1, a2)) in enumerate(zip(play["flat"], play["answers"])):
+        reason = answer_pair_reason(a1, a2)
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        candidates.append((k, i, q, a1, a2))
+    items = [(q, a1, a2, play["images"][i], data["findings"][play["names"][i]]) for _, i, q, a1, a2 in candidates]
+    scores = judge_items(items, s, server)
+    pairs = []
+    for (k, i, q, a1, a2), sc in zip(candidates, scores):
+        if sc is None:
+            dropped["judge_failed"] = dropped.get("judge_failed", 0) + 1
+            continue
+        if sc[0] == sc[1]:
+            dropped["tie"] = dropped.get("tie", 0) + 1
+            continue
+        first = sc[0] > sc[1]
+        seeds = list(play["answer_seeds"][k])
+        pairs.append(PreferencePair(
+            pair_id=f"p{k:05d}", image=play["names"][i], question=q,
+            chosen=a1 if first else a2, rejected=a2 if first else a1,
+            chosen_score=max(sc), rejected_score=min(sc), judge_model=rj.MODEL_ID,
+            seeds=seeds if first else seeds[::-1]))
+    return pairs, {"candidates": len(candidates), "pairs": len(pairs), "dropped": dropped,
+                   "mean_chosen": statistics.fmean(p.chosen_score for p in pairs) if pairs else None,
+                   "mean_rejected": statistics.fmean(p.rejected_score for p in pairs) if pairs else None}
+
+
+def run_stage2(root: Path, seed: int, sft_merged: Path, prefs: Path, data: dict[str, Any], s: Settings) -> dict:
+    groups = _apply(_yaml_groups(DPO_YAML, ("lora", "train", "dpo")), s.dpo_overrides)
+    groups["train"]["seed"] = seed
+    config = {"model": {"name_or_path": str(sft_merged)}, **groups, "preferences_path": str(prefs),
+              "image_root": str(data["paths"].images), "output_dir": str(root / "dpo")}
+    shutil.rmtree(root / "dpo", ignore_errors=True)  # a fresh run, not a resume of an older one
+    train_dpo(config, LocalSession(root / "dpo" / "checkpoints"))
+    rows = [json.loads(line) for line in (root / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    return {"merged": root / "dpo" / "merged", "steps": len(rows), "config": config,
+            "first": {k: rows[0][k] for k in ("loss", "rewards/accuracies", "rewards/margins")},
+            "last": {k: rows[-1][k] for k in ("loss", "rewards/accuracies", "rewards/margins")}}
+
+
+def evaluate(model_dir: Path, data: dict[str, Any], s: Settings) -> tuple[dict[str, Any], list[str]]:
+    model, processor = load_model(ModelConfig(name_or_path=str(model_dir)))
+    engine = HFEngine(model, processor, batch_size=s.batch_size)
+    examples = read_benchmark(data["paths"].test_w_options)
+    cache: dict[str, Any] = {}
+    images = [cache.setdefault(e.image, load_image(data["paths"].images / e.image)) for e in examples]
+    system = prompts.SYSTEM_SQ if s.system == "sq" else prompts.SYSTEM_PLAIN
+    texts = answer(engine, images, [e.question for e in examples], GREEDY_EVAL, system=system)
+    preds = [Prediction(question_id=e.id, prompt=e.question, text=t, answer_type=e.answer_type)
+             for e, t in zip(examples, texts)]
+    return score(examples, preds), texts
+
+
+def judge_preference(data: dict[str, Any], sft_texts: list[str], dpo_texts: list[str], s: Settings,
+                     server) -> dict[str, Any]:
+    """Per benchmark question, the reference judge scores the DPO answer (1) against stage 1's (2)."""
+    examples = read_benchmark(data["paths"].test_w_options)
+    cache: dict[str, Any] = {}
+    items = [(e.question, d, t, cache.setdefault(e.image, load_image(data["paths"].images / e.image)),
+              data["findings"][e.image]) for e, d, t in zip(examples, dpo_texts, sft_texts)]
+    scores = judge_items(items, s, server)
+    ok = [sc for sc in scores if sc is not None]
+    wins = sum(1 for a, b in ok if a > b)
+    losses = sum(1 for a, b in ok if a < b)
+    return {"wins": wins, "ties": len(ok) - wins - losses, "losses": losses, "failed": len(scores) - len(ok),
+            "win_rate": wins / max(1, wins + losses),
+            "mean_score_dpo": statistics.fmean(a for a, _ in ok), "mean_score_sft": statistics.fmean(b for _, b in ok)}
+
+
+def run_seed(seed: int, root: Path, s: Settings) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    timings: dict[str, dict[str, float]] = {}
+    data = prepare_data(root, seed, s)
+    with _timed("stage1", timings):
+        st1 = run_stage1(root, seed, data, s)
+    server = rj.start_server(data["paths"].findings) if s.judge == "http" else None
+    try:
+        with _timed("generate", timings):
+            model, processor = load_model(ModelConfig(name_or_path=str(st1["merged"])))
+            engine = HFEngine(model, processor, batch_size=s.batch_size)
+            play = self_play(engine, data, seed, s)
+        with _timed("judge", timings):
+            pairs, pair_stats = make_pairs(play, data, s, server)
+            prefs = write_preferences(root / "preferences.parquet", pairs)
+        with _timed("stage2", timings):
+            st2 = run_stage2(root, seed, st1["merged"], prefs, data, s)
+        with _timed("evaluate", timings):
+            sft_metrics, sft_texts = evaluate(st1["merged"], data, s)
+            dpo_metrics, dpo_texts = evaluate(st2["merged"], data, s)
+            preference = judge_preference(data, sft_texts, dpo_texts, s, server)
+    finally:
+        if server is not None:
+            server.stop()
+    vq_first, vq_last = _edges(st1["loss_vq"])
+    return {
+        "seed": seed, "timings": timings,
+        "stage1": {"steps": st1["steps"], "loss_vq_first": vq_first, "loss_vq_last": vq_last,
+                   "loss_qa_first": _edges(st1["loss_qa"])[0], "loss_qa_last": _edges(st1["loss_qa"])[1],
+                   "metrics": sft_metrics},
+        "questions": play["questions"], "pairs": pair_stats,
+        "stage2": {"steps": st2["steps"], "first": st2["first"], "last": st2["last"], "metrics": dpo_metrics},
+        "judge_preference": preference,
+        "samples": [{"question": e, "sft": a, "dpo": b} for e, a, b in
+                    zip([x.question for x in read_benchmark(data["paths"].test_w_options)][:8], sft_texts, dpo_texts)],
+    }
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+ROW = ("{seed:>4}  {c1:6.1f} {c2:6.1f} {dc:+6.1f}   {o1:5.1f} {o2:5.1f}   {w:>4}/{t:>3}/{l:<4} {wr:5.2f}   "
+       "{wf:5.2f}  {vq0:5.2f}->{vq1:4.2f}  {np:>4}  {sec:>5.0f}")
+HEADER = ("seed  closed: st1    dpo      Δ   recall: st1  dpo   judge W/T/L  winrt   wellf  L_vq first->last  "
+          "pairs  cpu_s")
+
+
+def _row(r: dict[str, Any]) -> str:
+    c1, c2 = r["stage1"]["metrics"]["closed_accuracy"], r["stage2"]["metrics"]["closed_accuracy"]
+    p = r["judge_preference"]
+    return ROW.format(seed=r["seed"], c1=c1, c2=c2, dc=c2 - c1, o1=r["stage1"]["metrics"]["open_recall"],
+                      o2=r["stage2"]["metrics"]["open_recall"], w=p["wins"], t=p["ties"], l=p["losses"],
+                      wr=p["win_rate"], wf=r["questions"]["well_formed_rate"], vq0=r["stage1"]["loss_vq_first"],
+                      vq1=r["stage1"]["loss_vq_last"], np=r["pairs"]["pairs"],
+                      sec=sum(t["cpu_s"] for t in r["timings"].values()))
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values), "max": max(values)}
+
+    pick = {
+        "closed_stage1": lambda r: r["stage1"]["metrics"]["closed_accuracy"],
+        "closed_dpo": lambda r: r["stage2"]["metrics"]["closed_accuracy"],
+        "closed_delta": lambda r: r["stage2"]["metrics"]["closed_accuracy"] - r["stage1"]["metrics"]["closed_accuracy"],
+        "closed_strict_stage1": lambda r: r["stage1"]["metrics"]["closed_accuracy_strict"],
+        "closed_strict_dpo": lambda r: r["stage2"]["metrics"]["closed_accuracy_strict"],
+        "open_recall_stage1": lambda r: r["stage1"]["metrics"]["open_recall"],
+        "open_recall_dpo": lambda r: r["stage2"]["metrics"]["open_recall"],
+        "judge_win_rate": lambda r: r["judge_preference"]["win_rate"],
+        "judge_mean_score_delta": lambda r: r["judge_preference"]["mean_score_dpo"] - r["judge_preference"]["mean_score_sft"],
+        "well_formed_rate": lambda r: r["questions"]["well_formed_rate"],
+        "loss_vq_first": lambda r: r["stage1"]["loss_vq_first"],
+        "loss_vq_last": lambda r: r["stage1"]["loss_vq_last"],
+        "pairs": lambda r: r["pairs"]["pairs"],
+        "cpu_s_total": lambda r: sum(t["cpu_s"] for t in r["timings"].values()),
+    }
+    return {name: stats([f(r) for r in results]) for name, f in pick.items()}
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, raw = item.split("=", 1)
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/self_training_effect.json")
+    parser.add_argument("--workdir", default=None, help="where the runs go (default: next to --out)")
+    parser.add_argument("--num-images", type=int, default=300)
+    parser.add_argument("--test-images", type=int, default=60)
+    parser.add_argument("--labelled", type=int, default=60, help="instruct conversations stage 1 sees")
+    parser.add_argument("--pool-images", type=int, default=180, help="unlabelled images for self-play")
+    parser.add_argument("--questions", type=int, default=3, help="questions sampled per pool image")
+    parser.add_argument("--temperature", type=float, default=1.2, help="self-play sampling temperature")
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--judge", choices=("direct", "http"), default="direct",
+                        help="direct: score_answer in-process; http: judge client + reference judge server")
+    parser.add_argument("--system", choices=("sq", "plain"), default="sq", help="benchmark system prompt")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reuse-stage1", action="store_true",
+                        help="keep a stage-1 model already in the workdir (for tuning stage 2)")
+    parser.add_argument("--sft", nargs="*", default=[], help="overrides of sft.yaml, e.g. train.max_steps=60")
+    parser.add_argument("--dpo", nargs="*", default=[], help="overrides of dpo.yaml, e.g. dpo.beta=0.2")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    s = Settings(args.num_images, args.test_images, args.labelled, args.pool_images, args.questions,
+                 args.temperature, args.answer_tokens, args.batch_size, args.judge, args.system,
+                 args.reuse_stage1, _overrides(args.sft), _overrides(args.dpo))
+    out = Path(args.out)
+    workdir = Path(args.workdir) if args.workdir else out.with_suffix("")
+    results = []
+    print(HEADER, flush=True)
+    for seed in args.seeds:
+        results.append(run_seed(seed, workdir / f"seed{seed}", s))
+        print(_row(results[-1]), flush=True)
+    summary = summarize(results)
+    for name, st in summary.items():
+        print(f"{name:>24}: mean {st['mean']:8.3f}  std {st['std']:7.3f}  range {st['min']:.3f}..{st['max']:.3f}")
+    report = {"settings": {**vars(args)}, "results": results, "summary": summary}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
