@@ -26,7 +26,7 @@ from jobs.runtime import init_ray
 from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, load_config, write_config
 from stmed.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
 from stmed.log import get_logger
-from stmed.runs import MetricsLog, write_summary
+from stmed.runs import MetricsLog, clear_run_logs, write_summary
 from stmed.train import ATTEMPTS_FILE, DATA_REPORT_FILE, METRICS_FILE, check_global_batch
 
 log = get_logger("stmed.jobs.dpo")
@@ -91,6 +91,8 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     loop = DPOLoopConfig(model=cfg.model, preferences_path=str(preferences), image_root=str(image_root),
                          output_dir=str(out), lora=cfg.lora, train=cfg.train, dpo=cfg.dpo)  # fmt: skip
     name = cfg.run_name or f"dpo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    if cfg.run_name is None:
+        clear_run_logs(out, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
     result = run_training(train_dpo, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     summary = _summarise(out, name, checkpoint, time.time() - started)

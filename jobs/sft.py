@@ -30,7 +30,7 @@ from stmed.config import (
     write_config,
 )
 from stmed.log import get_logger
-from stmed.runs import MetricsLog, write_summary
+from stmed.runs import MetricsLog, clear_run_logs, write_summary
 from stmed.synthetic import make_dataset
 from stmed.train import (
     ATTEMPTS_FILE,
@@ -87,14 +87,6 @@ def _resolve_data(cfg: SFTConfig, out: Path) -> tuple[Path, Path]:
     return instruct, Path(cfg.data.image_root).resolve() if cfg.data.image_root else instruct.parent
 
 
-def _clear_previous_run(out: Path) -> None:
-    """A fresh run in a used output_dir: drop the old run's per-step logs (they are appended to)."""
-    for name in (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE, "summary.json"):
-        (out / name).unlink(missing_ok=True)
-    for marker in out.glob(".fault_injected_step*"):
-        marker.unlink()
-
-
 def _summarise(out: Path, run_name: str, checkpoint: str | None, wall_s: float) -> dict[str, Any]:
     """Counts and figures for summary.json, from what the workers wrote."""
     data = json.loads((out / DATA_REPORT_FILE).read_text())
@@ -128,7 +120,7 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
                          image_root=str(image_root), output_dir=str(out))  # fmt: skip
     name = cfg.run_name or f"sft-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if cfg.run_name is None:
-        _clear_previous_run(out)
+        clear_run_logs(out, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
     result = run_training(train_sft, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     summary = _summarise(out, name, checkpoint, time.time() - started)

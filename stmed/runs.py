@@ -60,3 +60,13 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def clear_run_logs(output_dir: str | os.PathLike, names: tuple[str, ...]) -> None:
+    """Start a fresh run in a used ``output_dir``: drop the old run's appended logs, its summary and its
+    fault-injection markers (a resumed run keeps them, to carry on where it stopped)."""
+    out = Path(output_dir)
+    for name in (*names, SUMMARY):
+        (out / name).unlink(missing_ok=True)
+    for marker in out.glob(".fault_injected_step*"):
+        marker.unlink()

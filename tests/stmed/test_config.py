@@ -148,3 +148,15 @@ def test_import_stmed_does_not_import_ray_or_vllm():
                           cwd=str(__import__("pathlib").Path(__file__).parents[2]))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+def test_clear_run_logs_keeps_everything_but_the_old_runs_logs(tmp_path):
+    from stmed.runs import MetricsLog, clear_run_logs, read_summary, write_summary
+
+    MetricsLog(tmp_path / "metrics.jsonl").write({"step": 1})
+    write_summary(tmp_path, {"steps": 1})
+    (tmp_path / ".fault_injected_step3").touch()
+    (tmp_path / "merged").mkdir()
+    clear_run_logs(tmp_path, ("metrics.jsonl",))
+    assert MetricsLog(tmp_path / "metrics.jsonl").read() == [] and read_summary(tmp_path) is None
+    assert not list(tmp_path.glob(".fault_injected_step*")) and (tmp_path / "merged").is_dir()
