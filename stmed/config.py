@@ -50,6 +50,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.name_or_path is None):
             raise ConfigError("model: set exactly one of model.preset (e.g. 'tiny') or model.name_or_path")
+        # Ray workers and submitted jobs run in another working directory: a relative path to a local
+        # checkpoint is made absolute here, where it was written; a hub id is left as it is.
+        if self.name_or_path and not os.path.isabs(self.name_or_path) and os.path.exists(self.name_or_path):
+            object.__setattr__(self, "name_or_path", os.path.abspath(self.name_or_path))
 
 
 @dataclass(frozen=True)

@@ -160,3 +160,12 @@ def test_clear_run_logs_keeps_everything_but_the_old_runs_logs(tmp_path):
     clear_run_logs(tmp_path, ("metrics.jsonl",))
     assert MetricsLog(tmp_path / "metrics.jsonl").read() == [] and read_summary(tmp_path) is None
     assert not list(tmp_path.glob(".fault_injected_step*")) and (tmp_path / "merged").is_dir()
+
+
+def test_a_local_checkpoint_path_becomes_absolute_and_a_hub_id_does_not(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "merged").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    local = build_config(ModelConfig, {"name_or_path": "runs/merged"})
+    assert local.name_or_path == str(tmp_path / "runs" / "merged")
+    hub = build_config(ModelConfig, {"name_or_path": "llava-hf/llava-1.5-7b-hf"})
+    assert hub.name_or_path == "llava-hf/llava-1.5-7b-hf"
