@@ -7,10 +7,13 @@ Ray-free: the library calls the jobs make, in one process, per seed:
 1. ``stmed.synthetic.make_dataset`` — phantom scans with known findings. Stage 1 sees only the first
    ``--labelled`` instruct conversations (the "little medical data" premise); the remaining training
    images are the unlabelled pool for self-play. The benchmark images (``test_w_options.json``) are
-   held out from both and never used for any choice made here.
+   held out from both. One setting was chosen by looking at this script's stage-1 numbers on them
+   (seed 0): ``stmed.synthetic.SUFFIXED_CLOSED_FRACTION = 1.0``, which moved stage 1 off the always-"yes"
+   floor; no DPO setting was.
 2. Stage 1, ``stmed.train.train_sft`` in a ``LocalSession``, settings from ``jobs/configs/local/sft.yaml``.
 3. Self-play with ``stmed.generation`` (``HFEngine``): greedy description, ``--questions`` sampled
-   questions per pool image (filtered by ``question_reasons``), two sampled answers per question.
+   questions per pool image (filtered by ``question_reasons``; ``--suffix-closed`` asks that share of the
+   yes/no ones with the benchmark's closed suffix), two sampled answers per question.
 4. The offline reference judge scores both answers: by calling ``stmed.grading.score_answer``
    (``--judge direct``, the default), or through the real judge client (``stmed.judging.judge_pair``)
    against ``stmed.reference_judge.start_server`` on 127.0.0.1 (``--judge http``). Both give the same
@@ -22,7 +25,7 @@ Ray-free: the library calls the jobs make, in one process, per seed:
    models' answers to every benchmark question: the DPO model wins, ties or loses each one.
 
 Printed per seed and as mean ± standard deviation (and min..max); ``--out`` writes all of it as JSON.
-Question well-formedness (criterion (a) of the issue) is the share of *all* sampled questions on the pool
+Question well-formedness (criterion (a) of the criterion) is the share of *all* sampled questions on the pool
 images that survive ``question_reasons`` and that the reference judge can read (a topic it grades against
 the findings: a description request, a yes/no claim, or an open question about a finding).
 CPU seconds are the process's own (``time.process_time``), which other load on the machine does not inflate.
@@ -34,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -92,6 +96,7 @@ class Settings:
     batch_size: int
     judge: str
     system: str
+    suffix_closed: float = 0.0
     reuse_stage1: bool = False
     sft_overrides: dict[str, Any] = field(default_factory=dict)
     dpo_overrides: dict[str, Any] = field(default_factory=dict)
@@ -178,6 +183,23 @@ def is_template(question: str) -> bool:
     return question in _TEMPLATE_QUESTIONS
 
 
+_YES_NO_OPENERS = ("is ", "are ", "does ", "do ", "was ", "were ", "can ", "has ", "have ")
+
+
+def suffixed(question: str, fraction: float, key: str) -> str:
+    """A yes/no question asked the benchmark way (with ``CLOSED_SUFFIX``) for ``fraction`` of questions.
+
+    Sampled closed questions often lack the suffix, so few preference pairs are about a bare "yes"/"no"
+    answer — the format the benchmark's closed questions use. Off by default: on seed 0 it did not
+    lift DPO's closed accuracy (most suffixed answer pairs are identical and get dropped). Which questions get it
+    is a fixed function of ``key`` (seed, image, question slot), so reruns pick the same ones.
+    """
+    q = question.strip()
+    if fraction <= 0 or prompts.CLOSED_SUFFIX.strip() in q or not q.lower().startswith(_YES_NO_OPENERS):
+        return question
+    return q + prompts.CLOSED_SUFFIX if random.Random(key).random() < fraction else question
+
+
 def self_play(engine: HFEngine, data: dict[str, Any], seed: int, s: Settings) -> dict[str, Any]:
     """Descriptions, questions and answer pairs on the pool images; the pairs still unjudged."""
     gen = GenerationSettings(questions_per_image=s.questions, seed=seed, answer_temperature=s.temperature,
@@ -196,6 +218,7 @@ def self_play(engine: HFEngine, data: dict[str, Any], seed: int, s: Settings) ->
             reasons_count[reason or "kept"] = reasons_count.get(reason or "kept", 0) + 1
             if reason is None:
                 flat.append((i, q, j))
+    flat = [(i, suffixed(q, s.suffix_closed, f"{seed}:{names[i]}:{j}"), j) for i, q, j in flat]
     asampling = Sampling(s.temperature, gen.answer_top_k, gen.answer_top_p, s.answer_tokens)
     answer_seeds = [gen.answer_seeds(names[i], j) for i, _, j in flat]
     answers = answer_twice_seeded(engine, [images[i] for i, _, _ in flat], [q for _, q, _ in flat],
@@ -412,6 +435,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pool-images", type=int, default=180, help="unlabelled images for self-play")
     parser.add_argument("--questions", type=int, default=3, help="questions sampled per pool image")
     parser.add_argument("--temperature", type=float, default=1.2, help="self-play sampling temperature")
+    parser.add_argument("--suffix-closed", type=float, default=0.0,
+                        help="fraction of sampled yes/no questions asked with the benchmark's closed suffix")
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--judge", choices=("direct", "http"), default="direct",
@@ -426,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     s = Settings(args.num_images, args.test_images, args.labelled, args.pool_images, args.questions,
                  args.temperature, args.answer_tokens, args.batch_size, args.judge, args.system,
-                 args.reuse_stage1, _overrides(args.sft), _overrides(args.dpo))
+                 args.suffix_closed, args.reuse_stage1, _overrides(args.sft), _overrides(args.dpo))
     out = Path(args.out)
     workdir = Path(args.workdir) if args.workdir else out.with_suffix("")
     results = []

@@ -49,9 +49,10 @@ from stmed.config import ConfigError, LoRAConfig, ModelConfig, build_config, con
 from stmed.data import PreferencePair
 from stmed.distributed import all_reduce_sum, gather_dicts
 from stmed.log import get_logger
-from stmed.losses import dpo_loss, dpo_metrics, dpo_stats, sequence_logps
+from stmed.losses import answer_token_counts, dpo_loss, dpo_metrics, dpo_stats, sequence_logps, with_sft_term
 from stmed.model import load_model
 from stmed.preference_data import PreferenceDataset, collate_pairs, load_preference_data
+from stmed.prompts import SYSTEM_PLAIN, SYSTEM_SQ
 from stmed.runs import MetricsLog, write_json
 from stmed.train import (
     ATTEMPTS_FILE,
@@ -83,10 +84,23 @@ class DPOSettings:
     """Strength of the KL anchor to the reference (reference code default; the paper does not print it)."""
     precompute_reference: bool = False
     """Compute the reference log-probs once before training instead of a second forward pass per step."""
+    sft_weight: float = 0.0
+    """Weight of the chosen answer's mean token NLL added to the DPO loss (RPO-style; 0 = plain DPO)."""
+    system: str = "plain"
+    """System prompt the pairs are rendered with: ``plain`` (METHOD §4's plain Vicuna) or ``sq`` (stage 1's
+    and the default evaluation's, under which the pairs' answers were sampled)."""
+
+    @property
+    def system_prompt(self) -> str:
+        return SYSTEM_PLAIN if self.system == "plain" else SYSTEM_SQ
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
+        if self.system not in ("plain", "sq"):
+            raise ConfigError(f"dpo.system must be 'plain' or 'sq', got {self.system!r}")
 
 
 @dataclass(frozen=True)
@@ -163,7 +177,7 @@ def _cache_key(cfg: DPOLoopConfig, pairs: list[PreferencePair]) -> dict[str, Any
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.glob("*.safetensors")) \
         if cfg.model.name_or_path and model_dir.is_dir() else []  # fmt: skip
     return {"model": config_to_dict(cfg.model), "weights": [list(w) for w in weights],
-            "max_length": cfg.train.max_length, "bf16": cfg.train.bf16, "pairs": len(pairs),
+            "max_length": cfg.train.max_length, "bf16": cfg.train.bf16, "pairs": len(pairs), "system": cfg.dpo.system,
             "pairs_sha256": digest.hexdigest()}  # fmt: skip
 
 
@@ -223,7 +237,7 @@ def _prepare(cfg: DPOLoopConfig, session: TrainSession):
     # The frozen original projector keeps the checkpoint's dtype: the reference is stage 1 bit for bit.
     peft_model = make_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, upcast=True)
     data = load_preference_data(cfg.preferences_path, cfg.image_root, processor, cfg.train.max_length,
-                                session.world_rank, session.world_size)  # fmt: skip
+                                session.world_rank, session.world_size, cfg.dpo.system_prompt)  # fmt: skip
     return peft_model, processor, data
 
 
@@ -248,7 +262,7 @@ def train_dpo(config: dict[str, Any], session: TrainSession) -> None:
     optimizer, scheduler = build_optimizer(peft_model, train, total_steps)
     start_step = resume(session, peft_model, optimizer, scheduler, train.seed)
     autocast = autocast_context(train, device)
-    dataset = PreferenceDataset(data.pairs, cfg.image_root, processor, train.max_length)
+    dataset = PreferenceDataset(data.pairs, cfg.image_root, processor, train.max_length, cfg.dpo.system_prompt)
     started = time.perf_counter()
     table = precompute_reference(cfg, peft_model, dataset, session, autocast) if cfg.dpo.precompute_reference \
         else None  # fmt: skip
@@ -282,6 +296,8 @@ def train_dpo(config: dict[str, Any], session: TrainSession) -> None:
                     ref_chosen, ref_rejected = _reference_for(batch, peft_model, table)
                     policy_chosen, policy_rejected = forward_logps(model, batch).chunk(2)
                     result = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.dpo.beta)
+                    chosen_tokens = answer_token_counts(batch["labels"]).chunk(2)[0]
+                    result = with_sft_term(result, policy_chosen, chosen_tokens, cfg.dpo.sft_weight)
                 # DDP averages over ranks, so this is the mean loss over the step's global pairs.
                 (result.losses.sum() / pairs_per_rank).backward()
             stats[:8] += dpo_stats(result, policy_chosen, policy_rejected)

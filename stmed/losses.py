@@ -8,7 +8,7 @@ one small tensor per step and turns it into means at the end (``loss_means``, ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,28 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
     return DPOOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def answer_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Per-row number of target tokens (what :func:`sequence_logps` sums over), shape ``(rows,)``."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def with_sft_term(out: DPOOutput, policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor,
+                  weight: float) -> DPOOutput:  # fmt: skip
+    """Add ``weight`` x the chosen answer's mean token NLL to each pair's DPO loss (RPO-style).
+
+    DPO alone only moves the chosen-rejected *margin*: it can lower both log-probs and drift to
+    disfluent answers at higher learning rates. The NLL term keeps the chosen answers likely. The mean
+    is per pair over its own answer tokens, so long and short answers weigh alike. The rewards are
+    untouched; ``weight`` 0 returns ``out`` itself.
+    """
+    if weight < 0:
+        raise ValueError(f"sft weight must be >= 0, got {weight}")
+    if weight == 0:
+        return out
+    nll = -policy_chosen / chosen_tokens.clamp(min=1).to(policy_chosen.dtype)
+    return replace(out, losses=out.losses + weight * nll)
 
 
 def dpo_stats(out: DPOOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> torch.Tensor:

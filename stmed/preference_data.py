@@ -6,8 +6,8 @@ rejected and counted with its reason (``PreferenceData.report``), never a crash 
 Each image is decoded once for the check (an image shared by several questions too); on several ranks
 each checks a slice and the verdicts are gathered.
 
-A pair is rendered with the plain Vicuna v1 prompt (``preference_prompt``, no questioner) and encoded by
-``encode_prompt_answer``: the answer and its ``</s>`` are the targets, the same mask convention as
+A pair is rendered with the plain Vicuna v1 prompt (``preference_prompt``, no questioner; METHOD §4) by
+default, or with another system prompt (``dpo.system``), and encoded by ``encode_prompt_answer``: the answer and its ``</s>`` are the targets, the same mask convention as
 stage 1. Items are keyed like stage 1 by ``(epoch, index)`` so both stages share ``stmed.train.StepPlan``.
 """
 
@@ -26,7 +26,7 @@ from stmed.data import PreferencePair, Skip, read_preferences
 from stmed.distributed import gather_dicts
 from stmed.images import ImageLoadError, load_image
 from stmed.model import image_seq_len, pixel_values
-from stmed.prompts import preference_prompt
+from stmed.prompts import SYSTEM_PLAIN, answer_prompt
 
 _MISSING_IMAGE = ("file not found", "is a directory")
 
@@ -47,15 +47,19 @@ class PreferenceData:
                 "rejected_examples": [skip.to_row() for skip in self.skips[:20]]}  # fmt: skip
 
 
-def encode_pair(pair: PreferencePair, tokenizer, seq_len: int, max_length: int) -> tuple[Encoded, Encoded]:
-    """The chosen and rejected sequences: plain Vicuna prompt + answer, answer tokens as targets."""
-    prompt = preference_prompt(pair.question)
+def encode_pair(pair: PreferencePair, tokenizer, seq_len: int, max_length: int,
+                system: str = SYSTEM_PLAIN) -> tuple[Encoded, Encoded]:  # fmt: skip
+    """The chosen and rejected sequences: Vicuna prompt under ``system`` + answer, answer tokens as targets.
+
+    The default ``SYSTEM_PLAIN`` gives exactly ``preference_prompt``.
+    """
+    prompt = answer_prompt(pair.question, system=system)
     return (encode_prompt_answer(prompt, pair.chosen, tokenizer, seq_len, max_length),
             encode_prompt_answer(prompt, pair.rejected, tokenizer, seq_len, max_length))  # fmt: skip
 
 
 def pair_problem(pair: PreferencePair, image_root: Path, tokenizer, seq_len: int, max_length: int,
-                 images_seen: dict[Path, str | None]) -> tuple[str | None, bool]:  # fmt: skip
+                 images_seen: dict[Path, str | None], system: str = SYSTEM_PLAIN) -> tuple[str | None, bool]:  # fmt: skip
     """``(reason, truncated)``: why a pair cannot be trained on (``"kind: detail"``, None if it can).
 
     ``images_seen`` caches each image's verdict: a file shared by several questions is decoded once.
@@ -77,11 +81,11 @@ def pair_problem(pair: PreferencePair, image_root: Path, tokenizer, seq_len: int
             images_seen[path] = f"{kind}: {err.reason}"
     if images_seen[path]:
         return images_seen[path], False
-    prompt_len = len(tokenizer(preference_prompt(pair.question))["input_ids"]) - 1 + seq_len
+    prompt_len = len(tokenizer(answer_prompt(pair.question, system=system))["input_ids"]) - 1 + seq_len
     if prompt_len >= max_length:
         return f"too_long: prompt and image take {prompt_len} tokens, max_length={max_length}", False
     try:
-        encoded = encode_pair(pair, tokenizer, seq_len, max_length)
+        encoded = encode_pair(pair, tokenizer, seq_len, max_length, system)
     except ValueError as err:
         return f"bad_text: {err}", False
     if min(e.num_targets for e in encoded) == 0:
@@ -90,14 +94,14 @@ def pair_problem(pair: PreferencePair, image_root: Path, tokenizer, seq_len: int
 
 
 def load_preference_data(path: str | Path, image_root: str | Path, processor, max_length: int,
-                         rank: int = 0, world_size: int = 1) -> PreferenceData:  # fmt: skip
+                         rank: int = 0, world_size: int = 1, system: str = SYSTEM_PLAIN) -> PreferenceData:  # fmt: skip
     """Read and check the preference parquet; each rank checks a slice and the verdicts are shared.
 
     Raises ``ValueError`` when no pair is usable.
     """
     pairs = read_preferences(path)
     root, seq_len, seen = Path(image_root), image_seq_len(processor), {}
-    verdicts = {i: pair_problem(pairs[i], root, processor.tokenizer, seq_len, max_length, seen)
+    verdicts = {i: pair_problem(pairs[i], root, processor.tokenizer, seq_len, max_length, seen, system)
                 for i in range(rank, len(pairs), world_size)}  # fmt: skip
     verdicts = gather_dicts(verdicts, world_size)
     if len(verdicts) != len(pairs):
@@ -115,8 +119,9 @@ def load_preference_data(path: str | Path, image_root: str | Path, processor, ma
 class PreferenceDataset(Dataset):
     """Checked pairs as ``(index, chosen, rejected, pixels)``, keyed like stage 1 by ``(epoch, index)``."""
 
-    def __init__(self, pairs: list[PreferencePair], image_root: str | Path, processor, max_length: int):
-        self.pairs, self.image_root, self.processor = pairs, Path(image_root), processor
+    def __init__(self, pairs: list[PreferencePair], image_root: str | Path, processor, max_length: int,
+                 system: str = SYSTEM_PLAIN):  # fmt: skip
+        self.pairs, self.image_root, self.processor, self.system = pairs, Path(image_root), processor, system
         self.max_length, self.seq_len = max_length, image_seq_len(processor)
 
     def __len__(self) -> int:
@@ -125,7 +130,7 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[int, Encoded, Encoded, torch.Tensor]:
         _, index = key  # the epoch does not change a pair's encoding
         pair = self.pairs[index]
-        chosen, rejected = encode_pair(pair, self.processor.tokenizer, self.seq_len, self.max_length)
+        chosen, rejected = encode_pair(pair, self.processor.tokenizer, self.seq_len, self.max_length, self.system)
         pixels = pixel_values(self.processor, [load_image(self.image_root / pair.image)])[0]
         return index, chosen, rejected, pixels
 

@@ -235,3 +235,48 @@ def test_precomputed_reference_and_resume_reproduce_the_per_step_run(trained, sy
         got = latest[want["step"]]
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-3, abs=1e-5), want["step"]
         assert got["rewards/margins"] == pytest.approx(want["rewards/margins"], rel=1e-3, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the SFT (RPO) term
+
+
+def test_sft_weight_adds_the_chosen_mean_token_nll_to_the_first_step_loss(synthetic, stage1, tmp_path):
+    """At step 1 the policy is stage 1, so loss = ln2 + w * mean over pairs of the chosen mean NLL."""
+    weight = 0.5
+    pairs = _pairs(_images(synthetic), 2)
+    prefs = write_preferences(tmp_path / "prefs.parquet", pairs)
+    train_dpo(_loop_config(stage1, prefs, synthetic.images, tmp_path / "out", max_steps=1,
+                           dpo=DPOSettings(sft_weight=weight)), LocalSession(tmp_path / "ckpt"))  # fmt: skip
+    row = MetricsLog(tmp_path / "out" / "metrics.jsonl").read()[0]
+    model, processor = load_model(ModelConfig(name_or_path=str(stage1)))  # independent stage-1 model
+    dataset = PreferenceDataset(pairs, synthetic.images, processor, max_length=256)
+    batch = collate_pairs([dataset[(0, 0)], dataset[(0, 1)]], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"]).logits.float()  # fmt: skip
+    logp = torch.log_softmax(logits, dim=-1)
+    nlls = []
+    for b in range(2):  # chosen rows come first
+        steps = [t for t in range(1, batch["labels"].shape[1]) if batch["labels"][b, t] != IGNORE_INDEX]
+        nlls.append(-sum(logp[b, t - 1, batch["labels"][b, t]].item() for t in steps) / len(steps))
+    assert row["loss"] == pytest.approx(math.log(2) + weight * sum(nlls) / 2, rel=1e-4)
+    with pytest.raises(Exception, match="sft_weight"):
+        DPOSettings(sft_weight=-0.1)
+
+
+def test_system_option_renders_pairs_under_the_chosen_system_prompt(synthetic, stage1):
+    from stmed.prompts import SYSTEM_PLAIN, SYSTEM_SQ, preference_prompt
+
+    _, processor = load_model(ModelConfig(name_or_path=str(stage1)))
+    pairs = _pairs(_images(synthetic), 1)
+    texts = {}
+    for name in ("plain", "sq"):
+        dataset = PreferenceDataset(pairs, synthetic.images, processor, 256, DPOSettings(system=name).system_prompt)
+        _, chosen, _, _ = dataset[(0, 0)]
+        texts[name] = processor.tokenizer.decode(chosen.input_ids)
+    assert SYSTEM_SQ in texts["sq"] and SYSTEM_SQ not in texts["plain"] and SYSTEM_PLAIN in texts["plain"]
+    plain_default = PreferenceDataset(pairs, synthetic.images, processor, 256)[(0, 0)][1]
+    assert processor.tokenizer.decode(plain_default.input_ids) == texts["plain"]  # default = METHOD's plain
+    assert preference_prompt(pairs[0].question).split(" USER:")[0] == SYSTEM_PLAIN
+    with pytest.raises(Exception, match="dpo.system"):
+        DPOSettings(system="vuser")

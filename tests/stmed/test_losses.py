@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from stmed.conversation import IGNORE_INDEX, LOSS_QA, LOSS_VQ
-from stmed.losses import dpo_loss, sequence_logps, sft_loss, token_losses
+from stmed.losses import answer_token_counts, dpo_loss, sequence_logps, sft_loss, token_losses, with_sft_term
 
 # ----------------------------------------------------------------------------- stage 1
 
@@ -67,3 +67,31 @@ def test_dpo_loss_is_the_sigmoid_formula_and_ln2_when_policy_is_reference():
     assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.05])
     same = dpo_loss(pc, pr, pc, pr, beta=0.1)
     assert same.losses.tolist() == pytest.approx([math.log(2)] * 2)
+
+
+def test_sft_term_adds_weight_times_chosen_mean_token_nll_and_zero_weight_changes_nothing():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 7)  # rows 0,1 chosen; 2,3 rejected
+    labels = torch.full((4, 6), IGNORE_INDEX)
+    labels[0, 2:5] = torch.tensor([1, 2, 3])
+    labels[1, 3:6] = torch.tensor([4, 5, 6])
+    labels[1, 1] = 0  # a second row with 4 targets: per-pair means, not a pooled one
+    labels[2, 4:6] = torch.tensor([2, 2])
+    labels[3, 1:3] = torch.tensor([3, 1])
+    logps = sequence_logps(logits, labels)
+    pc, pr = logps[:2], logps[2:]
+    rc, rr = pc.detach() - 0.3, pr.detach() + 0.2
+    base = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    counts = answer_token_counts(labels)[:2]
+    assert counts.tolist() == [3, 4]
+    assert with_sft_term(base, pc, counts, 0.0) is base
+    # The chosen rows' mean token NLL, written out: position t-1 predicts the label at t.
+    logp = F.log_softmax(logits, dim=-1)
+    nll = [-sum(logp[b, t - 1, labels[b, t]].item() for t in range(1, 6) if labels[b, t] != IGNORE_INDEX)
+           / sum(1 for t in range(1, 6) if labels[b, t] != IGNORE_INDEX) for b in range(2)]  # fmt: skip
+    out = with_sft_term(base, pc, counts, 0.5)
+    assert out.losses.tolist() == pytest.approx([base.losses[i].item() + 0.5 * nll[i] for i in range(2)], rel=1e-5)
+    assert torch.equal(out.chosen_rewards, base.chosen_rewards)
+    assert torch.equal(out.rejected_rewards, base.rejected_rewards)
+    with pytest.raises(ValueError, match="sft weight"):
+        with_sft_term(base, pc, counts, -1.0)
