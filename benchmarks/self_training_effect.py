@@ -13,8 +13,9 @@ Ray-free: the library calls the jobs make, in one process, per seed:
 2. Stage 1, ``stmed.train.train_sft`` in a ``LocalSession``, settings from ``jobs/configs/local/sft.yaml``.
 3. Self-play with ``stmed.generation`` (``HFEngine``): greedy description, ``--questions`` sampled
    questions per pool image (filtered by ``question_reasons``; ``--suffix-closed`` asks that share of the
-   yes/no ones with the benchmark's closed suffix), two sampled answers per question.
-4. The offline reference judge scores both answers: by calling ``stmed.grading.score_answer``
+   yes/no ones with the benchmark's closed suffix), two sampled answers per question
+   (``--answers-per-question N`` samples N; the pair is then the best- against the worst-scored one).
+4. The offline reference judge scores the answers: by calling ``stmed.grading.score_answer``
    (``--judge direct``, the default), or through the real judge client (``stmed.judging.judge_pair``)
    against ``stmed.reference_judge.start_server`` on 127.0.0.1 (``--judge http``). Both give the same
    scores (the server replies with ``score_answer``'s); HTTP costs ~0.1 s a pair on a busy 2-core box,
@@ -38,6 +39,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -66,7 +68,10 @@ from stmed.generation import (  # noqa: E402
     answer_pair_reason,
     answer_twice_seeded,
     ask_seeded,
+    degenerate_reason,
+    derive_seed,
     describe,
+    normalize_text,
     question_reasons,
 )
 from stmed.images import image_to_data_url, load_image  # noqa: E402
@@ -98,6 +103,7 @@ class Settings:
     system: str
     suffix_closed: float = 0.0
     reuse_stage1: bool = False
+    answers_per_question: int = 2
     sft_overrides: dict[str, Any] = field(default_factory=dict)
     dpo_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -200,6 +206,28 @@ def suffixed(question: str, fraction: float, key: str) -> str:
     return q + prompts.CLOSED_SUFFIX if random.Random(key).random() < fraction else question
 
 
+def answer_slot_seeds(gen: GenerationSettings, name: str, index: int, n: int) -> tuple[int, ...]:
+    """Seeds of ``n`` answer slots: the first two are ``gen.answer_seeds`` (so ``n=2`` is the default
+    self-play exactly), slot ``k >= 2`` derives the same way with slot number ``k``."""
+    extra = tuple(derive_seed(gen.seed, name, "answer", index, k) for k in range(2, n))
+    return tuple(gen.answer_seeds(name, index)) + extra
+
+
+def sample_answers(engine: HFEngine, images: list, questions: list[str], seeds: list[tuple[int, ...]],
+                   sampling: Sampling) -> list[tuple[str, ...]]:
+    """Answer ``k`` of question ``i`` under ``seeds[i][k]`` alone, via ``answer_twice_seeded`` two slots
+    at a time (an odd last slot is sampled twice under its seed and the copy discarded)."""
+    n = len(seeds[0]) if seeds else 0
+    slots: list[list[str]] = []
+    for k in range(0, n, 2):
+        pair_seeds = [(sd[k], sd[min(k + 1, n - 1)]) for sd in seeds]
+        out = answer_twice_seeded(engine, images, questions, pair_seeds, sampling)
+        slots.append([a for a, _ in out])
+        if k + 1 < n:
+            slots.append([b for _, b in out])
+    return [tuple(slot[i] for slot in slots) for i in range(len(questions))]
+
+
 def self_play(engine: HFEngine, data: dict[str, Any], seed: int, s: Settings) -> dict[str, Any]:
     """Descriptions, questions and answer pairs on the pool images; the pairs still unjudged."""
     gen = GenerationSettings(questions_per_image=s.questions, seed=seed, answer_temperature=s.temperature,
@@ -220,9 +248,9 @@ def self_play(engine: HFEngine, data: dict[str, Any], seed: int, s: Settings) ->
                 flat.append((i, q, j))
     flat = [(i, suffixed(q, s.suffix_closed, f"{seed}:{names[i]}:{j}"), j) for i, q, j in flat]
     asampling = Sampling(s.temperature, gen.answer_top_k, gen.answer_top_p, s.answer_tokens)
-    answer_seeds = [gen.answer_seeds(names[i], j) for i, _, j in flat]
-    answers = answer_twice_seeded(engine, [images[i] for i, _, _ in flat], [q for _, q, _ in flat],
-                                  answer_seeds, asampling)
+    answer_seeds = [answer_slot_seeds(gen, names[i], j, s.answers_per_question) for i, _, j in flat]
+    answers = sample_answers(engine, [images[i] for i, _, _ in flat], [q for _, q, _ in flat],
+                             answer_seeds, asampling)
     n = len(all_questions)
     well_formed = sum(1 for q, r in all_questions if r is None and gradable(q))
     return {
@@ -263,7 +291,81 @@ def judge_items(items: list[tuple[str, str, str, Any, str]], s: Settings, server
     return asyncio.run(_judge_http(server.url, payload))
 
 
+def _yes_no(text: str) -> str | None:
+    """The first whole word "yes" or "no" in an answer (the strict closed-question rule), or None."""
+    return next((w for w in re.findall(r"[a-z]+", text.lower()) if w in ("yes", "no")), None)
+
+
+def _pair_stats(pairs: list[PreferencePair], candidates: int, dropped: dict) -> dict[str, Any]:
+    yes_no = sum(1 for p in pairs if _yes_no(p.chosen) and _yes_no(p.rejected)
+                 and _yes_no(p.chosen) != _yes_no(p.rejected))
+    return {"candidates": candidates, "pairs": len(pairs), "yes_vs_no_pairs": yes_no, "dropped": dropped,
+            "mean_chosen": statistics.fmean(p.chosen_score for p in pairs) if pairs else None,
+            "mean_rejected": statistics.fmean(p.rejected_score for p in pairs) if pairs else None}
+
+
+def _distinct_answers(answers: tuple[str, ...]) -> tuple[list[int], str | None]:
+    """Slots of the non-degenerate answers, first of each normalised text; why none can pair, or None."""
+    keep, seen = [], set()
+    for k, text in enumerate(answers):
+        if degenerate_reason(text) or normalize_text(text) in seen:
+            continue
+        seen.add(normalize_text(text))
+        keep.append(k)
+    if len(keep) >= 2:
+        return keep, None
+    return keep, "degenerate" if all(degenerate_reason(a) for a in answers) else "identical_answers"
+
+
+def make_pairs_best_worst(play: dict[str, Any], data: dict[str, Any], s: Settings,
+                          server) -> tuple[list[PreferencePair], dict]:
+    """``--answers-per-question`` > 2: judge every distinct answer of a question; the pair is its best-
+    against its worst-scored answer (the first slot wins equal scores); all-equal questions are ties."""
+    candidates, dropped = [], {}
+    for k, ((i, q, _), answers) in enumerate(zip(play["flat"], play["answers"])):
+        keep, reason = _distinct_answers(answers)
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        candidates.append((k, i, q, keep))
+    # The judge scores answers in pairs; each answer's score does not depend on its partner (the
+    # reference judge grades against the findings), so slot m is paired with slot m+1 round the list.
+    items, where = [], []
+    for c, (k, i, q, keep) in enumerate(candidates):
+        answers = play["answers"][k]
+        for m in range(0, len(keep), 2):
+            a, b = keep[m], keep[(m + 1) % len(keep)]
+            items.append((q, answers[a], answers[b], play["images"][i], data["findings"][play["names"][i]]))
+            where.append((c, a, b))
+    scores: dict[int, dict[int, float]] = {}
+    failed: set[int] = set()
+    for (c, a, b), sc in zip(where, judge_items(items, s, server)):
+        if sc is None:
+            failed.add(c)
+            continue
+        scores.setdefault(c, {}).update({a: sc[0], b: sc[1]})
+    pairs = []
+    for c, (k, i, q, keep) in enumerate(candidates):
+        if c in failed:
+            dropped["judge_failed"] = dropped.get("judge_failed", 0) + 1
+            continue
+        sc = scores[c]
+        best = max(keep, key=lambda a: (sc[a], -a))
+        worst = min(keep, key=lambda a: (sc[a], a))
+        if sc[best] == sc[worst]:
+            dropped["tie"] = dropped.get("tie", 0) + 1
+            continue
+        answers, seeds = play["answers"][k], play["answer_seeds"][k]
+        pairs.append(PreferencePair(
+            pair_id=f"p{k:05d}", image=play["names"][i], question=q, chosen=answers[best],
+            rejected=answers[worst], chosen_score=sc[best], rejected_score=sc[worst], judge_model=rj.MODEL_ID,
+            seeds=[seeds[best], seeds[worst]]))
+    return pairs, _pair_stats(pairs, len(candidates), dropped)
+
+
 def make_pairs(play: dict[str, Any], data: dict[str, Any], s: Settings, server) -> tuple[list[PreferencePair], dict]:
+    if s.answers_per_question > 2:
+        return make_pairs_best_worst(play, data, s, server)
     candidates, dropped = [], {}
     for k, ((i, q, _), (a1, a2)) in enumerate(zip(play["flat"], play["answers"])):
         reason = answer_pair_reason(a1, a2)
@@ -288,9 +390,7 @@ def make_pairs(play: dict[str, Any], data: dict[str, Any], s: Settings, server) 
             chosen=a1 if first else a2, rejected=a2 if first else a1,
             chosen_score=max(sc), rejected_score=min(sc), judge_model=rj.MODEL_ID,
             seeds=seeds if first else seeds[::-1]))
-    return pairs, {"candidates": len(candidates), "pairs": len(pairs), "dropped": dropped,
-                   "mean_chosen": statistics.fmean(p.chosen_score for p in pairs) if pairs else None,
-                   "mean_rejected": statistics.fmean(p.rejected_score for p in pairs) if pairs else None}
+    return pairs, _pair_stats(pairs, len(candidates), dropped)
 
 
 def run_stage2(root: Path, seed: int, sft_merged: Path, prefs: Path, data: dict[str, Any], s: Settings) -> dict:
@@ -437,6 +537,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--temperature", type=float, default=1.2, help="self-play sampling temperature")
     parser.add_argument("--suffix-closed", type=float, default=0.0,
                         help="fraction of sampled yes/no questions asked with the benchmark's closed suffix")
+    parser.add_argument("--answers-per-question", type=int, default=2,
+                        help="sampled answers per question; above 2 every answer is judged and the pair is "
+                             "the best- against the worst-scored one")
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--judge", choices=("direct", "http"), default="direct",
@@ -451,7 +554,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     s = Settings(args.num_images, args.test_images, args.labelled, args.pool_images, args.questions,
                  args.temperature, args.answer_tokens, args.batch_size, args.judge, args.system,
-                 args.suffix_closed, args.reuse_stage1, _overrides(args.sft), _overrides(args.dpo))
+                 args.suffix_closed, args.reuse_stage1, args.answers_per_question, _overrides(args.sft),
+                 _overrides(args.dpo))
+    if args.answers_per_question < 2:
+        parser.error("--answers-per-question must be at least 2")
     out = Path(args.out)
     workdir = Path(args.workdir) if args.workdir else out.with_suffix("")
     results = []
