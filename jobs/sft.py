@@ -91,9 +91,7 @@ def _summarise(out: Path, run_name: str, checkpoint: str | None, wall_s: float) 
     """Counts and figures for summary.json, from what the workers wrote."""
     data = json.loads((out / DATA_REPORT_FILE).read_text())
     attempts = MetricsLog(out / ATTEMPTS_FILE).read()
-    # A restarted attempt re-runs the steps after its checkpoint: keep each step's latest row.
-    rows = sorted({row["step"]: row for row in MetricsLog(out / METRICS_FILE).read()}.values(),
-                  key=lambda row: row["step"])  # fmt: skip
+    rows = MetricsLog(out / METRICS_FILE).read_steps()
     last = rows[-1]
     busy = sum(row["step_time_s"] for row in rows)
     return {

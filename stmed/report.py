@@ -50,13 +50,6 @@ class Section:
 # ----------------------------------------------------------------------------- reading
 
 
-def _rows_by_step(path: Path) -> list[dict[str, Any]]:
-    """A metrics log with one row per step (a resumed run's rewrite of a step wins), in step order."""
-    rows = MetricsLog(path).read()
-    by_step = {int(row.get("step", i + 1)): row for i, row in enumerate(rows)}
-    return [{**by_step[s], "step": s} for s in sorted(by_step)]
-
-
 def _number(value: Any) -> float | None:
     """A finite float, or None (missing, null, NaN — a metric with no tokens in that step)."""
     if value is None or isinstance(value, bool):
@@ -167,7 +160,7 @@ def sft_section(run_dir: Path, plots: Path) -> Section:
     summary = read_summary(run_dir / "sft")
     if summary is None:
         return _missing("Stage 1 — reasoning and learning to question (SFT)", "sft")
-    rows = _rows_by_step(run_dir / "sft" / METRICS)
+    rows = MetricsLog(run_dir / "sft" / METRICS).read_steps()
     lines = ["## Stage 1 — reasoning and learning to question (SFT)", "",
              f"{len(rows)} logged steps. Loss on answers (L_qa) and on the questioner's questions (L_vq):", "",
              "| | total | L_qa | L_vq |", "|---|---|---|---|"]
@@ -205,7 +198,7 @@ def dpo_section(run_dir: Path, plots: Path) -> Section:
     summary = read_summary(run_dir / "dpo")
     if summary is None:
         return _missing("Stage 2 — preference revelation (DPO)", "dpo")
-    rows = [row for row in _rows_by_step(run_dir / "dpo" / METRICS) if _number(row.get(DPO_MARGIN)) is not None]
+    rows = [row for row in MetricsLog(run_dir / "dpo" / METRICS).read_steps() if _number(row.get(DPO_MARGIN)) is not None]
     lines = ["## Stage 2 — preference revelation (DPO)", ""]
     if not rows:
         return Section("\n".join(lines + ["No reward metrics were logged."]) + "\n")

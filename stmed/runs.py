@@ -61,6 +61,11 @@ class MetricsLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def read_steps(self) -> list[dict[str, Any]]:
+        """One row per step, in step order. A training attempt restarted from a checkpoint logs the steps
+        after that checkpoint again: the latest row of each step is the one that counts."""
+        return sorted({row["step"]: row for row in self.read()}.values(), key=lambda row: row["step"])
+
 
 def clear_run_logs(output_dir: str | os.PathLike, names: tuple[str, ...]) -> None:
     """Start a fresh run in a used ``output_dir``: drop the old run's appended logs, its summary and its

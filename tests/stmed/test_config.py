@@ -169,3 +169,12 @@ def test_a_local_checkpoint_path_becomes_absolute_and_a_hub_id_does_not(tmp_path
     assert local.name_or_path == str(tmp_path / "runs" / "merged")
     hub = build_config(ModelConfig, {"name_or_path": "llava-hf/llava-1.5-7b-hf"})
     assert hub.name_or_path == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_metrics_log_keeps_the_latest_row_of_a_rerun_step(tmp_path):
+    from stmed.runs import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step, loss in [(1, 5.0), (2, 4.0), (3, 3.0), (3, 2.5), (4, 2.0)]:  # step 3 ran again after a restart
+        log.write({"step": step, "loss": loss})
+    assert [(r["step"], r["loss"]) for r in log.read_steps()] == [(1, 5.0), (2, 4.0), (3, 2.5), (4, 2.0)]
