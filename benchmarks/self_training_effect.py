@@ -10,7 +10,12 @@ Ray-free: the library calls the jobs make, in one process, per seed:
    held out from both. One setting was chosen by looking at this script's stage-1 numbers on them
    (seed 0): ``stmed.synthetic.SUFFIXED_CLOSED_FRACTION = 1.0``, which moved stage 1 off the always-"yes"
    floor; no DPO setting was.
-2. Stage 1, ``stmed.train.train_sft`` in a ``LocalSession``, settings from ``jobs/configs/local/sft.yaml``.
+2. Stage 1, ``stmed.train.train_sft`` in a ``LocalSession``, settings from ``jobs/configs/local/sft.yaml``,
+   from the tiny preset's random weights, or (``--warmup-steps N``) from a *generally aligned* tiny base,
+   built once per run (``stmed.warmup``): the paper starts from LLaVA, which already reads images and
+   answers yes/no questions about them. The warm-up trains the tiny preset for N steps on phantoms of its
+   own (never benchmark or pool images): descriptions, and open and yes/no questions about modality and
+   organ only. Lesions, the "medical" findings, stay for stage 1 and self-training to learn.
 3. Self-play with ``stmed.generation`` (``HFEngine``): greedy description, ``--questions`` sampled
    questions per pool image (filtered by ``question_reasons``; ``--suffix-closed`` asks that share of the
    yes/no ones with the benchmark's closed suffix), two sampled answers per question
@@ -80,6 +85,7 @@ from stmed.model import load_model  # noqa: E402
 from stmed.runs import write_json  # noqa: E402
 from stmed.synthetic import load_findings, make_dataset, text_corpus  # noqa: E402
 from stmed.train import LocalSession, train_sft  # noqa: E402
+from stmed.warmup import make_warmup_data, warmup_train_config  # noqa: E402
 
 SFT_YAML = REPO / "jobs/configs/local/sft.yaml"
 DPO_YAML = REPO / "jobs/configs/local/dpo.yaml"
@@ -104,6 +110,9 @@ class Settings:
     suffix_closed: float = 0.0
     reuse_stage1: bool = False
     answers_per_question: int = 2
+    base: str | None = None
+    warmup_steps: int = 0
+    warmup_images: int = 600
     sft_overrides: dict[str, Any] = field(default_factory=dict)
     dpo_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -160,10 +169,23 @@ def prepare_data(root: Path, seed: int, s: Settings) -> dict[str, Any]:
     return {"paths": paths, "labelled": labelled_path, "pool": pool, "findings": load_findings(paths.findings)}
 
 
+def warmup_base(root: Path, s: Settings) -> Path:
+    """The generally aligned tiny base (``stmed.warmup``; step 2 of the module docstring), under ``root``."""
+    merged = root / "align" / "merged"
+    if s.reuse_stage1 and merged.is_dir():
+        return merged
+    shutil.rmtree(root, ignore_errors=True)
+    conversations = make_warmup_data(root / "data", num_images=s.warmup_images)
+    train_sft(warmup_train_config(conversations, root / "align", s.warmup_steps),
+              LocalSession(root / "align" / "checkpoints"))
+    return merged
+
+
 def run_stage1(root: Path, seed: int, data: dict[str, Any], s: Settings) -> dict[str, Any]:
     groups = _apply(_yaml_groups(SFT_YAML, ("lora", "train")), s.sft_overrides)
     groups["train"]["seed"] = seed
-    config = {"model": {"preset": "tiny", "seed": seed}, **groups, "instruct_path": str(data["labelled"]),
+    model = {"name_or_path": s.base} if s.base else {"preset": "tiny", "seed": seed}
+    config = {"model": model, **groups, "instruct_path": str(data["labelled"]),
               "image_root": str(data["paths"].images), "output_dir": str(root / "sft")}
     if not (s.reuse_stage1 and (root / "sft" / "merged").is_dir()):
         shutil.rmtree(root / "sft", ignore_errors=True)  # a fresh run, not a resume of an older one
@@ -550,16 +572,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="keep a stage-1 model already in the workdir (for tuning stage 2)")
     parser.add_argument("--sft", nargs="*", default=[], help="overrides of sft.yaml, e.g. train.max_steps=60")
     parser.add_argument("--dpo", nargs="*", default=[], help="overrides of dpo.yaml, e.g. dpo.beta=0.2")
+    parser.add_argument("--base", default=None, help="stage 1 starts from this model folder instead of the tiny preset")
+    parser.add_argument("--warmup-steps", type=int, default=0,
+                        help="build a generally aligned tiny base with this many steps first (0: none)")
+    parser.add_argument("--warmup-images", type=int, default=600, help="phantoms the warm-up trains on")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = Settings(args.num_images, args.test_images, args.labelled, args.pool_images, args.questions,
                  args.temperature, args.answer_tokens, args.batch_size, args.judge, args.system,
-                 args.suffix_closed, args.reuse_stage1, args.answers_per_question, _overrides(args.sft),
-                 _overrides(args.dpo))
+                 args.suffix_closed, args.reuse_stage1, args.answers_per_question, args.base,
+                 args.warmup_steps, args.warmup_images, _overrides(args.sft), _overrides(args.dpo))
     if args.answers_per_question < 2:
         parser.error("--answers-per-question must be at least 2")
     out = Path(args.out)
     workdir = Path(args.workdir) if args.workdir else out.with_suffix("")
+    if args.warmup_steps and args.base:
+        parser.error("--warmup-steps builds the base; do not pass --base as well")
+    if args.warmup_steps:
+        with _timed("warmup", warmup_timing := {}):
+            s.base = str(warmup_base(workdir / "base", s))
+        print(f"generally aligned base: {s.base} ({warmup_timing['warmup']['cpu_s']:.0f} CPU s)", flush=True)
     results = []
     print(HEADER, flush=True)
     for seed in args.seeds:
@@ -568,7 +600,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarize(results)
     for name, st in summary.items():
         print(f"{name:>24}: mean {st['mean']:8.3f}  std {st['std']:7.3f}  range {st['min']:.3f}..{st['max']:.3f}")
-    report = {"settings": {**vars(args)}, "results": results, "summary": summary}
+    report = {"settings": {**vars(args)}, "results": results, "summary": summary,
+              "warmup": warmup_timing if args.warmup_steps else None}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     return report

@@ -12,6 +12,7 @@ as wrong, as the official scorer would) and is counted in ``missing_images``.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,11 +23,12 @@ from actors.answerer import Answerer, vllm_answer
 from jobs.runtime import init_ray
 from stmed.config import ConfigError, ModelConfig, RayConfig, load_config, write_config
 from stmed.data import Prediction, VQAExample, read_benchmark, write_predictions
+from stmed.grading import preference, score_answer
 from stmed.log import get_logger
 from stmed.metrics import CLOSED, score
 from stmed.prompts import CLOSED_SUFFIX
 from stmed.runs import write_json, write_summary
-from stmed.synthetic import make_dataset
+from stmed.synthetic import load_findings, make_dataset
 
 if TYPE_CHECKING:
     import ray.data
@@ -75,6 +77,10 @@ class EvaluateConfig:
     batch_size: int = 8
     max_new_tokens: int = 128
     engine: Literal["hf", "vllm"] = "hf"
+    compare: dict[str, str] = field(default_factory=lambda: {"dpo": "sft"})
+    """Model → the model its answers are set against: on a benchmark with known findings (the synthetic
+    one), the reference judge's rules score both answers to every question and count wins, ties and
+    losses. A pair is skipped when either model is not evaluated."""
     ray: RayConfig = field(default_factory=RayConfig)
     """``ray.num_workers`` = answerer actors, each with ``cpus_per_worker`` CPUs (and 1 GPU if use_gpu)."""
 
@@ -179,6 +185,38 @@ def _score_benchmark(out_dir: Path, model_name: str, bench: Benchmark, rows: lis
     return {key: metrics[key] for key in RESULT_KEYS}
 
 
+def judge_preferences(cfg: EvaluateConfig, benchmarks: list[Benchmark], out: Path) -> dict[str, dict[str, Any]]:
+    """``{benchmark: {"<a>_vs_<b>": preference}}`` for each ``compare`` pair, on benchmarks whose folder
+    has a ``findings.json`` (the synthetic one); answers are read back from the answer files."""
+    found: dict[str, dict[str, Any]] = {}
+    for bench in benchmarks:
+        findings_path = bench.test_file.parent / "findings.json"
+        if not findings_path.is_file():
+            continue
+        findings = load_findings(findings_path)
+        for a, b in cfg.compare.items():
+            if a not in cfg.models or b not in cfg.models:
+                continue
+            texts = {m: [json.loads(line)["text"] for line in
+                         (out / m / bench.name / "answers.jsonl").read_text().splitlines()] for m in (a, b)}
+            scores = {m: [score_answer(q, t, findings[e.image])
+                          for e, q, t in zip(bench.examples, bench.asked, texts[m])] for m in (a, b)}
+            found.setdefault(bench.name, {})[f"{a}_vs_{b}"] = {"a": a, "b": b, **preference(scores[a], scores[b])}
+    return found
+
+
+def preference_table(prefs: dict[str, dict[str, Any]]) -> str:
+    lines = ["## Reference judge, head to head", "",
+             "| benchmark | models | wins | ties | losses | win rate | mean score |", "|---|---|---|---|---|---|---|"]
+    for bench, pairs in prefs.items():
+        for p in pairs.values():
+            lines.append(f"| {bench} | {p['a']} vs {p['b']} | {p['wins']} | {p['ties']} | {p['losses']} "
+                         f"| {_fmt(p['win_rate'])} | {p['mean_score_a']:.2f} vs {p['mean_score_b']:.2f} |")
+    lines += ["", ("Win rate: wins / (wins + losses) of the first model; every answer is scored 1-10 against "
+                   "the image's findings by the offline reference judge's rules."), ""]
+    return "\n".join(lines)
+
+
 def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -218,8 +256,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             for b in benchmarks}
         timing[model_name] = {"wall_s": wall, "questions": len(rows),
                               "questions_per_s_wall": len(rows) / wall}
-    (out / "results.md").write_text(results_table(results))
-    summary = {"stage": "evaluate", "results": results, "timing": timing,
+    prefs = judge_preferences(cfg, benchmarks, out)
+    (out / "results.md").write_text(results_table(results) + ("\n" + preference_table(prefs) if prefs else ""))
+    summary = {"stage": "evaluate", "results": results, "judge_preference": prefs, "timing": timing,
                "benchmarks": {b.name: {"test_file": str(b.test_file), "questions": len(b.examples)}
                               for b in benchmarks}}
     write_summary(out, summary)

@@ -250,3 +250,18 @@ def gradable(question: str) -> bool:
     # Whether a yes/no question is checkable does not depend on the image: any findings will do.
     return q.split(" ", 1)[0] in _AUXILIARY and _expected_yes(q, _ANY_FINDINGS) is not None
 
+
+
+def preference(scores_a: list[float], scores_b: list[float]) -> dict[str, Any]:
+    """Head-to-head of two models' answers to the same questions, from each answer's judge score.
+
+    ``win_rate`` is wins / (wins + losses) of model a, ties left out (None when every question ties);
+    the mean scores are over all questions.
+    """
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError(f"preference: need equal, non-empty score lists; got {len(scores_a)} and {len(scores_b)}")
+    wins = sum(a > b for a, b in zip(scores_a, scores_b))
+    losses = sum(a < b for a, b in zip(scores_a, scores_b))
+    return {"questions": len(scores_a), "wins": wins, "ties": len(scores_a) - wins - losses, "losses": losses,
+            "win_rate": wins / (wins + losses) if wins + losses else None,
+            "mean_score_a": sum(scores_a) / len(scores_a), "mean_score_b": sum(scores_b) / len(scores_b)}

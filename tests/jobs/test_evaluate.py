@@ -13,10 +13,11 @@ import pytest
 from jobs.evaluate import RESULT_KEYS, EvaluateConfig, answer_plan, main, resolve_benchmarks
 from stmed.config import ConfigError, build_config, load_config, read_yaml
 from stmed.data import read_benchmark, read_predictions
+from stmed.grading import score_answer
 from stmed.metrics import score
 from stmed.model import build_tiny
 from stmed.prompts import CLOSED_SUFFIX
-from stmed.synthetic import make_dataset
+from stmed.synthetic import load_findings, make_dataset
 
 LOCAL = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "local" / "evaluate.yaml"
 FAST = ["max_new_tokens=6", "batch_size=4"]
@@ -51,6 +52,7 @@ def run(ray_session, tmp_path_factory) -> dict[str, Any]:
     cfg = build_config(EvaluateConfig, read_yaml(LOCAL), [
         f"output_dir={out / 'run'}", f"data_dir={data}", "limit=16", *FAST,
         f"models.sft.name_or_path={out / 'sft'}", f"benchmarks.damaged.test_file={damaged}",
+        "compare.sft=base",
     ])
     return {"cfg": cfg, "summary": main(cfg), "out": out / "run", "data": data, "damaged": damaged,
             "bad_images": bad_images}
@@ -105,7 +107,7 @@ def test_missing_and_corrupt_images_are_counted_not_fatal(run):
 
 
 def test_results_table_summary_and_config(run):
-    table = (run["out"] / "results.md").read_text().splitlines()
+    table = (run["out"] / "results.md").read_text().split("## Reference judge")[0].splitlines()
     header = next(line for line in table if line.startswith("| model"))
     assert "synthetic Recall" in header and "damaged Closed strict" in header
     rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| ") and line != header}
@@ -118,6 +120,26 @@ def test_results_table_summary_and_config(run):
     assert summary["timing"]["base"]["questions"] == 16 + 10
     reloaded = load_config(EvaluateConfig, ["--config", str(run["out"] / "config.yaml")])
     assert reloaded == run["cfg"]
+
+
+def test_head_to_head_is_the_reference_judges_scores_of_both_answer_files(run):
+    """compare.sft=base: on the synthetic benchmark (it has findings.json) every question's two answers
+    are scored against the image's findings; the damaged copy has no findings and gets no comparison."""
+    prefs = run["summary"]["judge_preference"]
+    assert set(prefs) == {"synthetic"} and set(prefs["synthetic"]) == {"sft_vs_base"}  # no dpo: pair skipped
+    got = prefs["synthetic"]["sft_vs_base"]
+    findings = load_findings(run["data"] / "findings.json")
+    examples = read_benchmark(run["data"] / "test_w_options.json")[:16]
+    scores = {m: [score_answer(e.question, p.text, findings[e.image]) for e, p in
+                  zip(examples, read_predictions(run["out"] / m / "synthetic" / "answers.jsonl"))]
+              for m in ("sft", "base")}
+    wins = sum(a > b for a, b in zip(scores["sft"], scores["base"]))
+    losses = sum(a < b for a, b in zip(scores["sft"], scores["base"]))
+    assert (got["wins"], got["losses"], got["ties"], got["questions"]) == (wins, losses, 16 - wins - losses, 16)
+    assert got["mean_score_a"] == pytest.approx(sum(scores["sft"]) / 16)
+    assert got["mean_score_b"] == pytest.approx(sum(scores["base"]) / 16)
+    table = (run["out"] / "results.md").read_text()
+    assert f"| synthetic | sft vs base | {wins} | {16 - wins - losses} | {losses} |" in table
 
 
 def test_vqa_rad_answer_file_format(ray_session, vqa_rad_dir: Path, tmp_path: Path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stmed.grading import gradable, judge_answer, score_answer
+from stmed.grading import gradable, judge_answer, preference, score_answer
 from stmed.synthetic import Findings, load_findings, make_dataset, text_corpus
 
 LESION = Findings("ct", "chest", True, side="left", count=2, size="large")
@@ -109,3 +109,13 @@ def test_template_questions_are_gradable_and_unreadable_ones_are_not() -> None:
     assert gradable("Is the lesion on the left side? Please choose from the following two options: [yes, no]")
     assert not gradable("What else can be said about this picture?")
     assert not gradable("Is it?")
+
+
+def test_preference_counts_wins_ties_losses_of_the_first_model() -> None:
+    got = preference([8, 2, 5, 9], [2, 8, 5, 3])
+    assert (got["wins"], got["ties"], got["losses"], got["questions"]) == (2, 1, 1, 4)
+    assert got["win_rate"] == pytest.approx(2 / 3)
+    assert (got["mean_score_a"], got["mean_score_b"]) == (6.0, 4.5)
+    assert preference([5, 5], [5, 5])["win_rate"] is None  # all ties: no rate, not a fake 0.5
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        preference([1, 2], [1])

@@ -24,6 +24,8 @@ RESULTS = {
     "dpo": {"synthetic": {"open_recall": 33.75, "open_f1": 22.0, "closed_accuracy": 61.5,
                           "closed_accuracy_strict": 57.25}},
 }
+PREFS = {"synthetic": {"dpo_vs_sft": {"a": "dpo", "b": "sft", "questions": 20, "wins": 7, "ties": 10, "losses": 3,
+                                      "win_rate": 0.7, "mean_score_a": 6.1, "mean_score_b": 5.4}}}
 JUDGE = {"pairs": 9, "judged": 8, "failed": 1,
          "decisions": {"answer 1 scored higher": 3, "answer 2 scored higher": 2, "tie": 3, "failed": 1}}
 # jobs.generate's failures.jsonl: judged-but-dropped pairs carry their scores, other drops do not.
@@ -51,7 +53,7 @@ def run_dir(tmp_path: Path) -> Path:
     for row in DPO_ROWS:
         MetricsLog(tmp_path / "dpo" / "metrics.jsonl").write(row)
     write_summary(tmp_path / "dpo", {"stage": "dpo"})
-    write_summary(tmp_path / "evaluate", {"stage": "evaluate", "results": RESULTS})
+    write_summary(tmp_path / "evaluate", {"stage": "evaluate", "results": RESULTS, "judge_preference": PREFS})
     write_json(tmp_path / "pipeline.json", {"stages": {"sft": {"wall_s": 72.25}, "generate": {"wall_s": 100.0}}})
     return tmp_path
 
@@ -79,7 +81,10 @@ def test_report_numbers_are_the_inputs(run_dir: Path) -> None:
     assert "| dpo | 33.75 | 22.00 | 61.50 | 57.25 |" in text
     assert "| base | 1.25 | 0.50 | 40.00 | 35.00 |" in text
     # Self-training effect: sft → dpo deltas of closed accuracy, strict closed and open recall.
-    assert "| synthetic | sft → dpo | 55.00 → 61.50 (+6.50) | 50.00 → 57.25 (+7.25) | 30.50 → 33.75 (+3.25) |" in text
+    # and the reference judge's head-to-head of the dpo answers against the sft ones.
+    assert ("| synthetic | sft → dpo | 55.00 → 61.50 (+6.50) | 50.00 → 57.25 (+7.25) | 30.50 → 33.75 (+3.25) "
+            "| 7/10/3 | 0.70 |") in text
+    assert "| synthetic | base → dpo | 40.00 → 61.50 (+21.50) | 35.00 → 57.25 (+22.25) | 1.25 → 33.75 (+32.50) | – | – |" in text
     # Timing: the pipeline's own measurement wins over the stage summary's.
     assert "| sft | 72.2 |" in text and "| generate | 100.0 |" in text and "| total | 172.2 |" in text
     # Rows appear base, sft, dpo whatever the summary's order.
