@@ -87,7 +87,7 @@ from stmed import reference_judge as rj  # noqa: E402
 from stmed.config import ModelConfig  # noqa: E402
 from stmed.data import PreferencePair, Prediction, read_benchmark, write_preferences  # noqa: E402
 from stmed.dpo import train_dpo  # noqa: E402
-from stmed.grading import gradable, score_answer  # noqa: E402
+from stmed.grading import gradable, preference, score_answer  # noqa: E402
 from stmed.generation import (  # noqa: E402
     GenerationSettings,
     HFEngine,
@@ -486,11 +486,9 @@ def judge_preference(data: dict[str, Any], sft_texts: list[str], dpo_texts: list
               data["findings"][e.image]) for e, d, t in zip(examples, dpo_texts, sft_texts)]
     scores = judge_items(items, s, server)
     ok = [sc for sc in scores if sc is not None]
-    wins = sum(1 for a, b in ok if a > b)
-    losses = sum(1 for a, b in ok if a < b)
-    return {"wins": wins, "ties": len(ok) - wins - losses, "losses": losses, "failed": len(scores) - len(ok),
-            "win_rate": wins / max(1, wins + losses),
-            "mean_score_dpo": statistics.fmean(a for a, _ in ok), "mean_score_sft": statistics.fmean(b for _, b in ok)}
+    head = preference([a for a, _ in ok], [b for _, b in ok])
+    return {"wins": head["wins"], "ties": head["ties"], "losses": head["losses"], "failed": len(scores) - len(ok),
+            "win_rate": head["win_rate"], "mean_score_dpo": head["mean_score_a"], "mean_score_sft": head["mean_score_b"]}
 
 
 def run_seed(seed: int, root: Path, s: Settings) -> dict[str, Any]:
@@ -545,13 +543,14 @@ def _row(r: dict[str, Any]) -> str:
     p = r["judge_preference"]
     return ROW.format(seed=r["seed"], c1=c1, c2=c2, dc=c2 - c1, o1=r["stage1"]["metrics"]["open_recall"],
                       o2=r["stage2"]["metrics"]["open_recall"], w=p["wins"], t=p["ties"], l=p["losses"],
-                      wr=p["win_rate"], wf=r["questions"]["well_formed_rate"], vq0=r["stage1"]["loss_vq_first"],
+                      wr=float("nan") if p["win_rate"] is None else p["win_rate"], wf=r["questions"]["well_formed_rate"], vq0=r["stage1"]["loss_vq_first"],
                       vq1=r["stage1"]["loss_vq_last"], np=r["pairs"]["pairs"],
                       sec=sum(t["cpu_s"] for t in r["timings"].values()))
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    def stats(values: list[float]) -> dict[str, float]:
+    def stats(values: list[float | None]) -> dict[str, float]:
+        values = [v for v in values if v is not None] or [float("nan")]  # a win rate is None when all tie
         return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "min": min(values), "max": max(values)}
 

@@ -12,7 +12,6 @@ as wrong, as the official scorer would) and is counted in ``missing_images``.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from actors.answerer import Answerer, vllm_answer
 from jobs.runtime import init_ray
 from stmed.config import ConfigError, ModelConfig, RayConfig, load_config, write_config
-from stmed.data import Prediction, VQAExample, read_benchmark, write_predictions
+from stmed.data import Prediction, VQAExample, read_benchmark, read_predictions, write_predictions
 from stmed.grading import preference, score_answer
 from stmed.log import get_logger
 from stmed.metrics import CLOSED, score
@@ -197,8 +196,7 @@ def judge_preferences(cfg: EvaluateConfig, benchmarks: list[Benchmark], out: Pat
         for a, b in cfg.compare.items():
             if a not in cfg.models or b not in cfg.models:
                 continue
-            texts = {m: [json.loads(line)["text"] for line in
-                         (out / m / bench.name / "answers.jsonl").read_text().splitlines()] for m in (a, b)}
+            texts = {m: [p.text for p in read_predictions(out / m / bench.name / "answers.jsonl")] for m in (a, b)}
             scores = {m: [score_answer(q, t, findings[e.image])
                           for e, q, t in zip(bench.examples, bench.asked, texts[m])] for m in (a, b)}
             found.setdefault(bench.name, {})[f"{a}_vs_{b}"] = {"a": a, "b": b, **preference(scores[a], scores[b])}

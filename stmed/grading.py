@@ -251,7 +251,6 @@ def gradable(question: str) -> bool:
     return q.split(" ", 1)[0] in _AUXILIARY and _expected_yes(q, _ANY_FINDINGS) is not None
 
 
-
 def preference(scores_a: list[float], scores_b: list[float]) -> dict[str, Any]:
     """Head-to-head of two models' answers to the same questions, from each answer's judge score.
 
