@@ -108,7 +108,7 @@ from stmed.model import load_model  # noqa: E402
 from stmed.runs import write_json  # noqa: E402
 from stmed.synthetic import load_findings, make_dataset, text_corpus  # noqa: E402
 from stmed.train import LocalSession, train_sft  # noqa: E402
-from stmed.warmup import make_warmup_data, warmup_train_config  # noqa: E402
+from stmed.warmup import WARMUP_FILE, make_warmup_data, warmup_train_config  # noqa: E402
 
 SFT_YAML = REPO / "jobs/configs/local/sft.yaml"
 DPO_YAML = REPO / "jobs/configs/local/dpo.yaml"
@@ -136,6 +136,8 @@ class Settings:
     base: str | None = None
     warmup_steps: int = 0
     warmup_images: int = 600
+    replay: int = 0
+    replay_from: str | None = None  # the warm-up conversations, set once the warm-up has run
     sft_overrides: dict[str, Any] = field(default_factory=dict)
     dpo_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -187,7 +189,12 @@ def prepare_data(root: Path, seed: int, s: Settings) -> dict[str, Any]:
         raise ValueError(f"--labelled {s.labelled} + --pool-images {s.pool_images} > {len(instruct)} training "
                          "images; raise --num-images")
     labelled_path = paths.root / "instruct_labelled.json"
-    write_json(labelled_path, instruct[: s.labelled])
+    replayed = []
+    if s.replay:  # warm-up conversations mixed in, their images by absolute path (another folder)
+        warm = Path(str(s.replay_from))
+        replayed = [{**row, "image": str((warm.parent / "images" / row["image"]).resolve())}
+                    for row in json.loads(warm.read_text())[: s.replay]]
+    write_json(labelled_path, instruct[: s.labelled] + replayed)
     pool = [row["image"] for row in instruct[s.labelled : s.labelled + s.pool_images]]
     return {"paths": paths, "labelled": labelled_path, "pool": pool, "findings": load_findings(paths.findings)}
 
@@ -637,17 +644,22 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--warmup-steps", type=int, default=0,
                         help="build a generally aligned tiny base with this many steps first (0: none)")
     parser.add_argument("--warmup-images", type=int, default=600, help="phantoms the warm-up trains on")
+    parser.add_argument("--replay", type=int, default=0,
+                        help="mix this many warm-up conversations into stage 1's labelled data (needs the warm-up)")
     recipe = parser.parse_known_args(argv)[0].recipe
     parser.set_defaults(**RECIPES[recipe])
     args = parser.parse_args(argv)
     s = Settings(args.num_images, args.test_images, args.labelled, args.pool_images, args.questions,
                  args.temperature, args.answer_tokens, args.batch_size, args.judge, args.system,
                  args.suffix_closed, args.reuse_stage1, args.answers_per_question, args.base,
-                 args.warmup_steps, args.warmup_images, _overrides(args.sft), _overrides(args.dpo))
+                 args.warmup_steps, args.warmup_images, args.replay, None, _overrides(args.sft),
+                 _overrides(args.dpo))
     if args.answers_per_question < 2:
         parser.error("--answers-per-question must be at least 2")
     if args.warmup_steps and args.base:
         parser.error("--warmup-steps builds the base; do not pass --base as well")
+    if args.replay and not args.warmup_steps:
+        parser.error("--replay mixes in warm-up conversations: it needs --warmup-steps (or --recipe aligned)")
     return args, s
 
 
@@ -659,6 +671,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.warmup_steps:
         with _timed("warmup", warmup_timing := {}):
             s.base = str(warmup_base(workdir / "base", s))
+        s.replay_from = str(workdir / "base" / "data" / WARMUP_FILE)
         print(f"generally aligned base: {s.base} ({warmup_timing['warmup']['cpu_s']:.0f} CPU s)", flush=True)
     results = []
     print(HEADER, flush=True)

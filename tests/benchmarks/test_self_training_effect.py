@@ -45,3 +45,20 @@ def test_yes_no_breakdown_separates_a_bias_shift_from_reading() -> None:
     # First yes/no word counts ("no, ... yes" is a no); an answer with neither is wrong on both sides.
     mixed = ste.yes_no_breakdown(examples, ["no, yes", "yes", "it is unclear", "no", "left"])
     assert mixed == {"closed_said_yes": 25.0, "closed_accuracy_on_yes": 50.0, "closed_accuracy_on_no": 50.0}
+
+
+def test_replay_mixes_warmup_conversations_into_stage_one(tmp_path: Path, capsys) -> None:
+    from stmed.warmup import make_warmup_data
+
+    warm = make_warmup_data(tmp_path / "base" / "data", num_images=10)
+    _, s = ste.parse(["--recipe", "aligned", "--replay", "6", "--num-images", "30", "--test-images", "6",
+                      "--labelled", "4", "--pool-images", "8"])
+    s.replay_from = str(warm)
+    data = ste.prepare_data(tmp_path / "seed0", 0, s)
+    rows = ste.json.loads(data["labelled"].read_text())
+    assert len(rows) == 4 + 6 and len(data["pool"]) == 8
+    assert all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in rows[4:])
+    assert [r["conversations"] for r in rows[4:]] == [r["conversations"] for r in ste.json.loads(warm.read_text())[:6]]
+    with pytest.raises(SystemExit):
+        ste.parse(["--replay", "6"])  # nothing to replay without the warm-up
+    assert "--replay mixes in warm-up conversations" in capsys.readouterr().err
