@@ -103,7 +103,7 @@ from stmed.generation import (  # noqa: E402
     question_reasons,
 )
 from stmed.images import image_to_data_url, load_image  # noqa: E402
-from stmed.metrics import score  # noqa: E402
+from stmed.metrics import score, yes_no_split  # noqa: E402
 from stmed.model import load_model  # noqa: E402
 from stmed.runs import write_json  # noqa: E402
 from stmed.synthetic import load_findings, make_dataset, text_corpus  # noqa: E402
@@ -468,20 +468,7 @@ def evaluate(model_dir: Path, data: dict[str, Any], s: Settings) -> tuple[dict[s
     texts = answer(engine, images, [e.question for e in examples], GREEDY_EVAL, system=system)
     preds = [Prediction(question_id=e.id, prompt=e.question, text=t, answer_type=e.answer_type)
              for e, t in zip(examples, texts)]
-    return {**score(examples, preds), **yes_no_breakdown(examples, texts)}, texts
-
-
-def yes_no_breakdown(examples: list, texts: list[str]) -> dict[str, float]:
-    """Closed answers by the first yes/no word they say (%): how often "yes", and the accuracy on the
-    questions whose answer is yes and on those whose answer is no. On a benchmark balanced between the two,
-    a model that only shifts its yes/no bias moves one of these up and the other down; one that reads the
-    image better moves both up."""
-    closed = [(e.answer.strip().lower(), _yes_no(t)) for e, t in zip(examples, texts) if e.answer_type == "CLOSED"]
-    on_yes = [said == "yes" for truth, said in closed if truth == "yes"]
-    on_no = [said == "no" for truth, said in closed if truth == "no"]
-    return {"closed_said_yes": 100 * statistics.fmean(said == "yes" for _, said in closed) if closed else 0.0,
-            "closed_accuracy_on_yes": 100 * statistics.fmean(on_yes) if on_yes else 0.0,
-            "closed_accuracy_on_no": 100 * statistics.fmean(on_no) if on_no else 0.0}
+    return {**score(examples, preds), **yes_no_split(examples, texts)}, texts
 
 
 def judge_preference(data: dict[str, Any], sft_texts: list[str], dpo_texts: list[str], s: Settings,

@@ -24,7 +24,7 @@ from stmed.config import ConfigError, ModelConfig, RayConfig, load_config, write
 from stmed.data import Prediction, VQAExample, read_benchmark, read_predictions, write_predictions
 from stmed.grading import preference, score_answer
 from stmed.log import get_logger
-from stmed.metrics import CLOSED, score
+from stmed.metrics import CLOSED, score, yes_no_split
 from stmed.prompts import CLOSED_SUFFIX
 from stmed.runs import write_json, write_summary
 from stmed.synthetic import load_findings, make_dataset
@@ -37,7 +37,8 @@ log = get_logger("jobs.evaluate")
 SYNTHETIC = "synthetic"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # model/benchmark names become directory names
 RESULT_KEYS = ("open_recall", "open_f1", "open_precision", "closed_accuracy", "closed_accuracy_strict",
-               "num_open", "num_closed", "missing_images", "questions_per_s")
+               "closed_said_yes", "closed_accuracy_on_yes", "closed_accuracy_on_no", "num_open", "num_closed",
+               "missing_images", "questions_per_s")
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,8 @@ def _score_benchmark(out_dir: Path, model_name: str, bench: Benchmark, rows: lis
     errors = [{"question_id": e.id, "error": r["error"]}
               for e, r in zip(bench.examples, ordered) if r["error"]]
     engine_s = sum(float(r["gen_s"]) for r in ordered)
-    metrics = {**score(bench.examples, preds), "missing_images": len(errors),
+    metrics = {**score(bench.examples, preds), **yes_no_split(bench.examples, [p.text for p in preds]),
+               "missing_images": len(errors),
                "questions_per_s": len(preds) / engine_s if engine_s > 0 else None}
     write_json(out_dir / "metrics.json", {
         "model": model_name, "benchmark": bench.name, "test_file": str(bench.test_file),

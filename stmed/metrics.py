@@ -125,10 +125,30 @@ def closed_hit(pred: str, gt: str) -> bool:
     return says_yes_or_no and gt_norm in pred_norm
 
 
+def first_yes_no(pred: str) -> str | None:
+    """The first whole word "yes" or "no" in the (normalised) prediction, or None."""
+    return next((word for word in normalize(pred).split() if word in ("yes", "no")), None)
+
+
 def closed_hit_strict(pred: str, gt: str) -> bool:
     """The first whole word "yes" or "no" in the prediction equals the (normalised) answer."""
-    first = next((word for word in normalize(pred).split() if word in ("yes", "no")), None)
+    first = first_yes_no(pred)
     return first is not None and first == normalize(gt)
+
+
+def yes_no_split(examples: Sequence[VQAExample], texts: Sequence[str]) -> dict[str, float | None]:
+    """CLOSED yes/no questions by what the answer says first (%): how often "yes", and the strict accuracy on
+    the questions whose answer is yes and on those whose answer is no (None where there are none). A model
+    that only shifts its yes/no bias moves one accuracy up and the other down; one that reads the image
+    better moves both up, which a single accuracy on a balanced benchmark cannot tell apart."""
+    said = [(normalize(e.answer), first_yes_no(t)) for e, t in zip(examples, texts) if e.answer_type == CLOSED]
+    said = [(truth, first) for truth, first in said if truth in ("yes", "no")]
+
+    def percent(truth: str | None, word: str) -> float | None:
+        return _mean_percent([float(first == word) for t, first in said if truth is None or t == truth])
+
+    return {"closed_said_yes": percent(None, "yes"), "closed_accuracy_on_yes": percent("yes", "yes"),
+            "closed_accuracy_on_no": percent("no", "no")}
 
 
 def _check_aligned(examples: Sequence[VQAExample], predictions: Sequence[Prediction]) -> None:

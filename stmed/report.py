@@ -248,13 +248,13 @@ def evaluation_sections(run_dir: Path) -> Section:
     benchmarks = list(dict.fromkeys(b for per_model in results.values() for b in per_model))
     prefs = summary.get("judge_preference") or {}
     lines += ["## Self-training effect", "",
-              "| benchmark | change | closed accuracy | closed strict | open recall | judge W/T/L | judge win rate |",
-              "|---|---|---|---|---|---|---|"]
+              ("| benchmark | change | closed accuracy | closed strict | closed said yes | open recall | judge W/T/L "
+               "| judge win rate |"), "|---|---|---|---|---|---|---|---|"]
     for bench in benchmarks:
         for before, after in (("sft", "dpo"), ("base", "dpo")):
             if before in results and after in results:
                 cells = [_delta(results, bench, k, before, after)
-                         for k in ("closed_accuracy", "closed_accuracy_strict", "open_recall")]
+                         for k in ("closed_accuracy", "closed_accuracy_strict", "closed_said_yes", "open_recall")]
                 pref = (prefs.get(bench) or {}).get(f"{after}_vs_{before}")
                 cells += ([f"{pref['wins']}/{pref['ties']}/{pref['losses']}", _f(pref["win_rate"], 2)]
                           if pref else ["–", "–"])
@@ -262,7 +262,9 @@ def evaluation_sections(run_dir: Path) -> Section:
     lines += ["", ("Stage 2 (DPO on self-generated, judge-ranked answers) against stage 1 shows what "
               "preference revelation adds; against the base model, what the whole self-training did. "
               "Judge: the offline reference judge scores both models' answers to every question of a benchmark "
-              "with known findings; W/T/L and the win rate (wins / (wins + losses)) are the later model's.")]
+              "with known findings; W/T/L and the win rate (wins / (wins + losses)) are the later model's. "
+              "Closed said yes: the share of closed answers that say yes first; on a benchmark balanced between yes "
+              "and no, a change in closed accuracy that comes with a large change here is a bias shift.")]
     return Section("\n".join(lines) + "\n")
 
 

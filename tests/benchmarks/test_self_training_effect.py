@@ -33,20 +33,6 @@ def test_contradictory_flags_are_refused(capsys) -> None:
     assert "--warmup-steps builds the base" in capsys.readouterr().err
 
 
-def test_yes_no_breakdown_separates_a_bias_shift_from_reading() -> None:
-    from stmed.data import VQAExample
-
-    def ex(answer: str, kind: str = "CLOSED") -> VQAExample:
-        return VQAExample(id=answer, image="i.png", question="Is there a lesion?", answer=answer, answer_type=kind)
-
-    examples = [ex("yes"), ex("yes"), ex("no"), ex("no"), ex("left", "OPEN")]
-    always_yes = ste.yes_no_breakdown(examples, ["Yes.", "yes", "yes, there is", "yes", "no idea"])
-    assert always_yes == {"closed_said_yes": 100.0, "closed_accuracy_on_yes": 100.0, "closed_accuracy_on_no": 0.0}
-    # First yes/no word counts ("no, ... yes" is a no); an answer with neither is wrong on both sides.
-    mixed = ste.yes_no_breakdown(examples, ["no, yes", "yes", "it is unclear", "no", "left"])
-    assert mixed == {"closed_said_yes": 25.0, "closed_accuracy_on_yes": 50.0, "closed_accuracy_on_no": 50.0}
-
-
 def test_replay_mixes_warmup_conversations_into_stage_one(tmp_path: Path, capsys) -> None:
     from stmed.warmup import make_warmup_data
 

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from stmed.data import Prediction, VQAExample, read_benchmark
-from stmed.metrics import PERIOD_LIMIT, closed_hit, closed_hit_strict, normalize, open_scores, score
+from stmed.metrics import (
+    PERIOD_LIMIT,
+    closed_hit,
+    closed_hit_strict,
+    normalize,
+    open_scores,
+    score,
+    yes_no_split,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 VQA_RAD = REPO.parent / "shared" / "benchmarks" / "vqa_rad" / "test.json"
@@ -207,3 +215,18 @@ def test_vqa_rad_always_yes_baseline():
     assert round(result["closed_accuracy"], 2) == 43.38  # 118 / 272
     assert round(result["closed_accuracy_strict"], 2) == 43.38
     assert result["open_recall"] == result["open_f1"] == result["open_precision"] == 0.0
+
+
+def test_yes_no_split_separates_a_bias_shift_from_reading() -> None:
+    def ex(answer: str, kind: str = "CLOSED") -> VQAExample:
+        return VQAExample(id=answer, image="i.png", question="Is there a lesion?", answer=answer,
+                          answer_type=kind)
+
+    examples = [ex("yes"), ex("Yes"), ex("no"), ex("no"), ex("left", "OPEN")]
+    always_yes = yes_no_split(examples, ["Yes.", "yes", "yes, there is", "yes", "no idea"])
+    assert always_yes == {"closed_said_yes": 100.0, "closed_accuracy_on_yes": 100.0,
+                          "closed_accuracy_on_no": 0.0}
+    # The first yes/no word counts ("no, ... yes" is a no); an answer with neither is wrong either way.
+    mixed = yes_no_split(examples, ["no, yes", "yes", "it is unclear", "no", "left"])
+    assert mixed == {"closed_said_yes": 25.0, "closed_accuracy_on_yes": 50.0, "closed_accuracy_on_no": 50.0}
+    assert yes_no_split([ex("left", "OPEN")], ["left"]) == dict.fromkeys(mixed)  # no closed questions: None
