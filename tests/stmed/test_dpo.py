@@ -28,6 +28,7 @@ from stmed.preference_data import PreferenceDataset, collate_pairs, load_prefere
 from stmed.runs import MetricsLog
 from stmed.synthetic import make_dataset
 from stmed.train import LocalSession
+from tests.helpers import perturb_trainable
 
 LORA = DPOLoRAConfig(llm_r=4, llm_alpha=8, vit_r=2, vit_alpha=4)
 CHOSEN = "Yes, there is a lesion in the left lung."
@@ -71,15 +72,6 @@ def _loop_config(stage1: Path, prefs: Path, images: Path, out: Path, dpo: DPOSet
                         train=DPOTrainConfig(**{**base, **train}), dpo=dpo or DPOSettings(),
                         export_merged=False)  # fmt: skip
     return config_to_dict(cfg, redact=False)
-
-
-def _perturb_trainable(model, seed: int = 1) -> None:
-    """Move LoRA B (zero at init) and the trained projector copy, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 # ----------------------------------------------------------------------------- data
@@ -133,7 +125,7 @@ def test_reference_is_the_stage1_model_even_after_the_policy_moves(synthetic, st
     stage1_model, processor = load_model(ModelConfig(name_or_path=str(stage1)))  # independent, no LoRA
     policy_base, _ = load_model(ModelConfig(name_or_path=str(stage1)))
     peft_model = attach_lora(policy_base, LORA)
-    _perturb_trainable(peft_model)  # LoRA B and the projector copy drift, as in training
+    perturb_trainable(peft_model)  # LoRA B and the projector copy drift, as in training
     peft_model.train()
     dataset = PreferenceDataset(_pairs(_images(synthetic), 3), synthetic.images, processor, max_length=256)
     batch = collate_pairs([dataset[(0, i)] for i in range(3)], processor.tokenizer.pad_token_id)

@@ -23,6 +23,7 @@ from stmed.model import (
     pixel_values,
     save_trainable,
 )
+from tests.helpers import perturb_trainable
 
 # Small ranks keep the test fast; the per-module values are what is checked.
 LORA = LoRAConfig(llm_r=4, llm_alpha=8, llm_dropout=0.05, vit_r=2, vit_alpha=4, vit_dropout=0.2)
@@ -54,15 +55,6 @@ def _logits(model, inputs) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(**inputs).logits
-
-
-def _perturb_trainable(model, seed: int = 1) -> None:
-    """Give LoRA B (zero at init) and the projector values so merging has something to fold in."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 # ----------------------------------------------------------------------------- tiny model
@@ -215,7 +207,7 @@ def test_param_groups_reject_stray_trainable_param():
 
 def test_save_and_load_trainable_round_trip(inputs, tmp_path: Path):
     trained = _fresh_peft()
-    _perturb_trainable(trained)
+    perturb_trainable(trained)
     save_trainable(trained, tmp_path)
     fresh = _fresh_peft()
     assert not torch.equal(_logits(fresh, inputs), _logits(trained, inputs))
@@ -234,7 +226,7 @@ def test_merge_and_export_reproduces_peft_logits(tiny, inputs, tmp_path: Path):
     peft_model = _fresh_peft()
     with peft_model.disable_adapter():
         base_logits = _logits(peft_model, inputs)
-    _perturb_trainable(peft_model)
+    perturb_trainable(peft_model)
     peft_logits = _logits(peft_model, inputs)
     assert not torch.allclose(peft_logits, base_logits, atol=1e-3)
 
@@ -272,7 +264,7 @@ def test_train_embeddings_trains_embeddings_in_llm_group_and_keeps_originals(tin
 
     with peft_model.disable_adapter():
         base_logits = _logits(peft_model, inputs)
-    _perturb_trainable(peft_model)
+    perturb_trainable(peft_model)
     base = peft_model.get_base_model()
     assert not torch.equal(base.lm_head.modules_to_save["default"].weight, base.lm_head.original_module.weight)
     peft_logits = _logits(peft_model, inputs)
