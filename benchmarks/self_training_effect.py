@@ -73,7 +73,9 @@ Recipes (``--recipe``, defaults that explicit flags override):
   2.9, judge 0.58, open recall kept (69.8 -> 68.6), at twice the DPO time;
   ``--replay 240`` (stage 1 keeps the base's yes/no skill: 69-76% closed, 0.79-0.81 well-formed
   questions; seeds 0-2, their own stage-1 models): +1.7, -2.3, +1.7, so DPO adds nothing to a strong
-  stage 1. See the README, "Does self-training help on the embedded default?".
+  stage 1; ``--replay 60`` (stage 1 68-73%): -3.0, -1.3, -2.7; stage 1 for 125 steps instead of 250
+  (``--sft ... train.max_steps=125``; 0.54-0.59 well-formed questions): -3.0, -6.7, -0.7. See the README,
+  "Does self-training help on the embedded default?".
 """
 
 from __future__ import annotations
