@@ -14,7 +14,7 @@ and ``gen_s`` (this row's share of the batch's generation time). An unreadable i
 ``error``, never an exception: one bad file must not end a 7k-question run.
 
 Two engines, one row schema (the ``engine: hf|vllm`` key, as in ``jobs.generate``): ``Answerer`` holds
-``stmed.generation.HFEngine`` (CPU, or a GPU without vLLM); ``vllm_answer`` maps a dataset through a
+``stmed.model.generate.HFEngine`` (CPU, or a GPU without vLLM); ``vllm_answer`` maps a dataset through a
 Ray Data LLM processor like ``actors.generator.vllm_generate``. vLLM is imported only when asked for, is
 UNVERIFIED (no GPU where this was written) and needs merged weights (``model.name_or_path``).
 """
@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from stmed import prompts
 from stmed.config import ModelConfig, build_config
-from stmed.generation import GREEDY, HFEngine, answer, clean_output
-from stmed.images import ImageLoadError, image_to_data_url, load_image
-from stmed.model import load_model
+from stmed.data.images import ImageLoadError, image_to_data_url, load_image
+from stmed.model import prompts
+from stmed.model.build import load_model
+from stmed.model.generate import GREEDY, HFEngine, answer, clean_output
 
 if TYPE_CHECKING:
     import ray.data

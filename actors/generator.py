@@ -13,7 +13,7 @@ derives from the global seed and the image id (``GenerationSettings.question_see
 engine samples each row from its own generator, so a rerun gives the same rows whatever the batching.
 
 Output: one row per sampled question (k per image) and one per unreadable image, all with the same
-columns (the row schema of ``stmed.preferences``). ``status`` is ``ok`` for a pair to judge, else
+columns (the row schema of ``stmed.selfplay.preferences``). ``status`` is ``ok`` for a pair to judge, else
 ``image_error``, ``question_filtered`` or ``answer_filtered`` with the ``reason``; so counting the
 stream's statuses counts every filter. ``pair_id`` identifies a row across reruns (resume skips
 finished ones).
@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 
 from actors.judge import VERDICT_COLUMNS, Judge
-from stmed import generation
 from stmed.config import ModelConfig, build_config
-from stmed.generation import GenerationSettings, HFEngine
-from stmed.images import ImageLoadError, image_to_data_url, load_image
-from stmed.preferences import (
+from stmed.data.images import ImageLoadError, image_to_data_url, load_image
+from stmed.model.generate import HFEngine
+from stmed.selfplay import generation
+from stmed.selfplay.generation import GenerationSettings
+from stmed.selfplay.preferences import (
     ANSWER_FILTERED,
     IMAGE_ERROR,
     INPUT_COLUMNS,
@@ -94,7 +95,7 @@ class Generator:
                  skip_pair_ids: list[str] | frozenset[str] = frozenset()):
         """``skip_pair_ids``: rows finished by an earlier run (resume); they are generated (the
         image's questions are de-duplicated together) but not emitted."""
-        from stmed.model import load_model  # deferred: a process that never generates skips torch init
+        from stmed.model.build import load_model  # deferred: a process that never generates skips torch init
 
         if not isinstance(settings, GenerationSettings):
             settings = build_config(GenerationSettings, settings)

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from stmed.config import build_config
-from stmed.judging import JudgeSettings, JudgeVerdict, judge_pair, make_client, make_limiter
-from stmed.reply_cache import ReplyCache
+from stmed.judge.cache import ReplyCache
+from stmed.judge.judging import JudgeSettings, JudgeVerdict, judge_pair, make_client, make_limiter
 
 INPUT_COLUMNS = ("pair_id", "question", "answer1", "answer2", "image_data_url")
 VERDICT_COLUMNS = tuple(f.name for f in dataclasses.fields(JudgeVerdict) if f.name != "pair_id")

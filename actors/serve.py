@@ -15,8 +15,8 @@ off the event loop so requests keep arriving (and queueing for the next batch) w
 The API key never enters Serve: the replica holds only its sha256 and compares digests. Logs carry ids,
 sizes and timings, never images, questions or keys. On GPU, ``build_vllm_app`` serves the same merged
 checkpoint through Ray's OpenAI app instead (vLLM; see its docstring). What a request may carry, how it
-is parsed and answered, and the error shapes are Ray-free, in ``stmed.serving``; this module is the Serve
-shell around them.
+is parsed and answered, and the error shapes are Ray-free, in ``stmed.serve.contract``; this module
+is the Serve shell around them.
 """
 
 # No `from __future__ import annotations` here, and everything the deployment uses is defined above it:
@@ -35,10 +35,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from stmed.config import ConfigError, ModelConfig
-from stmed.generation import HFEngine
 from stmed.log import get_logger
-from stmed.model import image_seq_len, load_model
-from stmed.serving import (
+from stmed.model.build import image_seq_len, load_model
+from stmed.model.generate import HFEngine
+from stmed.serve.contract import (
     APIError,
     LimitsConfig,
     VQAItem,

@@ -1,6 +1,6 @@
 """Ray Train glue: the session a worker's loop talks to, and the trainer that runs the loop on N workers.
 
-The loops themselves (``stmed.train.train_sft``, later DPO) are Ray-free and take a ``TrainSession``;
+The loops themselves (``stmed.train.sft.train_sft``, later DPO) are Ray-free and take a ``TrainSession``;
 ``RayTrainSession`` is that session backed by Ray Train's worker context, and ``run_training`` builds
 the ``TorchTrainer`` around a loop.
 
@@ -31,7 +31,7 @@ from torch import nn
 
 from stmed.config import RayConfig
 from stmed.log import get_logger
-from stmed.train import TrainSession
+from stmed.train.session import TrainSession
 
 log = get_logger(__name__)
 
@@ -39,7 +39,7 @@ LoopFn = Callable[[dict[str, Any], TrainSession], None]
 
 
 class RayTrainSession:
-    """``stmed.train.TrainSession`` inside a Ray Train worker."""
+    """``stmed.train.session.TrainSession`` inside a Ray Train worker."""
 
     def __init__(self) -> None:
         context = ray.train.get_context()

@@ -15,7 +15,7 @@ How it maps self-play onto processors (one engine pool each, one GPU per replica
 4. answer 1 then answer 2 as two chained stages on the same row (no shuffle, so pairs stream on into
    the judge), then the answer filters.
 
-Prompts are ``stmed.prompts``' Vicuna template rendered here (chat-template stage off); the OpenAI-style
+Prompts are ``stmed.model.prompts``' Vicuna template rendered here (chat-template stage off); the OpenAI-style
 message only carries the image for the multimodal stage. The model must be a merged checkpoint: vLLM
 applies LoRA to the language model only. Four engine stages need four GPUs at ``vllm_concurrency=1``.
 """
@@ -27,10 +27,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actors.generator import to_columns
-from stmed import generation, prompts
-from stmed.generation import GenerationSettings, Sampling
-from stmed.images import ImageLoadError, image_to_data_url, load_image
-from stmed.preferences import ANSWER_FILTERED, IMAGE_ERROR, OK, OUTPUT_COLUMNS, QUESTION_FILTERED, make_row
+from stmed.data.images import ImageLoadError, image_to_data_url, load_image
+from stmed.model import prompts
+from stmed.model.generate import Sampling
+from stmed.selfplay import generation
+from stmed.selfplay.generation import GenerationSettings
+from stmed.selfplay.preferences import (
+    ANSWER_FILTERED,
+    IMAGE_ERROR,
+    OK,
+    OUTPUT_COLUMNS,
+    QUESTION_FILTERED,
+    make_row,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -88,7 +97,7 @@ def finish_pair(row: dict) -> dict[str, Any]:
 
 def vllm_generate(ds: ray.data.Dataset, model_path: str, settings: GenerationSettings,
                   skip_pair_ids: frozenset[str] = frozenset()) -> ray.data.Dataset:
-    """Rows ``image_id, image_path`` → ``stmed.preferences.OUTPUT_COLUMNS`` rows (see the module doc)."""
+    """Rows ``image_id, image_path`` → ``stmed.selfplay.preferences.OUTPUT_COLUMNS`` rows (module doc)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     config = vLLMEngineProcessorConfig(
@@ -97,7 +106,7 @@ def vllm_generate(ds: ray.data.Dataset, model_path: str, settings: GenerationSet
         batch_size=settings.batch_size,
         concurrency=settings.vllm_concurrency,
         prepare_multimodal_stage={"enabled": True},  # the base64 image_url → vLLM's multimodal input
-        chat_template_stage={"enabled": False},  # the prompt is rendered by stmed.prompts
+        chat_template_stage={"enabled": False},  # the prompt is rendered by stmed.model.prompts
         tokenize_stage={"enabled": False},  # vLLM tokenises the text prompt and expands <image> itself
         detokenize_stage={"enabled": False},  # vLLM returns generated_text
     )

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/dpo_throughput.py
     .venv/bin/python benchmarks/dpo_throughput.py --pairs 64 --steps 24 --micro-batch-size 4 --threads 2
 
-Both runs train the same fresh LoRA on the same pairs with ``stmed.dpo.train_dpo`` in a ``LocalSession``.
+Both runs train the same fresh LoRA on the same pairs with ``stmed.train.dpo.train_dpo`` in a
+``LocalSession``.
 Per-step reference: every step runs the frozen stage-1 model (adapters off) on the batch before the
 policy pass. Precomputed: one reference pass over all pairs before training, then a table look-up per
 step. Reported per mode: training pairs/s (pairs over the summed wall-clock step times), the same per
@@ -27,12 +28,12 @@ sys.path.insert(0, str(REPO))  # runnable as a plain script from anywhere
 import torch
 
 from stmed.config import ModelConfig, config_to_dict
-from stmed.data import PreferencePair, write_preferences
-from stmed.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
-from stmed.model import build_tiny
+from stmed.data.records import PreferencePair, write_preferences
+from stmed.data.synthetic import make_dataset
+from stmed.model.build import build_tiny
 from stmed.runs import MetricsLog
-from stmed.synthetic import make_dataset
-from stmed.train import LocalSession
+from stmed.train.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
+from stmed.train.session import LocalSession
 
 CHOSEN = ("Yes, there is a round lesion in the {side} lung, about {size} cm across, with smooth margins "
           "and no surrounding effusion.")  # fmt: skip

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from stmed.config import ModelConfig
-from stmed.data import read_benchmark
-from stmed.generation import HFEngine, Sampling, answer
-from stmed.images import load_image
-from stmed.model import load_model
-from stmed.prompts import CLOSED_SUFFIX
-from stmed.synthetic import make_dataset
+from stmed.data.images import load_image
+from stmed.data.records import read_benchmark
+from stmed.data.synthetic import make_dataset
+from stmed.model.build import load_model
+from stmed.model.generate import HFEngine, Sampling, answer
+from stmed.model.prompts import CLOSED_SUFFIX
 
 
 def direct(data: Path, batch_sizes: list[int], questions: int,

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from stmed import prompts
 from stmed.config import ModelConfig
-from stmed.data import list_images
-from stmed.generation import HFEngine, Sampling
-from stmed.images import load_image
-from stmed.model import load_model
-from stmed.synthetic import make_dataset
+from stmed.data.images import load_image
+from stmed.data.records import list_images
+from stmed.data.synthetic import make_dataset
+from stmed.model import prompts
+from stmed.model.build import load_model
+from stmed.model.generate import HFEngine, Sampling
 
 QUESTION = "Is there a lesion on the left side?"
 

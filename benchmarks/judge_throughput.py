@@ -6,7 +6,7 @@
 
 With ``F`` requests in flight and a server that answers each after ``L`` seconds, no client can judge
 more than ``F / L`` pairs per second: that is the ideal the measured rate is compared with. The server
-runs in its own process (``python -m stmed.reference_judge``) so that it does not share this process's
+runs in its own process (``python -m stmed.judge.reference``) so that it does not share this process's
 GIL with the client. Without ``--ray`` the client is one ``Judge`` actor called directly with
 ``max_in_flight = F`` (the reply cache is off, every pair is a request); with ``--ray`` it is the job's
 ``KeptPairJudge`` under ``ActorPoolStrategy(size=actors)``, ``F / actors`` in flight each, on a local Ray.
@@ -27,11 +27,11 @@ from pathlib import Path
 import httpx
 
 from actors.generator import KeptPairJudge, to_columns
-from stmed.data import list_images
-from stmed.images import image_to_data_url, load_image
-from stmed.judging import JudgeSettings
-from stmed.preferences import make_row
-from stmed.synthetic import make_dataset
+from stmed.data.images import image_to_data_url, load_image
+from stmed.data.records import list_images
+from stmed.data.synthetic import make_dataset
+from stmed.judge.judging import JudgeSettings
+from stmed.selfplay.preferences import make_row
 
 
 def free_port() -> int:
@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def start_judge(findings: Path, latency_ms: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stmed.reference_judge", "--findings", str(findings),
+    proc = subprocess.Popen([sys.executable, "-m", "stmed.judge.reference", "--findings", str(findings),
                              "--port", str(port), "--latency-ms", str(latency_ms)])
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 60

@@ -4,30 +4,32 @@
 
 Ray-free: the library calls the jobs make, in one process, per seed:
 
-1. ``stmed.synthetic.make_dataset`` — phantom scans with known findings. Stage 1 sees only the first
+1. ``stmed.data.synthetic.make_dataset`` — phantom scans with known findings. Stage 1 sees only the first
    ``--labelled`` instruct conversations (the "little medical data" premise); the remaining training
    images are the unlabelled pool for self-play. The benchmark images (``test_w_options.json``) are
    held out from both. One setting was chosen by looking at this script's stage-1 numbers on them
-   (seed 0): ``stmed.synthetic.SUFFIXED_CLOSED_FRACTION = 1.0``, which moved stage 1 off the always-"yes"
+   (seed 0): ``stmed.data.synthetic.SUFFIXED_CLOSED_FRACTION = 1.0``, which moved stage 1 off the always-"yes"
    floor; no DPO setting was.
-2. Stage 1, ``stmed.train.train_sft`` in a ``LocalSession``, settings from ``jobs/configs/local/sft.yaml``,
+2. Stage 1, ``stmed.train.sft.train_sft`` in a ``LocalSession``, settings from
+   ``jobs/configs/local/sft.yaml``,
    from the tiny preset's random weights, or (``--warmup-steps N``) from a *generally aligned* tiny base,
-   built once per run (``stmed.warmup``): the paper starts from LLaVA, which already reads images and
+   built once per run (``stmed.train.warmup``): the paper starts from LLaVA, which already reads images and
    answers yes/no questions about them. The warm-up trains the tiny preset for N steps on phantoms of its
    own (never benchmark or pool images): descriptions, and open and yes/no questions about modality and
    organ only. Lesions, the "medical" findings, stay for stage 1 and self-training to learn.
-3. Self-play with ``stmed.generation`` (``HFEngine``): greedy description, ``--questions`` sampled
+3. Self-play with ``stmed.selfplay.generation`` (``HFEngine``): greedy description, ``--questions`` sampled
    questions per pool image (filtered by ``question_reasons``; ``--suffix-closed`` asks that share of the
    yes/no ones with the benchmark's closed suffix), two sampled answers per question
    (``--answers-per-question N`` samples N; the pair is then the best- against the worst-scored one).
-4. The offline reference judge scores the answers: by calling ``stmed.grading.score_answer``
-   (``--judge direct``, the default), or through the real judge client (``stmed.judging.judge_pair``)
-   against ``stmed.reference_judge.start_server`` on 127.0.0.1 (``--judge http``). Both give the same
+4. The offline reference judge scores the answers: by calling ``stmed.judge.grading.score_answer``
+   (``--judge direct``, the default), or through the real judge client (``stmed.judge.judging.judge_pair``)
+   against ``stmed.judge.reference.start_server`` on 127.0.0.1 (``--judge http``). Both give the same
    scores (the server replies with ``score_answer``'s); HTTP costs ~0.1 s a pair on a busy 2-core box,
    about a minute a seed. Ties and degenerate pairs are dropped; the rest become preference pairs.
-5. Stage 2, ``stmed.dpo.train_dpo`` in a ``LocalSession``, settings from ``jobs/configs/local/dpo.yaml``.
+5. Stage 2, ``stmed.train.dpo.train_dpo`` in a ``LocalSession``, settings from
+   ``jobs/configs/local/dpo.yaml``.
 6. Both models answer the benchmark greedily (system prompt as ``jobs/configs/local/evaluate.yaml``);
-   ``stmed.metrics.score`` gives closed accuracy and open recall, and the reference judge scores both
+   ``stmed.eval.metrics.score`` gives closed accuracy and open recall, and the reference judge scores both
    models' answers to every benchmark question: the DPO model wins, ties or loses each one.
 
 Printed per seed and as mean ± standard deviation (and min..max); ``--out`` writes all of it as JSON.
@@ -100,17 +102,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stmed import prompts  # noqa: E402
-from stmed import reference_judge as rj  # noqa: E402
 from stmed.config import ModelConfig  # noqa: E402
-from stmed.data import PreferencePair, Prediction, read_benchmark, write_preferences  # noqa: E402
-from stmed.dpo import train_dpo  # noqa: E402
-from stmed.grading import gradable, preference, score_answer  # noqa: E402
-from stmed.generation import (  # noqa: E402
+from stmed.data.images import image_to_data_url, load_image  # noqa: E402
+from stmed.data.records import Prediction, PreferencePair, read_benchmark, write_preferences  # noqa: E402
+from stmed.data.synthetic import load_findings, make_dataset, text_corpus  # noqa: E402
+from stmed.eval.metrics import closed_hit_strict, score, yes_no_split  # noqa: E402
+from stmed.judge import reference as rj  # noqa: E402
+from stmed.judge.grading import gradable, preference, score_answer  # noqa: E402
+from stmed.model import prompts  # noqa: E402
+from stmed.model.build import load_model  # noqa: E402
+from stmed.model.generate import HFEngine, Sampling, answer  # noqa: E402
+from stmed.runs import write_json  # noqa: E402
+from stmed.selfplay.generation import (  # noqa: E402
     GenerationSettings,
-    HFEngine,
-    Sampling,
-    answer,
     answer_pair_reason,
     answer_twice_seeded,
     ask_seeded,
@@ -120,13 +124,10 @@ from stmed.generation import (  # noqa: E402
     normalize_text,
     question_reasons,
 )
-from stmed.images import image_to_data_url, load_image  # noqa: E402
-from stmed.metrics import closed_hit_strict, score, yes_no_split  # noqa: E402
-from stmed.model import load_model  # noqa: E402
-from stmed.runs import write_json  # noqa: E402
-from stmed.synthetic import load_findings, make_dataset, text_corpus  # noqa: E402
-from stmed.train import LocalSession, train_sft  # noqa: E402
-from stmed.warmup import WARMUP_FILE, make_warmup_data, warmup_train_config  # noqa: E402
+from stmed.train.dpo import train_dpo  # noqa: E402
+from stmed.train.session import LocalSession  # noqa: E402
+from stmed.train.sft import train_sft  # noqa: E402
+from stmed.train.warmup import WARMUP_FILE, make_warmup_data, warmup_train_config  # noqa: E402
 
 SFT_YAML = REPO / "jobs/configs/local/sft.yaml"
 DPO_YAML = REPO / "jobs/configs/local/dpo.yaml"
@@ -221,7 +222,7 @@ def prepare_data(root: Path, seed: int, s: Settings) -> dict[str, Any]:
 
 
 def warmup_base(root: Path, s: Settings) -> Path:
-    """The generally aligned tiny base (``stmed.warmup``; step 2 of the module docstring), under ``root``."""
+    """The generally aligned tiny base (``stmed.train.warmup``; step 2 of the module doc), under ``root``."""
     merged = root / "align" / "merged"
     if s.reuse_stage1 and merged.is_dir():
         return merged
@@ -338,7 +339,7 @@ def self_play(engine: HFEngine, data: dict[str, Any], seed: int, s: Settings) ->
 
 async def _judge_http(server_url: str, items: list[tuple[str, str, str, str]]) -> list[tuple[float, float] | None]:
     """Scores of (question, answer1, answer2, image data URL) items through the real judge client."""
-    from stmed import judging
+    from stmed.judge import judging
 
     settings = judging.JudgeSettings(base_url=server_url, model=rj.MODEL_ID, max_in_flight=32,
                                      backoff_base_s=0.2, backoff_max_s=5.0, timeout_s=30.0)

@@ -29,7 +29,7 @@ use_local_ray_env()  # before Ray is imported below: loopback only, auth off
 
 from actors.serve import AutoscalingConfig, BatchingConfig, ReplicaConfig, build_app
 from stmed.config import ModelConfig, RayConfig
-from stmed.serving import LimitsConfig
+from stmed.serve.contract import LimitsConfig
 
 
 def _payloads(n: int, max_tokens: int) -> list[dict]:

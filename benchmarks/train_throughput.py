@@ -4,10 +4,10 @@
     python benchmarks/train_throughput.py --device cuda --shape 7b          # 7B-shaped LLaVA, random weights
     python benchmarks/train_throughput.py --shape 7b --dry-run              # meta device: counts + FLOPs only
 
-``--shape tiny`` runs the real loop (``stmed.train.train_sft`` in a ``LocalSession``) on the synthetic
+``--shape tiny`` runs the real loop (``stmed.train.sft.train_sft`` in a ``LocalSession``) on the synthetic
 dataset and reads its metrics. ``--shape 7b`` builds a LLaVA-1.5-7B-shaped model from configs with random
 weights (CLIP ViT-L/14 at 336 px + a Llama-7B decoder; nothing is downloaded), attaches the paper's LoRA
-(METHOD §2: LLM r=128, ViT r=32, projector trainable), and times ``stmed.train.sft_step`` on random
+(METHOD §2: LLM r=128, ViT r=32, projector trainable), and times ``stmed.train.sft.sft_step`` on random
 batches in bf16 autocast with gradient checkpointing.
 
 MFU counts *model* FLOPs per step (recomputation from gradient checkpointing is not counted; MFU stays
@@ -42,18 +42,12 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from stmed.config import LoRAConfig, ModelConfig, config_to_dict
-from stmed.conversation import IGNORE_INDEX, LOSS_QA, LOSS_VQ
+from stmed.data.synthetic import make_dataset
+from stmed.model.conversation import IGNORE_INDEX, LOSS_QA, LOSS_VQ
 from stmed.runs import MetricsLog
-from stmed.synthetic import make_dataset
-from stmed.train import (
-    LocalSession,
-    SFTLoopConfig,
-    TrainConfig,
-    build_optimizer,
-    make_trainable,
-    sft_step,
-    train_sft,
-)
+from stmed.train.session import LocalSession
+from stmed.train.sft import SFTLoopConfig, sft_step, train_sft
+from stmed.train.stage import TrainConfig, build_optimizer, make_trainable
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 

@@ -6,7 +6,7 @@
         model.preset=null model.name_or_path=runs/local/sft/merged preferences=runs/local/generate/preferences.parquet
 
 The policy is a fresh LoRA on the merged stage-1 checkpoint; the reference is that checkpoint, frozen
-(``stmed.dpo``). Outputs under ``output_dir``: ``config.yaml``, ``checkpoints/`` (Ray Train storage),
+(``stmed.train.dpo``). Outputs under ``output_dir``: ``config.yaml``, ``checkpoints/`` (Ray Train storage),
 ``metrics.jsonl`` (one row per step: loss, rewards/chosen, rewards/rejected, rewards/accuracies,
 rewards/margins, lr per group, pairs/s…), ``data_report.json`` (pairs rejected and why), ``adapter/``,
 ``merged/`` (a plain HF checkpoint: what evaluation and serving load) and ``summary.json``.
@@ -24,10 +24,10 @@ from typing import Any
 from actors.training import run_training
 from jobs.runtime import init_ray
 from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, load_config, write_config
-from stmed.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
 from stmed.log import get_logger
 from stmed.runs import MetricsLog, clear_run_logs, write_summary
-from stmed.train import ATTEMPTS_FILE, DATA_REPORT_FILE, METRICS_FILE, check_global_batch
+from stmed.train.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
+from stmed.train.stage import ATTEMPTS_FILE, DATA_REPORT_FILE, METRICS_FILE, check_global_batch
 
 log = get_logger("stmed.jobs.dpo")
 

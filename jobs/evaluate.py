@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from actors.answerer import Answerer, vllm_answer
 from jobs.runtime import init_ray
 from stmed.config import ConfigError, ModelConfig, RayConfig, load_config, write_config
-from stmed.data import Prediction, VQAExample, read_benchmark, read_predictions, write_predictions
-from stmed.grading import preference, score_answer
+from stmed.data.records import Prediction, VQAExample, read_benchmark, read_predictions, write_predictions
+from stmed.data.synthetic import load_findings, make_dataset
+from stmed.eval.metrics import CLOSED, score, yes_no_split
+from stmed.judge.grading import preference, score_answer
 from stmed.log import get_logger
-from stmed.metrics import CLOSED, score, yes_no_split
-from stmed.prompts import CLOSED_SUFFIX
+from stmed.model.prompts import CLOSED_SUFFIX
 from stmed.runs import write_json, write_summary
-from stmed.synthetic import load_findings, make_dataset
 
 if TYPE_CHECKING:
     import ray.data
@@ -67,7 +67,7 @@ class EvaluateConfig:
     """Name (e.g. base / sft / dpo) → model; add one with ``models.dpo.name_or_path=DIR``."""
     benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
     synthetic: bool = False
-    """Also evaluate on the synthetic benchmark (made by stmed.synthetic when ``data_dir`` has none)."""
+    """Also evaluate on the synthetic benchmark (made by stmed.data.synthetic when ``data_dir`` has none)."""
     data_dir: str | None = None
     """Synthetic dataset folder; default ``output_dir/data``."""
     limit: int | None = None

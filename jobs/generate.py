@@ -16,7 +16,7 @@ re-judged; failed judgements are retried. Judge replies are cached on disk
 (``judge.cache_dir``, default ``output_dir/judge_cache``), so a request that was answered before the
 kill is not paid twice. (Ray Data's CheckpointConfig would also do this, but its filter actor takes a
 whole CPU, which starves a 2-CPU machine.) On a cluster ``output_dir`` must be on shared storage.
-The row schema, the resume bookkeeping and the pair assembly are Ray-free, in ``stmed.preferences``.
+The row schema, the resume bookkeeping and the pair assembly are Ray-free, in ``stmed.selfplay.preferences``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from typing import Any
 from actors.generator import Generator, KeptPairJudge
 from jobs.runtime import init_ray
 from stmed.config import ConfigError, ModelConfig, RayConfig, load_config, write_config
-from stmed.data import export_dpo_json, list_images, sample_images, write_preferences
-from stmed.generation import GenerationSettings
-from stmed.judging import JudgeSettings
+from stmed.data.records import export_dpo_json, list_images, sample_images, write_preferences
+from stmed.judge.judging import JudgeSettings
 from stmed.log import get_logger
-from stmed.preferences import assemble, plan_resume, read_parts, summarize_rows, write_part
 from stmed.runs import write_summary
+from stmed.selfplay.generation import GenerationSettings
+from stmed.selfplay.preferences import assemble, plan_resume, read_parts, summarize_rows, write_part
 
 log = get_logger(__name__)
 
@@ -176,7 +176,7 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     log.info("%d images sampled, %d to generate (%d rows already written)", len(images), len(todo), len(done))
     server = None
     if cfg.judge.reference_findings:
-        from stmed.reference_judge import start_server
+        from stmed.judge.reference import start_server
 
         server = start_server(cfg.judge.reference_findings)
     judge_fields = {f.name: getattr(cfg.judge, f.name) for f in dataclasses.fields(JudgeSettings)}

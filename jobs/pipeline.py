@@ -9,8 +9,9 @@ config files are paths inside it. Stages hand over files only: every override na
 ``output_dir``, absolute because a job runs in its own copy of the repository; ``output_dir`` must be
 on storage that both this process and the cluster see. Outputs land in ``output_dir/<stage>/``. A stage
 whose ``summary.json`` exists is skipped on a rerun; once a stage runs, every later one runs again (its
-old folder is kept as ``<stage>.stale-<time>``); the first stage to run resumes from what its folder holds. At the end: ``report.md`` (``stmed.report``), one real
-request to the served model, and how to query it.
+old folder is kept as ``<stage>.stale-<time>``); the first stage to run resumes from what its folder
+holds. At the end: ``report.md`` (``stmed.eval.report``), one real request to the served model, and how
+to query it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from typing import Any
 
 from jobs.submit import LocalHead, free_port, start_local_head, submit_job
 from stmed.config import ConfigError, ModelConfig, load_config, write_config
-from stmed.endpoint import Request, ask, first_benchmark_request, snippets
+from stmed.data.synthetic import SyntheticPaths, dataset_stats, make_dataset
+from stmed.eval.report import ENDPOINT_REQUEST, PIPELINE_RECORD, write_report
 from stmed.log import get_logger
-from stmed.report import ENDPOINT_REQUEST, PIPELINE_RECORD, write_report
 from stmed.runs import MetricsLog, read_summary, write_json, write_summary
-from stmed.synthetic import SyntheticPaths, dataset_stats, make_dataset
+from stmed.serve.client import Request, ask, first_benchmark_request, snippets
 
 log = get_logger("stmed.jobs.pipeline")
 

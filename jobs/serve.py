@@ -35,7 +35,7 @@ from stmed.config import (
 )
 from stmed.log import get_logger
 from stmed.runs import write_summary
-from stmed.serving import LimitsConfig, api_key_digest
+from stmed.serve.contract import LimitsConfig, api_key_digest
 
 log = get_logger("stmed.jobs.serve")
 

@@ -29,18 +29,11 @@ from stmed.config import (
     load_config,
     write_config,
 )
+from stmed.data.synthetic import make_dataset
 from stmed.log import get_logger
 from stmed.runs import MetricsLog, clear_run_logs, write_summary
-from stmed.synthetic import make_dataset
-from stmed.train import (
-    ATTEMPTS_FILE,
-    DATA_REPORT_FILE,
-    METRICS_FILE,
-    SFTLoopConfig,
-    TrainConfig,
-    check_global_batch,
-    train_sft,
-)
+from stmed.train.sft import SFTLoopConfig, train_sft
+from stmed.train.stage import ATTEMPTS_FILE, DATA_REPORT_FILE, METRICS_FILE, TrainConfig, check_global_batch
 
 log = get_logger("stmed.jobs.sft")
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from actors.answerer import Answerer, vllm_answer
-from stmed.generation import HFEngine, Sampling, answer
+from stmed.model.generate import HFEngine, Sampling, answer
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,12 @@ from PIL import Image
 from actors.generator import Generator, KeptPairJudge, self_play, to_columns
 from actors.judge import VERDICT_COLUMNS
 from actors.vllm_generator import finish_pair, questions_of_image, vllm_request
-from stmed import generation, prompts
-from stmed.generation import GenerationSettings
-from stmed.images import decode_data_url, load_image, pixel_digest
-from stmed.judging import JudgeSettings
-from stmed.preferences import OUTPUT_COLUMNS, make_row
+from stmed.data.images import decode_data_url, load_image, pixel_digest
+from stmed.judge.judging import JudgeSettings
+from stmed.model import prompts
+from stmed.selfplay import generation
+from stmed.selfplay.generation import GenerationSettings
+from stmed.selfplay.preferences import OUTPUT_COLUMNS, make_row
 
 K = 3
 SETTINGS = GenerationSettings(questions_per_image=K, seed=7, batch_size=8, describe_max_tokens=8,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from actors.judge import INPUT_COLUMNS, Judge
-from stmed.judging import JudgeSettings, JudgeVerdict
+from stmed.judge.judging import JudgeSettings, JudgeVerdict
 
 IMAGE = "data:image/png;base64,iVBORw0KGgo="
 

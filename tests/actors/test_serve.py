@@ -23,7 +23,7 @@ from PIL import Image
 
 from actors.serve import AutoscalingConfig, BatchingConfig, ReplicaConfig, build_app
 from stmed.config import ConfigError, ModelConfig
-from stmed.serving import DISCLAIMER, LimitsConfig, api_key_digest
+from stmed.serve.contract import DISCLAIMER, LimitsConfig, api_key_digest
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import self_training_effect as ste
 
-from stmed.synthetic import SyntheticPaths
+from stmed.data.synthetic import SyntheticPaths
 
 
 def test_aligned_recipe_sets_the_measured_settings() -> None:
@@ -36,7 +36,7 @@ def test_contradictory_flags_are_refused(capsys) -> None:
 
 
 def test_replay_mixes_warmup_conversations_into_stage_one(tmp_path: Path, capsys) -> None:
-    from stmed.warmup import make_warmup_data
+    from stmed.train.warmup import make_warmup_data
 
     warm = make_warmup_data(tmp_path / "base" / "data", num_images=10)
     _, s = ste.parse(["--recipe", "aligned", "--replay", "6", "--num-images", "30", "--test-images", "6",

@@ -18,12 +18,12 @@ from PIL import Image
 
 from jobs.dpo import DPOConfig, main
 from stmed.config import ConfigError, ModelConfig, build_config, read_yaml
-from stmed.data import PreferencePair, write_preferences
-from stmed.dpo import REFERENCE_CACHE_FILE
-from stmed.model import build_tiny, load_model
-from stmed.prompts import preference_prompt
+from stmed.data.records import PreferencePair, write_preferences
+from stmed.data.synthetic import make_dataset
+from stmed.model.build import build_tiny, load_model
+from stmed.model.prompts import preference_prompt
 from stmed.runs import MetricsLog, read_summary
-from stmed.synthetic import make_dataset
+from stmed.train.dpo import REFERENCE_CACHE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "jobs" / "configs" / "local" / "dpo.yaml"

@@ -12,12 +12,12 @@ import pytest
 
 from jobs.evaluate import RESULT_KEYS, EvaluateConfig, answer_plan, main, resolve_benchmarks
 from stmed.config import ConfigError, build_config, load_config, read_yaml
-from stmed.data import read_benchmark, read_predictions
-from stmed.grading import score_answer
-from stmed.metrics import score
-from stmed.model import build_tiny
-from stmed.prompts import CLOSED_SUFFIX
-from stmed.synthetic import load_findings, make_dataset
+from stmed.data.records import read_benchmark, read_predictions
+from stmed.data.synthetic import load_findings, make_dataset
+from stmed.eval.metrics import score
+from stmed.judge.grading import score_answer
+from stmed.model.build import build_tiny
+from stmed.model.prompts import CLOSED_SUFFIX
 
 LOCAL = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "local" / "evaluate.yaml"
 FAST = ["max_new_tokens=6", "batch_size=4"]

@@ -14,14 +14,14 @@ import torch
 
 from jobs import generate
 from stmed.config import build_config
-from stmed.conversation import collate, encode, render, to_turns
-from stmed.data import read_preferences
-from stmed.grading import score_answer
-from stmed.images import load_image
-from stmed.model import build_tiny, image_seq_len, pixel_values
-from stmed.prompts import SYSTEM_SQ
-from stmed.reference_judge import Faults, start_server
-from stmed.synthetic import load_findings, make_dataset
+from stmed.data.images import load_image
+from stmed.data.records import read_preferences
+from stmed.data.synthetic import load_findings, make_dataset
+from stmed.judge.grading import score_answer
+from stmed.judge.reference import Faults, start_server
+from stmed.model.build import build_tiny, image_seq_len, pixel_values
+from stmed.model.conversation import collate, encode, render, to_turns
+from stmed.model.prompts import SYSTEM_SQ
 
 K = 3
 NUM_IMAGES = 6

@@ -13,7 +13,7 @@ import yaml
 
 from jobs.serve import ServeConfig, main, read_api_key
 from stmed.config import ConfigError, build_config, load_config, read_yaml
-from stmed.images import image_to_data_url
+from stmed.data.images import image_to_data_url
 from stmed.runs import read_summary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def test_command_line_mistake_exits_2(capsys: pytest.CaptureFixture[str]):
 @pytest.fixture(scope="module")
 def merged_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A plain HF checkpoint folder, as merge_and_export writes one (here: the untrained tiny model)."""
-    from stmed.model import build_tiny
+    from stmed.model.build import build_tiny
 
     model, processor = build_tiny(seed=3)
     out = tmp_path_factory.mktemp("dpo") / "merged"

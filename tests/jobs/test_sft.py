@@ -18,8 +18,9 @@ from PIL import Image
 
 from jobs.sft import SFTConfig, main
 from stmed.config import ConfigError, LoRAConfig, ModelConfig, build_config, read_yaml
-from stmed.model import attach_lora, build_tiny, load_model, load_trainable
-from stmed.prompts import answer_prompt
+from stmed.model.build import build_tiny, load_model
+from stmed.model.lora import attach_lora, load_trainable
+from stmed.model.prompts import answer_prompt
 from stmed.runs import MetricsLog, read_summary
 
 REPO = Path(__file__).resolve().parents[2]

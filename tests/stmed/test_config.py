@@ -139,8 +139,8 @@ def test_import_stmed_does_not_import_ray_or_vllm():
     code = (
         "import sys, stmed, stmed.config, stmed.log, stmed.runs\n"
         "import importlib, pkgutil\n"
-        "for m in pkgutil.iter_modules(stmed.__path__):\n"
-        "    importlib.import_module('stmed.' + m.name)\n"
+        "for m in pkgutil.walk_packages(stmed.__path__, 'stmed.'):\n"
+        "    importlib.import_module(m.name)\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm')]\n"
         "print(','.join(bad))\n"
     )

@@ -1,0 +1,119 @@
+"""Stage-1 training data: LLaVA-Med instruct conversations as checked, re-labelled training items.
+
+Reading is strict but forgiving: a malformed conversation, an image that does not decode, or a sample
+whose image alone overflows ``max_length`` is skipped and counted with its reason (``SFTData.report``),
+never a crash hours into a run. Each image is decoded once for the check; on several ranks each checks
+a slice and the verdicts are gathered, so the check costs no more than one pass over the data.
+
+An item is keyed by ``(epoch, index)``: the questioner relabelling (METHOD §2: each later user turn
+becomes a ``VUSER`` turn with probability ``sq_ratio``) is re-drawn at every load from a seed built
+from that key, so it changes across epochs yet a resumed run replays exactly the same draws.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from stmed.data.images import ImageLoadError, load_image
+from stmed.data.records import Gather, InstructSample, Skip, check_by_rank, read_instruct
+from stmed.model.build import image_seq_len, pixel_values
+from stmed.model.conversation import Encoded, collate, encode, render, to_turns
+from stmed.model.prompts import SYSTEM_SQ
+
+
+@dataclass(frozen=True)
+class SFTData:
+    """The usable instruct samples, the skipped ones with reasons, and how many get truncated."""
+
+    samples: list[InstructSample]
+    skips: list[Skip]
+    read: int
+    truncated: int
+
+    def report(self) -> dict[str, Any]:
+        reasons = Counter(skip.reason for skip in self.skips)
+        return {"samples_read": self.read, "samples_used": len(self.samples), "skipped": len(self.skips),
+                "skipped_by_reason": dict(reasons.most_common()), "truncated": self.truncated,
+                "skipped_examples": [skip.to_row() for skip in self.skips[:20]]}  # fmt: skip
+
+
+def _sample_problem(sample: InstructSample, image_root: Path, tokenizer, seq_len: int, max_length: int):
+    """``(reason, truncated)``: why a sample cannot be trained on (None if it can)."""
+    try:
+        load_image(image_root / sample.image)
+    except ImageLoadError as err:
+        return f"image: {err.reason}", False
+    try:
+        # Relabelling touches later turns only, so whether the image fits and the first answer keeps a
+        # target never depends on the draw; every later question as VUSER is the longest rendering.
+        encoded = encode(render(to_turns(sample.conversations, 1.0, random.Random(0)), SYSTEM_SQ),
+                         tokenizer, seq_len, max_length)  # fmt: skip
+    except ValueError as err:
+        return f"conversation: {err}", False
+    if encoded.num_targets == 0:
+        return f"conversation: no target tokens within max_length={max_length}", False
+    return None, encoded.truncated
+
+
+def load_sft_data(instruct_path: str | Path, image_root: str | Path, processor, max_length: int,
+                  rank: int = 0, world_size: int = 1, gather: Gather | None = None) -> SFTData:  # fmt: skip
+    """Read and check the instruct data; each rank checks a slice and ``gather``
+    (the training loop's collective) shares the verdicts (``check_by_rank``).
+
+    Raises ``ValueError`` when nothing usable is left.
+    """
+    samples, skips = read_instruct(instruct_path)
+    read = len(samples) + len(skips)
+    root, seq_len = Path(image_root), image_seq_len(processor)
+    verdicts = check_by_rank(
+        samples, lambda sample: _sample_problem(sample, root, processor.tokenizer, seq_len, max_length),
+        rank, world_size, gather, "samples")  # fmt: skip
+    kept = [s for i, s in enumerate(samples) if verdicts[i][0] is None]
+    skips = skips + [Skip(s.id, verdicts[i][0]) for i, s in enumerate(samples) if verdicts[i][0]]
+    data = SFTData(kept, skips, read, truncated=sum(1 for v in verdicts.values() if v[0] is None and v[1]))
+    if not kept:
+        top = ", ".join(f"{r} ({n})" for r, n in Counter(s.reason for s in skips).most_common(3))
+        raise ValueError(f"no usable training samples in {instruct_path} (images under {image_root}); "
+                         f"{len(skips)} skipped: {top or 'the file is empty'}")  # fmt: skip
+    return data
+
+
+class SFTDataset(Dataset):
+    """Checked instruct samples as training items, keyed by ``(epoch, index)``.
+
+    The key carries the epoch so the questioner relabelling is re-drawn per load yet reproducible.
+    """
+
+    def __init__(self, samples: list[InstructSample], image_root: str | Path, processor, max_length: int,
+                 sq_ratio: float, seed: int):  # fmt: skip
+        self.samples, self.image_root, self.processor = samples, Path(image_root), processor
+        self.max_length, self.sq_ratio, self.seed = max_length, sq_ratio, seed
+        self.seq_len = image_seq_len(processor)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Encoded, torch.Tensor]:
+        epoch, index = key
+        sample = self.samples[index]
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")  # str seeds hash the same in every process
+        turns = to_turns(sample.conversations, self.sq_ratio, rng)
+        encoded = encode(render(turns, SYSTEM_SQ), self.processor.tokenizer, self.seq_len, self.max_length)
+        image = load_image(self.image_root / sample.image)
+        return encoded, pixel_values(self.processor, [image])[0]
+
+
+def collate_sft(items: list[tuple[Encoded, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``stmed.model.conversation.collate`` plus the images' ``pixel_values`` (batch, 3, H, W)."""
+    batch = collate([encoded for encoded, _ in items], pad_id)
+    batch["pixel_values"] = torch.stack([pixels for _, pixels in items])
+    return batch
+
+

@@ -1,0 +1,479 @@
+"""The preference judge (METHOD §3.4): a stronger multimodal model scores two answers to one question.
+
+One judged pair is one chat-completions request to any OpenAI-compatible endpoint (GPT-4o in the
+paper, the offline reference judge in the demo): the question, both answers and the paper's Fig. 5
+instruction as one user message with the image attached, temperature 0.2. The reply's first line
+holds the two scores.
+
+What the reference code got wrong, and how this module avoids it:
+
+- a garbled reply was dropped silently → every failure is a ``JudgeVerdict`` with ``score=None`` and
+  an ``error`` saying why; nothing here ever invents a score;
+- retries were endless and immediate → bounded attempts, exponential backoff with full jitter, and
+  the server's ``Retry-After`` honoured; a 400/401/404 fails at once;
+- one request at a time → many in flight under a semaphore, paced by request- and token-per-minute
+  buckets (``RateLimiter``);
+- a rerun paid again → successful replies are cached on disk, keyed by the request (``ReplyCache``);
+- ties went to answer 2 → ``decide`` drops ties by default; an optional position swap judges both
+  orders and flags a judge whose preference follows the position rather than the answer.
+
+Everything here is Ray-free; ``actors/judge.py`` wraps ``judge_pair`` for Ray Data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import os
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import openai
+from openai.types.chat import ChatCompletion
+
+from stmed.config import ConfigError
+from stmed.judge.cache import CachedReply, ReplyCache
+from stmed.judge.pacing import RateLimiter, Sleep, backoff_delay, retry_after_seconds
+from stmed.log import get_logger
+
+log = get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------- prompt (paper Fig. 5)
+
+JUDGE_SYSTEM_TEXT = (
+    "We would like to request your feedback on the performance of two AI assistants in response to the "
+    "user question displayed above. The user asks the question on observing an image shown to you.\n"
+    "Please rate the helpfulness, relevance, accuracy, level of details of their responses. Each "
+    "assistant receives an overall score on a scale of 1 to 10, where a higher score indicates better "
+    "overall performance.\n"
+    "Please first output a single line containing only two values indicating the scores for Assistant 1 "
+    "and 2, respectively. The two scores are separated by a space.\n"
+    "In the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any "
+    "potential bias and ensuring that the order in which the responses were presented does not affect "
+    "your judgment."
+)
+"""The ``[System]`` paragraph of the judge prompt. It travels inside the user message, as in the
+reference code: the judge request has no system message."""
+
+
+def judge_text(question: str, answer1: str, answer2: str) -> str:
+    """The text part of the judge request; the offline reference judge parses exactly this layout."""
+    return (
+        f"[Question]\n{question}\n\n"
+        f"[Answer 1]\n{answer1}\n\n[End Answer 1]\n\n"
+        f"[Answer 2]\n{answer2}\n\n[End Answer 2]\n\n"
+        f"[System]\n{JUDGE_SYSTEM_TEXT}"
+    )
+
+
+def build_judge_messages(question: str, answer1: str, answer2: str, image_data_url: str) -> list[dict]:
+    """One user message (no system message): the judge text, then the image as an ``image_url`` part."""
+    if not image_data_url.startswith(("data:image/", "http://", "https://")):
+        raise ValueError(f"image_data_url must be a data:image/… or http(s) URL, got {image_data_url[:40]!r}")
+    content = [
+        {"type": "text", "text": judge_text(question, answer1, answer2)},
+        {"type": "image_url", "image_url": {"url": image_data_url}},
+    ]
+    return [{"role": "user", "content": content}]
+
+
+# ----------------------------------------------------------------------------- parsing the reply
+
+
+class ScoreParseError(ValueError):
+    """The reply's first line does not hold two scores in 1..10; the message says what it held."""
+
+
+# "Assistant 1:" / "Answer 2 -" labels carry digits that are not scores; "/10" and "out of 10" are
+# denominators. Both are removed before the numbers are read.
+_LABEL = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*[12]\b\s*(?:score)?\s*[:=\-–]?", re.IGNORECASE)
+_DENOMINATOR = re.compile(r"\s*(?:/\s*10(?:\.0+)?|out\s+of\s+10(?:\.0+)?)(?![\d.])", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def parse_scores(reply: str) -> tuple[float, float]:
+    """The two scores on the reply's first non-empty line, e.g. ``"8 6"``, ``"8/10, 6/10"``,
+    ``"Assistant 1: 8 Assistant 2: 6"`` or ``"**8 6**"``; raises ``ScoreParseError`` otherwise."""
+    lines = [line.strip() for line in (reply or "").splitlines() if line.strip()]
+    if not lines:
+        raise ScoreParseError("empty reply")
+    first = lines[0]
+    cleaned = re.sub(r"[*_`#]", " ", first)  # markdown emphasis and headings
+    cleaned = _DENOMINATOR.sub(" ", _LABEL.sub(" ", cleaned))
+    numbers = _NUMBER.findall(cleaned)
+    if len(numbers) != 2:
+        raise ScoreParseError(f"expected two scores on the first line, found {len(numbers)}: {first[:80]!r}")
+    scores = (float(numbers[0]), float(numbers[1]))
+    for score in scores:
+        if not 1.0 <= score <= 10.0:
+            raise ScoreParseError(f"score {score:g} outside 1..10 on the first line: {first[:80]!r}")
+    return scores
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """Where the judge is, how hard to push it, and what to do with its verdicts (config group ``judge``)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """An OpenAI-compatible endpoint ending in /v1 (https://api.openai.com/v1 for GPT-4o)."""
+    model: str = "gpt-4o"
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key; the key itself is never stored or logged."""
+    temperature: float = 0.2
+    max_tokens: int = 512
+    """Cap on the reply (scores line + explanation); also the completion part of the TPM estimate."""
+    max_attempts: int = 5
+    """Requests per ordering of a pair, retries included."""
+    parse_retries: int = 1
+    """Extra requests after an unparseable reply (within max_attempts); 0 fails at the first one."""
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    timeout_s: float = 60.0
+    max_in_flight: int = 8
+    """Concurrent requests per actor."""
+    rpm: float | None = None
+    """Requests per minute for the whole run (split across actors); None: unlimited."""
+    tpm: float | None = None
+    """Tokens per minute for the whole run (split across actors); None: unlimited."""
+    image_tokens: int = 765
+    """Prompt tokens counted per image in the TPM estimate (a high-detail 512px image on GPT-4o)."""
+    cache_dir: str | None = None
+    """Directory of cached replies; None disables the cache."""
+    tie_policy: Literal["drop", "keep_first"] = "drop"
+    swap_positions: bool = False
+    """Judge both orders, average the per-answer scores and flag position-driven preferences."""
+    drop_inconsistent: bool = True
+    """With swap_positions: drop a pair whose preferred answer flips with the order."""
+    price_prompt_per_1k: float = 0.0025
+    price_completion_per_1k: float = 0.01
+
+    def __post_init__(self) -> None:
+        if urlparse(self.base_url).scheme not in ("http", "https"):
+            raise ConfigError(f"judge.base_url must be an http(s) URL, got {self.base_url!r}")
+        checks = {
+            "temperature": 0.0 <= self.temperature <= 2.0,
+            "max_tokens": self.max_tokens >= 16,
+            "max_attempts": self.max_attempts >= 1,
+            "parse_retries": self.parse_retries >= 0,
+            "backoff_base_s": self.backoff_base_s > 0,
+            "backoff_max_s": self.backoff_max_s >= self.backoff_base_s,
+            "timeout_s": self.timeout_s > 0,
+            "max_in_flight": self.max_in_flight >= 1,
+            "rpm": self.rpm is None or self.rpm > 0,
+            "tpm": self.tpm is None or self.tpm > 0,
+            "image_tokens": self.image_tokens >= 0,
+            "price_prompt_per_1k": self.price_prompt_per_1k >= 0,
+            "price_completion_per_1k": self.price_completion_per_1k >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"judge.{name} is out of range: {getattr(self, name)!r}")
+        if self.tie_policy not in ("drop", "keep_first"):
+            raise ConfigError(f"judge.tie_policy must be 'drop' or 'keep_first', got {self.tie_policy!r}")
+
+
+def is_loopback(base_url: str) -> bool:
+    host = urlparse(base_url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_api_key(settings: JudgeSettings) -> str:
+    """The key from ``$api_key_env``; a loopback endpoint (the offline judge) may go without one."""
+    key = os.environ.get(settings.api_key_env, "")
+    if key:
+        return key
+    if is_loopback(settings.base_url):
+        return "no-key-needed-on-loopback"
+    raise ValueError(
+        f"the judge at {settings.base_url} needs an API key: set the environment variable "
+        f"{settings.api_key_env} (judge.api_key_env names it)"
+    )
+
+
+def make_client(settings: JudgeSettings, http_client: Any = None) -> openai.AsyncOpenAI:
+    """The OpenAI client with its own retries off (``max_retries=0``): ours are the only ones."""
+    return openai.AsyncOpenAI(
+        base_url=settings.base_url,
+        api_key=resolve_api_key(settings),
+        max_retries=0,
+        timeout=settings.timeout_s,
+        http_client=http_client,
+    )
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class JudgeVerdict:
+    """The judge's word on one pair. On failure both scores are None and ``error`` says why."""
+
+    pair_id: str
+    score1: float | None
+    score2: float | None
+    error: str | None = None
+    attempts: int = 0
+    """Requests sent for this pair (both orders with swap); 0 when everything came from the cache."""
+    cached: bool = False
+    prompt_tokens: int = 0
+    """Tokens paid for by this verdict's requests, failed ones included; 0 for cached replies."""
+    completion_tokens: int = 0
+    swapped_score1: float | None = None
+    """With swap: answer 1's score when it was shown second (likewise swapped_score2)."""
+    swapped_score2: float | None = None
+    consistent: bool | None = None
+    """With swap: False when the preferred answer flips with the order; None without swap."""
+    reply: str | None = None
+    """The judge's raw reply (original order), explanation included."""
+    judge_model: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> JudgeVerdict:
+        def plain(value: Any) -> Any:  # numpy scalars and NaN (Arrow nulls read back) → Python
+            value = value.item() if hasattr(value, "item") else value
+            return None if isinstance(value, float) and math.isnan(value) else value
+
+        return cls(**{f.name: plain(row[f.name]) for f in fields(cls) if f.name in row})
+
+
+TiePolicy = Literal["drop", "keep_first"]
+
+
+def decide(verdict: JudgeVerdict, tie_policy: TiePolicy = "drop",
+           drop_inconsistent: bool = True) -> tuple[int | None, str]:
+    """Which answer is chosen: 0 (answer 1), 1 (answer 2) or None (no pair), with the reason."""
+    if not verdict.ok or verdict.score1 is None or verdict.score2 is None:
+        return None, f"failed: {verdict.error}"
+    if drop_inconsistent and verdict.consistent is False:
+        return None, "inconsistent under position swap"
+    if verdict.score1 > verdict.score2:
+        return 0, "answer 1 scored higher"
+    if verdict.score2 > verdict.score1:
+        return 1, "answer 2 scored higher"
+    if tie_policy == "keep_first":
+        return 0, "tie kept as answer 1"
+    if tie_policy == "drop":
+        return None, "tie"
+    raise ValueError(f"tie_policy must be 'drop' or 'keep_first', got {tie_policy!r}")
+
+
+def summarize(verdicts: Iterable[JudgeVerdict], settings: JudgeSettings) -> dict[str, Any]:
+    """Counts, decisions, tokens paid and their estimated cost, for a job's summary."""
+    out: dict[str, Any] = {"pairs": 0, "judged": 0, "failed": 0, "cached": 0, "requests": 0,
+                           "prompt_tokens": 0, "completion_tokens": 0, "errors": {}, "decisions": {}}
+    for v in verdicts:
+        out["pairs"] += 1
+        out["judged" if v.ok else "failed"] += 1
+        out["cached"] += int(v.cached)
+        out["requests"] += v.attempts
+        out["prompt_tokens"] += v.prompt_tokens
+        out["completion_tokens"] += v.completion_tokens
+        if v.error:
+            kind = v.error.removeprefix(_SWAPPED).split(":")[0].split(" after ")[0]
+            out["errors"][kind] = out["errors"].get(kind, 0) + 1
+        reason = decide(v, settings.tie_policy, settings.drop_inconsistent)[1]
+        reason = "failed" if reason.startswith("failed") else reason
+        out["decisions"][reason] = out["decisions"].get(reason, 0) + 1
+    out["cost_usd"] = round(out["prompt_tokens"] / 1000 * settings.price_prompt_per_1k
+                            + out["completion_tokens"] / 1000 * settings.price_completion_per_1k, 6)
+    return out
+
+
+# ----------------------------------------------------------------------------- retries and pacing
+
+@dataclass(frozen=True)
+class _Failure:
+    reason: str
+    retryable: bool
+    retry_after: float | None = None
+
+
+def classify_error(err: openai.APIError) -> _Failure:
+    """Timeouts, connection errors, 408/409/429 and 5xx are worth retrying; other statuses are not."""
+    if isinstance(err, openai.APITimeoutError):
+        return _Failure("timeout", True)
+    if isinstance(err, openai.APIConnectionError):
+        return _Failure("connection error", True)
+    if isinstance(err, openai.APIStatusError):
+        code = err.status_code
+        if code in (408, 409, 429) or code >= 500:
+            return _Failure(f"http {code}", True, retry_after_seconds(err.response.headers))
+        return _Failure(f"http {code}: {str(err.message)[:120]}", False)
+    return _Failure(f"bad response: {str(err)[:120]}", False)
+
+
+def make_limiter(settings: JudgeSettings, num_actors: int = 1, **kwargs: Any) -> RateLimiter:
+    """The pacing of one judge actor: its in-flight cap and its share of the run-wide RPM/TPM."""
+    return RateLimiter(settings.max_in_flight, settings.rpm, settings.tpm, num_actors, **kwargs)
+
+
+def estimate_tokens(messages: list[dict], settings: JudgeSettings) -> int:
+    """A request's TPM cost before it is sent: ~4 characters a token, a fixed count per image, and
+    the completion cap (providers count ``max_tokens`` against the budget up front)."""
+    chars, images = 0, 0
+    for message in messages:
+        for part in message["content"]:
+            if part["type"] == "text":
+                chars += len(part["text"])
+            else:
+                images += 1
+    return math.ceil(chars / 4) + images * settings.image_tokens + settings.max_tokens
+
+
+# ----------------------------------------------------------------------------- judging a pair
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One ordering of a pair, after its retries."""
+
+    scores: tuple[float, float] | None
+    error: str | None
+    attempts: int
+    cached: bool
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reply: str | None = None
+
+
+def _reply_text(response: Any) -> str:
+    """The reply's text; a body that is not a chat completion is as unusable as a garbled reply."""
+    if not isinstance(response, ChatCompletion):
+        raise ScoreParseError(f"the response is not a chat completion: {str(response)[:80]!r}")
+    if not response.choices:
+        raise ScoreParseError("the response has no choices")
+    choice = response.choices[0]
+    if not choice.message.content:
+        raise ScoreParseError(f"empty reply (finish_reason={choice.finish_reason})")
+    return choice.message.content
+
+
+def _read_reply(response: Any) -> tuple[str | None, tuple[float, float] | None, str | None]:
+    """(reply text, scores, parse error) of one response; exactly one of scores / error is set."""
+    try:
+        reply = _reply_text(response)
+    except ScoreParseError as err:
+        return None, None, f"parse: {err}"
+    try:
+        return reply, parse_scores(reply), None
+    except ScoreParseError as err:
+        return reply, None, f"parse: {err}"
+
+
+async def _request(client: openai.AsyncOpenAI, settings: JudgeSettings, limiter: RateLimiter,
+                   messages: list[dict]) -> tuple[Any, int, int]:
+    """Send one request in a limiter slot; returns (response, prompt tokens, completion tokens)."""
+    estimate = estimate_tokens(messages, settings)
+    async with limiter.slot(estimate):
+        response = await client.chat.completions.create(
+            model=settings.model, messages=messages, temperature=settings.temperature,
+            max_tokens=settings.max_tokens, timeout=settings.timeout_s,
+        )
+    usage = getattr(response, "usage", None)
+    prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+    limiter.settle(estimate, prompt + completion if usage else estimate)
+    return response, prompt, completion
+
+
+async def _judge_order(client: openai.AsyncOpenAI, settings: JudgeSettings, limiter: RateLimiter,
+                       cache: ReplyCache | None, messages: list[dict], sleep: Sleep,
+                       rng: random.Random | None) -> _Outcome:
+    """Judge one ordering: the cache first, then up to ``max_attempts`` requests."""
+    key = ReplyCache.key(settings.model, messages, settings.temperature)
+    hit = cache.get(key) if cache else None
+    if hit is not None:
+        try:
+            return _Outcome(parse_scores(hit.reply), None, 0, True, reply=hit.reply)
+        except ScoreParseError as err:  # only parsed replies are cached: this entry was edited
+            log.warning("cached reply %s no longer parses (%s); requesting again", key[:12], err)
+    attempts = parse_failures = prompt_tokens = completion_tokens = 0
+    error, reply = "no attempt", None
+    while attempts < settings.max_attempts:
+        attempts += 1
+        try:
+            response, prompt, completion = await _request(client, settings, limiter, messages)
+        except openai.APIError as err:
+            failure = classify_error(err)
+            error = failure.reason
+            if not failure.retryable:
+                return _Outcome(None, error, attempts, False, prompt_tokens, completion_tokens)
+            if attempts < settings.max_attempts:
+                delay = backoff_delay(attempts, settings.backoff_base_s, settings.backoff_max_s,
+                                      failure.retry_after, rng)
+                log.info("judge request failed (%s), attempt %d; retrying in %.2fs", error, attempts, delay)
+                await sleep(delay)
+            continue
+        prompt_tokens, completion_tokens = prompt_tokens + prompt, completion_tokens + completion
+        reply, scores, error = _read_reply(response)
+        if scores is not None:
+            if cache is not None:
+                cache.put(key, CachedReply(reply, prompt, completion))
+            return _Outcome(scores, None, attempts, False, prompt_tokens, completion_tokens, reply)
+        parse_failures += 1
+        if parse_failures > settings.parse_retries:
+            break
+    error = f"{error} after {attempts} attempt{'s' if attempts > 1 else ''}"
+    return _Outcome(None, error, attempts, False, prompt_tokens, completion_tokens, reply)
+
+
+_SWAPPED = "swapped order: "
+
+
+def _preferred(s1: float, s2: float) -> int | None:
+    return 0 if s1 > s2 else 1 if s2 > s1 else None
+
+
+async def judge_pair(client: openai.AsyncOpenAI, settings: JudgeSettings, limiter: RateLimiter,
+                     cache: ReplyCache | None, question: str, answer1: str, answer2: str,
+                     image_data_url: str, *, pair_id: str = "", sleep: Sleep | None = None,
+                     rng: random.Random | None = None) -> JudgeVerdict:
+    """Judge one pair (both orders when ``settings.swap_positions``). Never raises for a judge or
+    network failure: the verdict carries the error and no scores."""
+    sleep = sleep or limiter.sleep
+    orders = [(answer1, answer2)] + ([(answer2, answer1)] if settings.swap_positions else [])
+    outcomes = await asyncio.gather(*(
+        _judge_order(client, settings, limiter, cache,
+                     build_judge_messages(question, first, second, image_data_url), sleep, rng)
+        for first, second in orders
+    ))
+    common: dict[str, Any] = {
+        "pair_id": pair_id, "judge_model": settings.model, "reply": outcomes[0].reply,
+        "attempts": sum(o.attempts for o in outcomes), "cached": all(o.cached for o in outcomes),
+        "prompt_tokens": sum(o.prompt_tokens for o in outcomes),
+        "completion_tokens": sum(o.completion_tokens for o in outcomes),
+    }
+    failed = [o for o in outcomes if o.scores is None]
+    if failed:
+        prefix = _SWAPPED if outcomes[0].scores is not None else ""
+        return JudgeVerdict(score1=None, score2=None, error=prefix + str(failed[0].error), **common)
+    s1, s2 = outcomes[0].scores
+    if not settings.swap_positions:
+        return JudgeVerdict(score1=s1, score2=s2, **common)
+    t2, t1 = outcomes[1].scores  # the swapped request showed answer 2 first
+    a, b = _preferred(s1, s2), _preferred(t1, t2)
+    return JudgeVerdict(
+        score1=(s1 + t1) / 2, score2=(s2 + t2) / 2, swapped_score1=t1, swapped_score2=t2,
+        # A flip is each order preferring a different answer; a tie on either side is not a flip.
+        consistent=not (a is not None and b is not None and a != b), **common,
+    )

@@ -1,0 +1,369 @@
+"""The offline reference judge: an OpenAI-compatible server on loopback that plays GPT-4o's part.
+
+In the embedded default there is no GPT-4o, but the images are synthetic phantoms whose findings are
+known (``stmed.data.synthetic``). This server receives exactly the request a real judge would (METHOD §3:
+one user message, the ``[Question] … [Answer 1] … [End Answer 1] … [Answer 2] … [End Answer 2] …
+[System] …`` text and the image as a base64 ``image_url``), recognises the image by its pixel digest,
+scores each answer against the findings with deterministic rules (``stmed.judge.grading``) and replies in
+chat-completions shape with ``"s1 s2\\n<explanation>"`` on its first lines. So the judge client — async
+requests, retries, ``Retry-After``, reply parsing, caching — is the same code that talks to GPT-4o.
+
+Fault injection (``Faults``, changeable while running) makes the client's failure paths testable:
+the first N requests get 429 with ``Retry-After``, a deterministic share get 500, every request can
+be delayed (``asyncio.sleep``, so many are in flight at once), and a share get a garbled first line.
+``RunningServer.stats`` counts requests by outcome and records each request's key, so a test can see
+how often a request was re-sent.
+
+CLI: ``python -m stmed.judge.reference --findings runs/data/findings.json --port 8011``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from stmed.data.images import ImageLoadError, decode_data_url, pixel_digest
+from stmed.data.synthetic import Findings
+from stmed.judge.grading import judge_answer
+from stmed.log import get_logger
+
+log = get_logger(__name__)
+
+MODEL_ID = "stmed-reference-judge"
+IMAGE_TOKENS = 85  # what a low-detail image costs at OpenAI; only used to estimate usage
+
+# ----------------------------------------------------------------------------- the request
+
+
+class BadJudgeRequest(ValueError):
+    """A request the judge cannot score: not the judge prompt, no image, or an image it does not know."""
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    question: str
+    answer1: str
+    answer2: str
+    image_url: str
+    text_chars: int
+
+
+_ANSWER = {n: re.compile(rf"\[Answer {n}\]\s*(.*?)\s*\[End Answer {n}\]", re.DOTALL) for n in (1, 2)}
+
+
+def parse_request(body: Any) -> JudgeRequest:
+    """Read the question, both answers and the image from a chat-completions request body."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    users = [m for m in messages or [] if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise BadJudgeRequest("the request has no user message")
+    content = users[-1].get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+    texts = [p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
+    images = [p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"]
+    text = "\n".join(t for t in texts if isinstance(t, str))
+    matches = {n: pattern.search(text) for n, pattern in _ANSWER.items()}
+    if not matches[1] or not matches[2]:
+        raise BadJudgeRequest("expected '[Answer 1] … [End Answer 1]' and '[Answer 2] … [End Answer 2]' in the text")
+    question = re.sub(r"^\s*\[Question\]\s*", "", text[: matches[1].start()]).strip()
+    if len(images) != 1:
+        raise BadJudgeRequest(f"expected exactly one image_url part, found {len(images)}")
+    url = images[0].get("url") if isinstance(images[0], dict) else images[0]
+    if not isinstance(url, str):
+        raise BadJudgeRequest("image_url part has no url")
+    return JudgeRequest(question, matches[1].group(1), matches[2].group(1), url, len(text))
+
+
+def load_digest_index(findings_path: str | os.PathLike) -> dict[str, Findings]:
+    """``{pixel_digest: Findings}`` from a ``findings.json`` written by ``stmed.data.synthetic``."""
+    records = json.loads(Path(findings_path).read_text())
+    index = {}
+    for name, entry in records.items():
+        if "pixel_digest" not in entry:
+            raise ValueError(f"{findings_path}: entry {name!r} has no pixel_digest; regenerate the dataset")
+        index[entry["pixel_digest"]] = Findings.from_dict(entry)
+    return index
+
+
+def reply_for(request: JudgeRequest, index: dict[str, Findings]) -> str:
+    """``"s1 s2\\nexplanation"`` for a parsed request, or ``BadJudgeRequest`` for an unknown image."""
+    if not request.image_url.startswith("data:image/"):
+        raise BadJudgeRequest("the reference judge only reads base64 data:image/… URLs")
+    try:
+        digest = pixel_digest(decode_data_url(request.image_url))
+    except ImageLoadError as err:
+        raise BadJudgeRequest(f"unreadable image: {err.reason}") from err
+    if digest not in index:
+        raise BadJudgeRequest(f"unknown image (pixel digest {digest[:12]}…): not in the findings file")
+    v1, v2 = (judge_answer(request.question, a, index[digest]) for a in (request.answer1, request.answer2))
+    return f"{v1.score} {v2.score}\nAnswer 1: {v1.reason}. Answer 2: {v2.reason}."
+
+
+# ----------------------------------------------------------------------------- faults and stats
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Injected failures, decided at each request's arrival so the pattern is deterministic."""
+
+    rate_limit_first: int = 0
+    """The first N requests (since these faults were set) get 429 with a ``Retry-After`` header."""
+    retry_after_s: float = 1.0
+    """The wait the 429 asks for (sent as ``Retry-After`` seconds and ``retry-after-ms``)."""
+    error_rate: float = 0.0
+    """Share of the other requests that get 500, evenly spaced (0.5 → every second one)."""
+    latency_ms: float = 0.0
+    """Delay before every reply; an ``asyncio.sleep``, so concurrent requests overlap."""
+    garbled_rate: float = 0.0
+    """Share of successful replies whose first line holds no scores, evenly spaced."""
+
+    def __post_init__(self) -> None:
+        for name in ("error_rate", "garbled_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"Faults.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.rate_limit_first < 0 or self.retry_after_s < 0 or self.latency_ms < 0:
+            raise ValueError(f"Faults: counts and times must be >= 0, got {self}")
+
+
+@dataclass(frozen=True)
+class JudgeStats:
+    """Snapshot of what the server saw: chat requests by outcome, and each request's key in order."""
+
+    total: int
+    outcomes: dict[str, int]
+    request_keys: tuple[str, ...]
+
+    def key_counts(self) -> Counter[str]:
+        return Counter(self.request_keys)
+
+    @property
+    def resent(self) -> int:
+        """Requests whose exact messages the server had already received (retries, unwanted repeats)."""
+        return len(self.request_keys) - len(set(self.request_keys))
+
+
+def _every(rate: float, index: int) -> bool:
+    """True for an evenly spaced ``rate`` share of indices 0, 1, 2, …"""
+    return math.floor((index + 1) * rate) > math.floor(index * rate)
+
+
+@dataclass
+class _State:
+    index: dict[str, Findings]
+    faults: Faults = field(default_factory=Faults)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    seen: Counter[str] = field(default_factory=Counter)  # per-fault arrival counters
+    outcomes: Counter[str] = field(default_factory=Counter)
+    keys: list[str] = field(default_factory=list)
+
+    def arrive(self, key: str) -> tuple[Faults, str]:
+        """Record a request and decide its fate: rate_limited, server_error, garbled or ok."""
+        with self.lock:
+            self.keys.append(key)
+            faults, n = self.faults, self.seen["arrived"]
+            self.seen["arrived"] += 1
+            if n < faults.rate_limit_first:
+                return faults, "rate_limited"
+            self.seen["past_rate_limit"] += 1
+            if _every(faults.error_rate, self.seen["past_rate_limit"] - 1):
+                return faults, "server_error"
+            self.seen["answered"] += 1
+            return faults, "garbled" if _every(faults.garbled_rate, self.seen["answered"] - 1) else "ok"
+
+    def record(self, outcome: str) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+
+    def set_faults(self, faults: Faults) -> None:
+        with self.lock:
+            self.faults, self.seen = faults, Counter()
+
+    def snapshot(self) -> JudgeStats:
+        with self.lock:
+            return JudgeStats(len(self.keys), dict(self.outcomes), tuple(self.keys))
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def _request_key(body: Any) -> str:
+    """The request's identity for counting re-sends: a hash of its messages (position swaps differ)."""
+    messages = body.get("messages") if isinstance(body, dict) else body
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": code, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _completion(body: dict[str, Any], content: str, prompt_chars: int) -> dict[str, Any]:
+    prompt_tokens, completion_tokens = math.ceil(prompt_chars / 4) + IMAGE_TOKENS, math.ceil(len(content) / 4)
+    return {
+        "id": f"chatcmpl-ref-{hashlib.sha256(content.encode()).hexdigest()[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": str(body.get("model") or MODEL_ID),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def create_app(state: _State) -> FastAPI:
+    app = FastAPI(title="stmed reference judge")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "stmed"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            body = None
+        faults, fate = state.arrive(_request_key(body))
+        if faults.latency_ms:
+            await asyncio.sleep(faults.latency_ms / 1000)
+        outcome, response = _respond(body, fate, faults, state.index)
+        state.record(outcome)
+        return response
+
+    return app
+
+
+def _respond(body: Any, fate: str, faults: Faults, index: dict[str, Findings]) -> tuple[str, JSONResponse]:
+    if fate == "rate_limited":
+        wait = f"{faults.retry_after_s:g}"
+        headers = {"Retry-After": wait, "retry-after-ms": str(round(faults.retry_after_s * 1000))}
+        return fate, _error(429, f"rate limit reached (injected); retry after {wait} s", "rate_limit_exceeded",
+                            headers)
+    if fate == "server_error":
+        return fate, _error(500, "internal error (injected)", "server_error")
+    try:
+        request = parse_request(body)
+        content = reply_for(request, index)
+    except BadJudgeRequest as err:
+        return "bad_request", _error(400, str(err), "invalid_request_error")
+    if fate == "garbled":  # a first line with no numbers at all: what an unruly judge writes
+        content = "Both assistants offer answers worth discussing.\n" + content.replace("\n", " ")
+    return fate, JSONResponse(_completion(body, content, request.text_chars))
+
+
+class RunningServer:
+    """A reference judge serving in a background thread; ``url`` is the OpenAI ``base_url``."""
+
+    def __init__(self, server: Any, thread: threading.Thread, state: _State, host: str, port: int):
+        self._server, self._thread, self._state = server, thread, state
+        self.host, self.port = host, port
+        self.url = f"http://{host}:{port}/v1"
+
+    @property
+    def stats(self) -> JudgeStats:
+        return self._state.snapshot()
+
+    @property
+    def faults(self) -> Faults:
+        return self._state.faults
+
+    @faults.setter
+    def faults(self, faults: Faults) -> None:
+        """Swap the faults while serving; their counters start again (the next N requests get 429)."""
+        self._state.set_faults(faults)
+
+    def reset_stats(self) -> None:
+        with self._state.lock:
+            self._state.outcomes.clear()
+            self._state.keys.clear()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise RuntimeError(f"reference judge on {self.url} did not stop within {timeout_s} s")
+
+    def wait(self) -> None:
+        """Block until the server stops (the CLI's foreground loop; Ctrl-C lands here)."""
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(findings_path: str | os.PathLike, port: int = 0, faults: Faults | None = None,
+                 host: str = "127.0.0.1", start_timeout_s: float = 20.0) -> RunningServer:
+    """Serve the judge for the images in ``findings_path`` on ``host:port`` (0 = any free port)."""
+    import uvicorn  # deferred: only a process that serves pays for it
+
+    state = _State(index=load_digest_index(findings_path), faults=faults or Faults())
+    # Bind here rather than in uvicorn: a taken port fails in the caller, and port 0's pick is known.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise RuntimeError(f"reference judge cannot bind {host}:{port}: {err.strerror or err}") from err
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(state), host=host, port=bound, log_level="warning", access_log=False,
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    # uvicorn installs no signal handlers outside the main thread, so it runs fine in this one.
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="reference-judge", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError(f"reference judge on {host}:{bound} did not start within {start_timeout_s} s")
+        time.sleep(0.01)
+    running = RunningServer(server, thread, state, host, bound)
+    log.info("reference judge serving %d images on %s", len(state.index), running.url)
+    return running
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stmed.judge.reference",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--findings", required=True, help="findings.json written by stmed.data.synthetic")
+    parser.add_argument("--port", type=int, default=8011, help="port on 127.0.0.1 (0 = any free port)")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before every reply")
+    parser.add_argument("--rate-limit-first", type=int, default=0, help="answer the first N requests with 429")
+    parser.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds sent with 429")
+    parser.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered with 500")
+    parser.add_argument("--garbled-rate", type=float, default=0.0, help="share of replies with no scores")
+    args = parser.parse_args(argv)
+    faults = Faults(rate_limit_first=args.rate_limit_first, retry_after_s=args.retry_after,
+                    error_rate=args.error_rate, latency_ms=args.latency_ms, garbled_rate=args.garbled_rate)
+    server = start_server(args.findings, port=args.port, faults=faults)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        log.info("stopping the reference judge")
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The self-play additions to stmed.selfplay.generation: per-row seeded sampling, derived seeds, the question
+and answer filters, and the settings group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stmed.config import ConfigError, ModelConfig
+from stmed.model.build import load_model
+from stmed.model.generate import HFEngine, Sampling
+from stmed.selfplay import generation
+from stmed.selfplay.generation import GenerationSettings
+
+
+@pytest.fixture(scope="module")
+def engine() -> HFEngine:
+    return HFEngine(*load_model(ModelConfig(preset="tiny")), batch_size=8)
+
+
+def _images(n: int) -> list[Image.Image]:
+    return [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+            for i in range(n)]
+
+
+SAMPLING = Sampling(temperature=1.2, top_k=100, top_p=0.95, max_new_tokens=10)
+
+
+def test_row_seeded_answers_do_not_depend_on_the_batch(engine: HFEngine):
+    images = _images(3)
+    questions = ["Is there a lesion?", "Which organ is shown?", "How many lesions are there?"]
+    seeds = [(11, 12), (21, 22), (31, 32)]
+    together = generation.answer_twice_seeded(engine, images, questions, seeds, SAMPLING)
+    alone = generation.answer_twice_seeded(engine, images[1:2], questions[1:2], seeds[1:2], SAMPLING)
+    reordered = generation.answer_twice_seeded(engine, images[::-1], questions[::-1], seeds[::-1], SAMPLING)
+    assert together[1] == alone[0] == reordered[1]
+    assert together[::-1] == reordered
+    assert together[1][0] != together[1][1]  # two seeds, two different samples
+
+
+def test_ask_seeded_gives_one_question_per_seed_and_counts_tokens(engine: HFEngine):
+    before = engine.generated_tokens
+    questions = generation.ask_seeded(engine, _images(2), ["A scan.", ""], [[1, 2, 3], [4, 5]], SAMPLING)
+    assert [len(q) for q in questions] == [3, 2]
+    again = generation.ask_seeded(engine, _images(2)[1:], [""], [[5]], SAMPLING)
+    assert again[0][0] == questions[1][1]
+    # every row generated between 1 and max_new_tokens tokens
+    assert 6 <= engine.generated_tokens - before <= 6 * SAMPLING.max_new_tokens
+
+
+def test_derived_seeds_are_stable_and_distinct():
+    settings = GenerationSettings(seed=3, questions_per_image=4)
+    seeds = [settings.question_seed("a.png", j) for j in range(4)] + list(settings.answer_seeds("a.png", 0))
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**31 for s in seeds)
+    assert settings.question_seed("a.png", 0) == generation.derive_seed(3, "a.png", "question", 0)
+    assert GenerationSettings(seed=4).question_seed("a.png", 0) != seeds[0]
+
+
+def test_question_and_answer_filters():
+    assert generation.question_reasons([
+        "Is there a lesion?", "is there a  LESION?", "Lesion?", "What is the organ", "Which side is it on?",
+    ]) == [None, "duplicate", "too_short", "not_a_question", None]
+    # a rejected question does not make a later copy a duplicate: the copy is judged on its own
+    assert generation.question_reasons(["the the the the the the?", "Which side is it on?"]) == [
+        "repetitive", None]
+    assert generation.answer_pair_reason("Yes.", " yes ") == "identical_answers"
+    assert generation.answer_pair_reason("", "No.") == "answer1_empty"
+    assert generation.answer_pair_reason("No.", "a a a a a a") == "answer2_repetitive"
+    assert generation.answer_pair_reason("Left side.", "Right side.") is None
+    assert generation.normalize_text("  Is it  the BRAIN?! ") == "is it the brain"
+
+
+def test_settings_reject_bad_values_naming_the_key():
+    with pytest.raises(ConfigError, match="generation.questions_per_image"):
+        GenerationSettings(questions_per_image=0)
+    with pytest.raises(ConfigError, match="generation.answer_temperature"):
+        GenerationSettings(answer_temperature=0.0)
+    with pytest.raises(ConfigError, match="generation.question_top_p"):
+        GenerationSettings(question_top_p=1.5)
+    assert GenerationSettings().answer_sampling == Sampling(1.2, 100, 0.95, 300)
+    assert GenerationSettings().question_sampling == Sampling(1.2, 300, 0.95, 300)
