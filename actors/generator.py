@@ -32,6 +32,7 @@ import numpy as np
 from actors.judge import VERDICT_COLUMNS, Judge
 from stmed.config import ModelConfig, build_config
 from stmed.data.images import ImageLoadError, image_to_data_url, load_image
+from stmed.log import get_logger
 from stmed.model.generate import HFEngine
 from stmed.selfplay import generation
 from stmed.selfplay.generation import GenerationSettings
@@ -46,6 +47,8 @@ from stmed.selfplay.preferences import (
 )
 
 _INT_COLUMNS = {"question_index", "question_seed", "seed1", "seed2"}
+
+log = get_logger(__name__)
 
 
 def to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -88,6 +91,10 @@ def self_play(engine: HFEngine, images: list[tuple[str, str, Any]],
     return rows
 
 
+LARGE_ON_CPU = 1e9
+"""Parameters above which CPU generation is worth a warning (a 7B model there takes minutes a row)."""
+
+
 class Generator:
     """Holds the model (expensive ``__init__``); ``__call__`` runs self-play on a batch of images."""
 
@@ -107,6 +114,10 @@ class Generator:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.engine = HFEngine(*load_model(model_cfg), device=device, batch_size=self.settings.batch_size)
+        params = self.engine.model.num_parameters()
+        if device == "cpu" and params > LARGE_ON_CPU:
+            log.warning("generating with a %.1fB-parameter model on the CPU: give the actors a GPU "
+                        "(ray.use_gpu=true, pools.generator_gpus=1) or use generation.engine=vllm", params / 1e9)
         self.skip = frozenset(skip_pair_ids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ from ray import serve
 
 from stmed.config import ConfigError, ModelConfig
 from stmed.log import get_logger
+from stmed.model import prompts
 from stmed.model.build import image_seq_len, load_model
 from stmed.model.generate import HFEngine
 from stmed.serve.contract import (
@@ -229,7 +230,19 @@ def build_vllm_app(model_path: str, model_name: str, dtype: str, autoscaling: Au
                                    "target_ongoing_requests": autoscaling.target_ongoing_requests},
             "max_ongoing_requests": replica.max_ongoing_requests,
         },
-        engine_kwargs={"dtype": dtype, "trust_remote_code": False, "limit_mm_per_prompt": {"image": 1},
-                       "max_num_seqs": replica.max_ongoing_requests},
+        engine_kwargs=vllm_engine_kwargs(dtype, replica),
     )
     return build_openai_app({"llm_configs": [llm_config]})
+
+
+def vllm_engine_kwargs(dtype: str, replica: ReplicaConfig) -> dict[str, Any]:
+    """vLLM's engine and frontend arguments for the endpoint, the prompt renderer among them.
+
+    vLLM renders chat messages with a chat template; the checkpoint's own would drop the system prompt
+    the model was tuned with. ``prompts.serving_chat_template`` renders a request exactly as the HF
+    endpoint's ``prompts.answer_prompt`` does, and the "openai" content format hands it the message
+    parts as they came (vLLM's own detection could flatten them and add a second ``<image>``).
+    """
+    return {"dtype": dtype, "trust_remote_code": False, "limit_mm_per_prompt": {"image": 1},
+            "max_num_seqs": replica.max_ongoing_requests,
+            "chat_template": prompts.serving_chat_template(), "chat_template_content_format": "openai"}

@@ -30,6 +30,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
 from stmed.config import RayConfig
+from stmed.data.records import DataError
 from stmed.log import get_logger
 from stmed.train.session import TrainSession
 
@@ -74,10 +75,18 @@ class RayTrainSession:
             shutil.rmtree(self._restored, ignore_errors=True)
 
 
+DATA_ERROR = "data_error"
+
+
 def _worker(config: dict[str, Any], loop_fn: LoopFn) -> None:
     session = RayTrainSession()
     try:
         loop_fn(config, session)
+    except DataError as err:
+        # Deterministic: every rank checked the same data and meets the same error, and a restart would
+        # only meet it again. Report it instead of raising, so FailureConfig (meant for lost workers)
+        # spends no retry on it; ``run_training`` raises it in the driver.
+        ray.train.report({DATA_ERROR: str(err)})
     finally:
         session.close()
 
@@ -94,7 +103,8 @@ def run_training(
     """Run ``loop_fn(loop_config, session)`` on ``ray_cfg.num_workers`` Ray Train workers.
 
     A worker failure restarts the whole group from the latest reported checkpoint, up to
-    ``ray_cfg.max_failures`` times. Raises ``ray.train.TrainingFailedError`` when the run fails for good.
+    ``ray_cfg.max_failures`` times. Raises ``ray.train.TrainingFailedError`` when the run fails for good,
+    and ``DataError`` (after one attempt) when the loop found its data unusable.
     Call ``jobs.runtime.init_ray`` first so a local Ray stays on loopback.
     """
     trainer = TorchTrainer(
@@ -115,4 +125,7 @@ def run_training(
         ),
     )
     log.info("Ray Train run %s: %d workers (%s)", name, ray_cfg.num_workers, "GPU" if ray_cfg.use_gpu else "CPU")
-    return trainer.fit()
+    result = trainer.fit()
+    if result.metrics and result.metrics.get(DATA_ERROR):
+        raise DataError(result.metrics[DATA_ERROR])
+    return result

@@ -22,12 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from actors.training import run_training
-from jobs.runtime import init_ray
-from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, load_config, write_config
+from jobs.runtime import init_ray, run_job
+from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, write_config
 from stmed.log import get_logger
+from stmed.model.build import image_seq_len, load_processor
 from stmed.runs import MetricsLog, clear_run_logs, write_summary
 from stmed.train.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
-from stmed.train.stage import ATTEMPTS_FILE, DATA_REPORT_FILE, METRICS_FILE, check_global_batch
+from stmed.train.stage import (
+    ATTEMPTS_FILE,
+    DATA_REPORT_FILE,
+    METRICS_FILE,
+    check_global_batch,
+    check_length_budget,
+)
 
 log = get_logger("stmed.jobs.dpo")
 
@@ -85,6 +92,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
         raise ConfigError(f"preferences: file not found: {preferences} (run jobs.generate first)")
     image_root = Path(cfg.image_root).resolve() if cfg.image_root else preferences.parent
     write_config(cfg, out)
+    check_length_budget(cfg.train, image_seq_len(load_processor(cfg.model)))  # before any worker starts
     init_ray(cfg.ray)
     loop = DPOLoopConfig(model=cfg.model, preferences_path=str(preferences), image_root=str(image_root),
                          output_dir=str(out), lora=cfg.lora, train=cfg.train, dpo=cfg.dpo)  # fmt: skip
@@ -103,8 +111,4 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main(load_config(DPOConfig))
-    except ConfigError as err:  # a missing input file is a user mistake too: one line, exit code 2
-        log.error("config error: %s", err)
-        raise SystemExit(2) from None
+    run_job(main, DPOConfig)

@@ -19,9 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from actors.answerer import Answerer, vllm_answer
-from jobs.runtime import init_ray
-from stmed.config import ConfigError, ModelConfig, RayConfig, load_config, write_config
-from stmed.data.records import Prediction, VQAExample, read_benchmark, read_predictions, write_predictions
+from jobs.runtime import init_ray, run_job
+from stmed.config import ConfigError, ModelConfig, RayConfig, write_config
+from stmed.data.records import (
+    DataError,
+    Prediction,
+    VQAExample,
+    read_benchmark,
+    read_predictions,
+    write_predictions,
+)
 from stmed.data.synthetic import load_findings, make_dataset
 from stmed.eval.metrics import CLOSED, score, yes_no_split
 from stmed.judge.grading import preference, score_answer
@@ -116,7 +123,8 @@ class Benchmark:
 
 def _asked(example: VQAExample, suffix: str) -> str:
     """The question as put to the model: CLOSED ones get the options suffix unless the file has it."""
-    if example.answer_type == CLOSED and suffix and suffix.strip() not in example.question:
+    # Case-insensitive: VQA-RAD's published test_w_options.json writes "[Yes, No]" on 188 of its 272.
+    if example.answer_type == CLOSED and suffix and suffix.strip().lower() not in example.question.lower():
         return example.question + suffix
     return example.question
 
@@ -135,11 +143,29 @@ def resolve_benchmarks(cfg: EvaluateConfig) -> list[Benchmark]:
         if not test_file.is_file():
             raise ConfigError(f"benchmarks.{name}.test_file: {test_file} not found")
         limits = [n for n in (cfg.limit, bench.limit) if n is not None]
-        examples = read_benchmark(test_file)[: min(limits) if limits else None]
+        try:
+            examples = read_benchmark(test_file)[: min(limits) if limits else None]
+        except DataError as err:
+            raise ConfigError(f"benchmarks.{name}.test_file: {err} (a LLaVA-Med test file is one JSON array)"
+                              ) from None  # fmt: skip
         asked = [_asked(e, bench.options_suffix) for e in examples]
         root = Path(bench.image_root) if bench.image_root else test_file.parent / "images"
+        _check_images(name, examples, root)
         out.append(Benchmark(name, test_file, examples, asked, root))
     return out
+
+
+def _check_images(name: str, examples: list[VQAExample], root: Path) -> None:
+    """A wrong image folder is a config mistake, not a benchmark of empty answers: refuse it when none
+    of the test file's images is there; warn (each becomes an empty answer) when some are missing."""
+    missing = [e.image for e in examples if not (root / e.image).is_file()]
+    if examples and len(missing) == len(examples):
+        raise ConfigError(f"benchmarks.{name}.image_root: none of the {len(examples)} images the test file "
+                          f"names is under {root} (e.g. {missing[0]}); set benchmarks.{name}.image_root to "
+                          "the folder that holds them")
+    if missing:
+        log.warning("%s: %d of %d images are missing under %s (e.g. %s); those questions get an empty answer",
+                    name, len(missing), len(examples), root, missing[0])
 
 
 def answer_plan(cfg: EvaluateConfig, model: ModelConfig, benchmarks: list[Benchmark]) -> ray.data.Dataset:
@@ -267,4 +293,4 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(load_config(EvaluateConfig))
+    run_job(main, EvaluateConfig)

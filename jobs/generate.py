@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from actors.generator import Generator, KeptPairJudge
-from jobs.runtime import init_ray
-from stmed.config import ConfigError, ModelConfig, RayConfig, load_config, write_config
+from jobs.runtime import init_ray, run_job
+from stmed.config import ConfigError, ModelConfig, RayConfig, write_config
 from stmed.data.records import export_dpo_json, list_images, sample_images, write_preferences
 from stmed.judge.judging import JudgeSettings
 from stmed.log import get_logger
@@ -53,7 +53,8 @@ class PoolsConfig:
     generators: int = 1
     """Generator actors (hf engine), each holding a model."""
     generator_cpus: float = 1.0
-    generator_gpus: float = 0.0
+    generator_gpus: float | None = None
+    """GPUs per generator actor (hf engine); None: 1 when ``ray.use_gpu``, else 0."""
     images_per_batch: int = 4
     judge_min: int = 1
     judge_max: int = 4
@@ -86,9 +87,20 @@ class GenerateConfig:
             raise ConfigError("generation.engine=vllm needs model.name_or_path (a merged checkpoint)")
         if self.num_images < 1:
             raise ConfigError(f"num_images must be >= 1, got {self.num_images}")
+        if self.generation.engine == "hf" and self.generation.device == "cuda" and self.generator_gpus == 0:
+            raise ConfigError("generation.device=cuda but the generator actors get no GPU: set ray.use_gpu=true "
+                              "or pools.generator_gpus=1")
         if not 1 <= self.pools.judge_min <= self.pools.judge_max:
             raise ConfigError(f"pools: need 1 <= judge_min <= judge_max, got {self.pools.judge_min}, "
                               f"{self.pools.judge_max}")
+
+
+    @property
+    def generator_gpus(self) -> float:
+        """GPUs per hf generator actor: as configured, else one per actor on a GPU cluster."""
+        if self.pools.generator_gpus is not None:
+            return self.pools.generator_gpus
+        return 1.0 if self.ray.use_gpu else 0.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,7 @@ def build_dataset(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], j
             Generator, fn_constructor_kwargs={"model": cfg.model, "settings": cfg.generation,
                                               "skip_pair_ids": skip},
             compute=ActorPoolStrategy(size=cfg.pools.generators), batch_size=cfg.pools.images_per_batch,
-            num_cpus=cfg.pools.generator_cpus, num_gpus=cfg.pools.generator_gpus, batch_format="numpy")
+            num_cpus=cfg.pools.generator_cpus, num_gpus=cfg.generator_gpus, batch_format="numpy")
     return ds.map_batches(
         KeptPairJudge, fn_constructor_kwargs={"settings": judge, "num_actors": cfg.pools.judge_max},
         compute=ActorPoolStrategy(min_size=cfg.pools.judge_min, max_size=cfg.pools.judge_max),
@@ -201,4 +213,4 @@ def main(cfg: GenerateConfig) -> GenerateResult:
 
 
 if __name__ == "__main__":
-    main(load_config(GenerateConfig))
+    run_job(main, GenerateConfig)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from stmed.config import RayConfig
+from stmed.config import ConfigError, RayConfig, load_config
+from stmed.data.records import DataError
 from stmed.log import get_logger
 
 log = get_logger(__name__)
 
 LOOPBACK = "127.0.0.1"
+EXIT_USER_ERROR = 2
+T = TypeVar("T")
 
 # The environment of a local, loopback-only Ray. This machine has an external interface that Ray
 # would otherwise advertise; pinning the node IP keeps the head, the workers and Ray Train's
@@ -66,3 +72,19 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         log.info("joining the Ray cluster at %s", cfg.address or os.environ["RAY_ADDRESS"])
         ray.init(address=cfg.address)
+
+
+def run_job(main: Callable[[T], Any], cls: type[T], argv: list[str] | None = None) -> None:
+    """A job's ``__main__``: parse its config, run ``main``, and end a user mistake with one line.
+
+    A mistake in the config or the inputs (``ConfigError``: a key, a missing file; ``DataError``: a file
+    that is not what it claims, or gives nothing usable) is the user's to fix, not a bug: one line on
+    stderr naming it, exit code 2, no traceback, and nothing retried.
+    """
+    cfg = load_config(cls, argv)
+    try:
+        main(cfg)
+    except (ConfigError, DataError) as err:
+        kind = "config error" if isinstance(err, ConfigError) else "input error"
+        sys.stderr.write(f"{kind}: {' '.join(str(err).split())}\n")
+        raise SystemExit(EXIT_USER_ERROR) from None

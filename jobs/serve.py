@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from actors.serve import AutoscalingConfig, BatchingConfig, ReplicaConfig, build_app, build_vllm_app
-from jobs.runtime import init_ray
+from jobs.runtime import init_ray, run_job
 from stmed.config import (
     ConfigError,
     ModelConfig,
     RayConfig,
     build_config,
-    load_config,
     read_yaml,
     write_config,
 )
@@ -171,4 +170,4 @@ def _wait_then_stop(result: ServeResult) -> None:
 
 
 if __name__ == "__main__":
-    main(load_config(ServeConfig))
+    run_job(main, ServeConfig)

@@ -19,21 +19,28 @@ from pathlib import Path
 from typing import Any
 
 from actors.training import run_training
-from jobs.runtime import init_ray
+from jobs.runtime import init_ray, run_job
 from stmed.config import (
     ConfigError,
     LoRAConfig,
     ModelConfig,
     RayConfig,
     config_to_dict,
-    load_config,
     write_config,
 )
 from stmed.data.synthetic import make_dataset
 from stmed.log import get_logger
+from stmed.model.build import image_seq_len, load_processor
 from stmed.runs import MetricsLog, clear_run_logs, write_summary
 from stmed.train.sft import SFTLoopConfig, train_sft
-from stmed.train.stage import ATTEMPTS_FILE, DATA_REPORT_FILE, METRICS_FILE, TrainConfig, check_global_batch
+from stmed.train.stage import (
+    ATTEMPTS_FILE,
+    DATA_REPORT_FILE,
+    METRICS_FILE,
+    TrainConfig,
+    check_global_batch,
+    check_length_budget,
+)
 
 log = get_logger("stmed.jobs.sft")
 
@@ -106,6 +113,7 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir).resolve()  # workers resolve paths from their own working directory
     write_config(cfg, out)
     instruct, image_root = _resolve_data(cfg, out)
+    check_length_budget(cfg.train, image_seq_len(load_processor(cfg.model)))  # before any worker starts
     init_ray(cfg.ray)
     loop = SFTLoopConfig(model=cfg.model, lora=cfg.lora, train=cfg.train, instruct_path=str(instruct),
                          image_root=str(image_root), output_dir=str(out))  # fmt: skip
@@ -123,4 +131,4 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(load_config(SFTConfig))
+    run_job(main, SFTConfig)

@@ -4,8 +4,14 @@ Every image the project touches (instruction data, benchmark files, uploads to t
 through ``load_image`` / ``decode_image``. They read JPEG, PNG, TIFF, BMP and DICOM and return a
 *fresh* ``PIL.Image`` in RGB built from the pixel array alone: no EXIF, no ``info`` dict and, for
 DICOM, none of the tags — so patient data cannot leak into logs, the judge's requests or
-exported files. A bad file of any kind raises one typed error, ``ImageLoadError``, naming the file
-and why; callers record it as a skip instead of crashing a long job.
+exported files. A bad file of any kind raises one typed error, ``ImageLoadError`` (``ImageSizeError``
+for one over a size limit), naming the file and the kind of problem; callers record it as a skip
+instead of crashing a long job. Whatever PIL or pydicom raise is re-raised typed, and their own texts
+go nowhere: pydicom's warnings and log lines quote raw header bytes (patient name, ID, birth date) of a
+malformed file, so they are silenced while a DICOM is read, and an error names only the exception's
+type, never its message. Sizes are checked from the header, before any pixel is decoded: the pixel
+count, each side, and the aspect ratio (a 2 KB PNG can declare 1,600,000 x 1 pixels, which a model's
+image processor would then scale to gigapixels).
 
 DICOM pixels are turned into a displayable picture the way a viewer would: modality LUT (rescale
 slope/intercept) → VOI window (WindowCenter/WindowWidth, else the min-max range) → MONOCHROME1
@@ -18,10 +24,13 @@ import base64
 import binascii
 import hashlib
 import io
+import logging
 import os
-import struct
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -33,20 +42,27 @@ if TYPE_CHECKING:
 
 # A 8k x 8k scan is 67M pixels; PIL's own bomb limit (~89M) would still fire above this.
 DEFAULT_MAX_PIXELS = 8192 * 8192
+# Longest side: stitched full-spine radiographs and slide thumbnails stay far below it.
+DEFAULT_MAX_SIDE = 16384
+# Long side / short side. Real scans stay under ~5:1; the model's processor scales the short side up
+# to its input size, so a 400000x4 image would become 33 million pixels wide.
+DEFAULT_MAX_ASPECT = 20.0
 # Formats PIL may open for us; anything else (GIF, WebP, PSD...) is refused by content, not suffix.
 PIL_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
 SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 DATA_URL_PREFIX = "data:image/png;base64,"
 
-# What PIL and pydicom raise on corrupt or unexpected input. Both parse untrusted bytes and their
-# failure modes are not one exception type, so the boundary lists them and re-raises them typed.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
-                  TypeError, AttributeError, RuntimeError, NotImplementedError)
+# Held while a third-party parser runs under `warnings.catch_warnings`, which swaps process-wide state:
+# two threads (the server decodes uploads in a thread pool) interleaving it would leave it wrong.
+_WARNINGS_LOCK = threading.Lock()
 
 
 class ImageLoadError(ValueError):
-    """An image that cannot be used: missing, empty, corrupt, unsupported or too large."""
+    """An image that cannot be used: missing, empty, corrupt, unsupported or too large.
+
+    ``reason`` names the kind of problem only; it never holds a value read from the file.
+    """
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
@@ -54,7 +70,24 @@ class ImageLoadError(ValueError):
         super().__init__(f"cannot load image {self.path}: {reason}")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+class ImageSizeError(ImageLoadError):
+    """An image over a size limit, found from its header before decoding; ``limit`` names which one
+    (``max_pixels``, ``max_side`` or ``max_aspect``)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, limit: str):
+        super().__init__(path, reason)
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_pixels: int
+    max_side: int
+    max_aspect: float
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
+               max_aspect: float = DEFAULT_MAX_ASPECT) -> Image.Image:
     """Read an image file into a fresh RGB image (pixels only) or raise ``ImageLoadError``."""
     path = Path(path)
     try:
@@ -63,18 +96,19 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         if path.stat().st_size == 0:
             raise ImageLoadError(path, "empty file")
         with path.open("rb") as fh:
-            return _decode(fh, str(path), max_pixels)
+            return _decode(fh, str(path), _Limits(max_pixels, max_side, max_aspect))
     except ImageLoadError:
         raise
-    except OSError as exc:  # unreadable file: permissions, I/O error
-        raise ImageLoadError(path, f"cannot read file: {exc.strerror or exc}") from exc
+    except OSError as exc:  # unreadable file: permissions, I/O error (the OS's words, not the file's)
+        raise ImageLoadError(path, f"cannot read file: {exc.strerror or type(exc).__name__}") from None
 
 
-def decode_image(data: bytes, name: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, name: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_side: int = DEFAULT_MAX_SIDE, max_aspect: float = DEFAULT_MAX_ASPECT) -> Image.Image:
     """``load_image`` for bytes already in memory (uploads, data URLs); ``name`` is used in errors."""
     if not data:
         raise ImageLoadError(name, "empty file")
-    return _decode(io.BytesIO(data), name, max_pixels)
+    return _decode(io.BytesIO(data), name, _Limits(max_pixels, max_side, max_aspect))
 
 
 def image_to_data_url(img: Image.Image) -> str:
@@ -111,36 +145,49 @@ def is_dicom(head: bytes, name: str = "") -> bool:
     return head[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIXES)
 
 
-def _decode(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
+def _decode(fh: BinaryIO, name: str, limits: _Limits) -> Image.Image:
     head = fh.read(132)
     fh.seek(0)
     if is_dicom(head, name):
-        return _decode_dicom(fh, name, max_pixels, has_preamble=head[128:132] == b"DICM")
-    return _decode_pil(fh, name, max_pixels)
+        return _decode_dicom(fh, name, limits, has_preamble=head[128:132] == b"DICM")
+    return _decode_pil(fh, name, limits)
 
 
-def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise ImageLoadError(name, f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
+def _check_size(name: str, width: int, height: int, limits: _Limits) -> None:
+    """Refuse what the header declares before decoding: pixel count, each side, aspect ratio."""
+    if width < 1 or height < 1:
+        raise ImageLoadError(name, f"image declares no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageSizeError(name, f"too many pixels: {width}x{height} > max_pixels={limits.max_pixels}",
+                             "max_pixels")
+    if max(width, height) > limits.max_side:
+        raise ImageSizeError(name, f"side too long: {width}x{height} has a side over max_side={limits.max_side}",
+                             "max_side")
+    if max(width, height) / min(width, height) > limits.max_aspect:
+        raise ImageSizeError(name, f"extreme aspect ratio: {width}x{height} is over "
+                             f"max_aspect={limits.max_aspect:g}:1", "max_aspect")
 
 
-def _decode_pil(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
-    with warnings.catch_warnings():
-        # PIL only *warns* between its limit and twice it; a bomb is a bad file, not a warning.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+def _decode_pil(fh: BinaryIO, name: str, limits: _Limits) -> Image.Image:
+    try:
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            # PIL only *warns* between its limit and twice it; a bomb is a bad file, not a warning.
+            # Image.open is the one place PIL runs that check, and it reads the header only.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fh, formats=PIL_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageLoadError(name, "unsupported format (expected JPEG, PNG, TIFF, BMP or DICOM)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageSizeError(name, "too many pixels: over PIL's decompression-bomb limit", "max_pixels") from None
+    except Exception as exc:  # noqa: BLE001 - a parser of untrusted bytes: any failure is a bad file
+        raise ImageLoadError(name, f"corrupt or truncated image ({type(exc).__name__})") from None
+    with img:
+        _check_size(name, img.width, img.height, limits)
         try:
-            with Image.open(fh, formats=PIL_FORMATS) as img:
-                _check_pixels(name, img.width, img.height, max_pixels)
-                img.load()  # decode now, so a truncated file fails here and not in a later resize
-                return _fresh_rgb(ImageOps.exif_transpose(img))
-        except ImageLoadError:
-            raise
-        except UnidentifiedImageError as exc:
-            raise ImageLoadError(name, "unsupported format (expected JPEG, PNG, TIFF, BMP or DICOM)") from exc
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageLoadError(name, f"too many pixels: {exc}") from exc
-        except _DECODE_ERRORS as exc:
-            raise ImageLoadError(name, f"corrupt or truncated image: {exc}") from exc
+            img.load()  # decode now, so a truncated file fails here and not in a later resize
+            return _fresh_rgb(ImageOps.exif_transpose(img))
+        except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types; the message is theirs
+            raise ImageLoadError(name, f"corrupt or truncated image ({type(exc).__name__})") from None
 
 
 def _fresh_rgb(img: Image.Image) -> Image.Image:
@@ -152,20 +199,58 @@ def _fresh_rgb(img: Image.Image) -> Image.Image:
     return Image.frombytes("RGB", rgb.size, rgb.tobytes())
 
 
-def _decode_dicom(fh: BinaryIO, name: str, max_pixels: int, has_preamble: bool) -> Image.Image:
+def _decode_dicom(fh: BinaryIO, name: str, limits: _Limits, has_preamble: bool) -> Image.Image:
     import pydicom  # deferred: only DICOM inputs pay for importing it
-    from pydicom.errors import InvalidDicomError
 
-    try:
-        ds = pydicom.dcmread(fh, force=not has_preamble)
-        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            raise ImageLoadError(name, "DICOM file has no pixel data")
-        _check_pixels(name, int(ds.Columns), int(ds.Rows), max_pixels)
-        return _dicom_to_rgb(ds)
-    except ImageLoadError:
-        raise
-    except (InvalidDicomError, *_DECODE_ERRORS) as exc:
-        raise ImageLoadError(name, f"corrupt or unsupported DICOM: {type(exc).__name__}: {exc}") from exc
+    with _pydicom_silenced():
+        try:
+            ds = pydicom.dcmread(fh, force=not has_preamble)
+            if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+                raise ImageLoadError(name, "DICOM file has no pixel data")
+            _check_size(name, int(ds.Columns), int(ds.Rows), limits)
+            return _dicom_to_rgb(ds)
+        except ImageLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pydicom parses untrusted bytes; any failure is a bad file
+            # Its messages quote raw element bytes (BytesLengthException, invalid-VR ValueErrors...), so
+            # only the type goes on, and `from None` keeps them out of any traceback a caller logs.
+            raise ImageLoadError(name, f"corrupt or unsupported DICOM ({type(exc).__name__})") from None
+
+
+class _SilencedInThisThread(logging.Filter):
+    """Drops the records of a thread that is reading a DICOM; other threads' pydicom logs pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "active", False)
+
+
+_PYDICOM_FILTER = _SilencedInThisThread()
+
+
+@contextmanager
+def _pydicom_silenced() -> Iterator[None]:
+    """No warning and no log line from pydicom while this thread reads a file.
+
+    pydicom reports a malformed element (``warn_and_log``) with its raw value, which for a mangled
+    header can be the rest of the dataset: patient name, ID, birth date, institution. Its loggers are
+    ``pydicom`` and a few ``pydicom.*`` modules; a logger's filter does not see its children's records,
+    so each one gets the filter (the list is re-read: decoder plugins add loggers when first used).
+    """
+    for logger_name in ["pydicom", *[n for n in logging.root.manager.loggerDict if n.startswith("pydicom.")]]:
+        logger = logging.getLogger(logger_name)
+        if _PYDICOM_FILTER not in logger.filters:
+            logger.addFilter(_PYDICOM_FILTER)
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _PYDICOM_FILTER.local.active = True
+        try:
+            yield
+        finally:
+            _PYDICOM_FILTER.local.active = False
 
 
 def _dicom_to_rgb(ds: Dataset) -> Image.Image:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stmed.data.images import ImageLoadError, load_image
-from stmed.data.records import Gather, PreferencePair, Skip, check_by_rank, read_preferences
+from stmed.data.records import DataError, Gather, PreferencePair, Skip, check_by_rank, read_preferences
 from stmed.model.build import image_seq_len, pixel_values
 from stmed.model.conversation import Encoded, collate, encode_prompt_answer
 from stmed.model.prompts import SYSTEM_PLAIN, answer_prompt
@@ -111,7 +111,7 @@ def load_preference_data(path: str | Path, image_root: str | Path, processor, ma
     data = PreferenceData(kept, skips, len(pairs), sum(1 for v in verdicts.values() if v[0] is None and v[1]))
     if not kept:
         top = ", ".join(f"{r} ({n})" for r, n in Counter(data.report()["rejected_by_reason"]).most_common(3))
-        raise ValueError(f"no usable preference pairs in {path} (images under {image_root}); "
+        raise DataError(f"no usable preference pairs in {path} (images under {image_root}); "
                          f"{len(skips)} rejected: {top or 'the file is empty'}")  # fmt: skip
     return data
 

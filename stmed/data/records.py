@@ -33,6 +33,12 @@ from stmed.log import get_logger
 
 log = get_logger(__name__)
 
+class DataError(ValueError):
+    """An input file that is not what it claims to be, or gives nothing usable: the user's data, not a bug.
+
+    Jobs report it as one line and exit 2, and a training run does not retry it (it would fail again)."""
+
+
 Gather = Callable[[dict[Any, Any]], dict[Any, Any]]
 """Merges every rank's part of a table keyed by index into the whole table, on every rank (a training
 loop hands in its collective; the data checks stay free of process groups)."""
@@ -67,7 +73,7 @@ def _id(value: Any) -> int | str:
     """Ids stay ints when the source file has ints (VQA-RAD) and strings otherwise (LLaVA-Med)."""
     value = _plain(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"id must be an int or a string, got {value!r}")  # noqa: TRY004
+        raise DataError(f"id must be an int or a string, got {value!r}")  # noqa: TRY004
     return value
 
 
@@ -122,7 +128,7 @@ class VQAExample(_Row):
 
     def __post_init__(self) -> None:
         if self.answer_type not in ANSWER_TYPES:
-            raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {self.answer_type!r}")
+            raise DataError(f"answer_type must be one of {ANSWER_TYPES}, got {self.answer_type!r}")
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> VQAExample:
@@ -194,10 +200,10 @@ def _read_json_array(path: str | os.PathLike) -> list[Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, list):
         kind = type(data).__name__
-        raise ValueError(f"{path}: expected a JSON array of records, got a JSON {kind}")  # noqa: TRY004
+        raise DataError(f"{path}: expected a JSON array of records, got a JSON {kind}")  # noqa: TRY004
     return data
 
 
@@ -255,16 +261,16 @@ def read_benchmark(path: str | os.PathLike) -> list[VQAExample]:
     for index, entry in enumerate(_read_json_array(path)):
         where = f"{path}: entry {index}"
         if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("image"), str):
-            raise ValueError(f"{where}: needs 'id' and 'image'")
+            raise DataError(f"{where}: needs 'id' and 'image'")
         turns = entry.get("conversations", entry.get("conversatons"))
         if not isinstance(turns, list):
-            raise ValueError(f"{where} (id {entry['id']}): no 'conversations' list")  # noqa: TRY004
+            raise DataError(f"{where} (id {entry['id']}): no 'conversations' list")  # noqa: TRY004
         question, answer = _first_turn(turns, "human"), _first_turn(turns, "gpt")
         if question is None or answer is None:
-            raise ValueError(f"{where} (id {entry['id']}): needs a human question and a gpt answer")
+            raise DataError(f"{where} (id {entry['id']}): needs a human question and a gpt answer")
         answer_type = str(entry.get("answer_type", "")).strip().upper()
         if answer_type not in ANSWER_TYPES:
-            raise ValueError(f"{where} (id {entry['id']}): answer_type must be OPEN or CLOSED, "
+            raise DataError(f"{where} (id {entry['id']}): answer_type must be OPEN or CLOSED, "
                              f"got {entry.get('answer_type')!r}")
         examples.append(VQAExample(id=_id(entry["id"]), image=entry["image"],
                                    question=question.replace(IMAGE_TOKEN, "").strip(),
@@ -308,9 +314,9 @@ def read_predictions(path: str | os.PathLike) -> list[Prediction]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+            raise DataError(f"{path}:{number}: not valid JSON ({exc})") from exc
         if not isinstance(obj, dict) or "question_id" not in obj or not isinstance(obj.get("text"), str):
-            raise ValueError(f"{path}:{number}: an answer line needs 'question_id' and a string 'text'")
+            raise DataError(f"{path}:{number}: an answer line needs 'question_id' and a string 'text'")
         metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
         preds.append(Prediction(
             question_id=_id(obj["question_id"]), prompt=str(obj.get("prompt", "")), text=obj["text"],
@@ -338,7 +344,7 @@ def read_preferences(path: str | os.PathLike) -> list[PreferencePair]:
     table = pq.read_table(path)
     missing = set(PREFERENCE_SCHEMA.names) - set(table.column_names) - {"question_seed"}
     if missing:
-        raise ValueError(f"{path}: not a preference file, missing columns {sorted(missing)}")
+        raise DataError(f"{path}: not a preference file, missing columns {sorted(missing)}")
     return [PreferencePair.from_row(row) for row in table.to_pylist()]
 
 
@@ -385,14 +391,14 @@ def list_images(manifest: str | os.PathLike, image_root: str | os.PathLike | Non
         found = [p for p in manifest.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES]
         return sorted(str(p) for p in found)
     if not manifest.is_file():
-        raise ValueError(f"image manifest {manifest} does not exist")
+        raise DataError(f"image manifest {manifest} does not exist")
     suffix = manifest.suffix.lower()
     if suffix == ".json":
         entries = _read_json_array(manifest)
     elif suffix == ".jsonl":
         entries = _read_jsonl(manifest)
     else:
-        raise ValueError(f"image manifest {manifest}: expected a folder, a .json or a .jsonl file")
+        raise DataError(f"image manifest {manifest}: expected a folder, a .json or a .jsonl file")
     root = Path(image_root) if image_root is not None else manifest.parent
     names = [_manifest_image(entry, f"{manifest}: entry {i}") for i, entry in enumerate(entries)]
     return list(dict.fromkeys(str(root / name) for name in names if name is not None))
@@ -405,7 +411,7 @@ def _read_jsonl(path: Path) -> list[Any]:
             try:
                 entries.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+                raise DataError(f"{path}:{number}: not valid JSON ({exc})") from exc
     return entries
 
 
@@ -418,13 +424,13 @@ def _manifest_image(entry: Any, where: str) -> str | None:
             return None
         if isinstance(image, str) and image.strip():
             return image
-    raise ValueError(f"{where}: expected an image path or an object with an 'image' path, got {entry!r:.80}")
+    raise DataError(f"{where}: expected an image path or an object with an 'image' path, got {entry!r:.80}")
 
 
 def sample_images(paths: list[str], n: int, seed: int) -> list[str]:
     """``n`` of ``paths`` chosen by ``seed`` (all of them when n >= len), kept in manifest order."""
     if n < 0:
-        raise ValueError(f"number of images to sample must be >= 0, got {n}")
+        raise DataError(f"number of images to sample must be >= 0, got {n}")
     if n >= len(paths):
         return list(paths)
     chosen = sorted(random.Random(seed).sample(range(len(paths)), n))

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stmed.data.images import ImageLoadError, load_image
-from stmed.data.records import Gather, InstructSample, Skip, check_by_rank, read_instruct
+from stmed.data.records import DataError, Gather, InstructSample, Skip, check_by_rank, read_instruct
 from stmed.model.build import image_seq_len, pixel_values
 from stmed.model.conversation import Encoded, collate, encode, render, to_turns
 from stmed.model.prompts import SYSTEM_SQ
@@ -80,7 +80,7 @@ def load_sft_data(instruct_path: str | Path, image_root: str | Path, processor, 
     data = SFTData(kept, skips, read, truncated=sum(1 for v in verdicts.values() if v[0] is None and v[1]))
     if not kept:
         top = ", ".join(f"{r} ({n})" for r, n in Counter(s.reason for s in skips).most_common(3))
-        raise ValueError(f"no usable training samples in {instruct_path} (images under {image_root}); "
+        raise DataError(f"no usable training samples in {instruct_path} (images under {image_root}); "
                          f"{len(skips)} skipped: {top or 'the file is empty'}")  # fmt: skip
     return data
 

@@ -2,9 +2,9 @@
 
     python -m stmed.score --gt benchmarks/vqa_rad/test.json --pred answers.jsonl
 
-Prints one JSON object (the metrics of ``stmed.eval.metrics.score``, percentages rounded to 2 decimals)
-to stdout. Bad input (a missing or malformed file, ids that do not line up) is one line on stderr
-and exit status 2, so a script can tell a failed scoring from a low score.
+Prints one JSON object to stdout: the metrics of ``stmed.eval.metrics.score``, percentages at full
+precision (JSON is for programs; tables round). Bad input (a missing or malformed file, ids that do not
+line up) is one line on stderr and exit status 2, so a script can tell a failed scoring from a low score.
 """
 
 from __future__ import annotations
@@ -27,11 +27,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def rounded(metrics: dict[str, float | int | None]) -> dict[str, float | int | None]:
-    """Percentages to 2 decimals for display; counts and undefined (None) metrics unchanged."""
-    return {key: round(value, 2) if isinstance(value, float) else value for key, value in metrics.items()}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
@@ -41,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
         sys.stderr.write(f"stmed.score: error: {' '.join(message.split())}\n")
         return EXIT_BAD_INPUT
-    sys.stdout.write(json.dumps(rounded(metrics)) + "\n")
+    sys.stdout.write(json.dumps(metrics) + "\n")
     return 0
 
 

@@ -24,10 +24,11 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PretrainedConfig,
     PreTrainedModel,
 )
 
-from stmed.config import ModelConfig
+from stmed.config import ConfigError, ModelConfig
 from stmed.log import get_logger
 from stmed.model.tokenizer import IMAGE, TINY_TOKENIZER, load_tokenizer
 
@@ -87,24 +88,98 @@ def build_tiny(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProce
     return model, processor
 
 
+# Original-layout LLaVA releases (haotian-liu/LLaVA code, LLaVA-Med v1.5): convert them once.
+ORIGINAL_LAYOUT_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaMptForCausalLM")
+# HF model types that look like LLaVA but tile an image into a variable number of tokens.
+UNSUPPORTED_MODEL_TYPES = {
+    "llava_next": "LLaVA-NeXT", "llava_next_video": "LLaVA-NeXT-Video", "llava_onevision": "LLaVA-OneVision",
+}
+
+
+def check_checkpoint(name_or_path: str) -> dict:
+    """The checkpoint's ``config.json`` as a dict, or ``ConfigError`` naming what to do with it: an
+    original-layout LLaVA is converted with ``python -m stmed.convert``, LLaVA-NeXT-style tiling is refused.
+
+    Reads the raw file (no model class is resolved), so a driver can check before any worker starts.
+    """
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(name_or_path)
+    except OSError as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"model.name_or_path: no checkpoint at {name_or_path} ({reason})") from None
+    architectures = raw.get("architectures") or []
+    original = [a for a in architectures if a in ORIGINAL_LAYOUT_ARCHITECTURES]
+    if original or "mm_projector_type" in raw or "mm_vision_tower" in raw:
+        kind = original[0] if original else raw.get("model_type", "LLaVA")
+        raise ConfigError(
+            f"model.name_or_path: {name_or_path} is an original-layout LLaVA checkpoint ({kind}); convert it "
+            f"once with `python -m stmed.convert {name_or_path} DST` and set model.name_or_path=DST")
+    model_type = raw.get("model_type")
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"model.name_or_path: {name_or_path} is {UNSUPPORTED_MODEL_TYPES[model_type]} ({model_type}), "
+            "which "
+            "tiles each image into a variable number of tokens; stmed trains LLaVA-1.5-style checkpoints "
+            "(llava-hf layout, model_type 'llava'); use one of those")
+    if model_type != "llava":
+        raise ConfigError(f"model.name_or_path: {name_or_path} has model_type {model_type!r}; stmed trains "
+                          "LLaVA-1.5-style checkpoints (llava-hf layout, model_type 'llava')")
+    return raw
+
+
+def load_processor(cfg: ModelConfig) -> LlavaProcessor:
+    """The processor named by ``cfg``, complete enough to count and expand image tokens: what a driver
+    loads to check a length budget before any worker starts (no weights are read)."""
+    if cfg.preset is not None:
+        return load_model(cfg)[1]
+    raw = check_checkpoint(cfg.name_or_path)
+    processor = AutoProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=False)
+    _complete_processor(processor, raw, cfg.name_or_path)
+    return processor
+
+
+def _complete_processor(processor: LlavaProcessor, raw: dict, where: str) -> None:
+    """Fill in what an older snapshot leaves out, from the model config.
+
+    Without ``processor_config.json`` the processor has no ``patch_size``: it can neither count image
+    tokens nor expand ``<image>`` into them, although the model config says how many there are. A
+    tokenizer without a pad token (common in Mistral-based conversions) cannot pad a batch: pad with
+    ``<unk>`` (or ``</s>``) — padded positions are masked out of attention and of every loss.
+    """
+    if processor.patch_size is None:
+        vision = raw.get("vision_config", {})
+        processor.patch_size = vision.get("patch_size", 14)
+        processor.vision_feature_select_strategy = raw.get("vision_feature_select_strategy", "default")
+        clip = vision.get("model_type", "clip_vision_model") == "clip_vision_model"
+        processor.num_additional_image_tokens = 1 if clip else 0
+        log.info("%s has no processor_config.json: patch size %d and the %s feature strategy from its "
+                 "config.json", where, processor.patch_size, processor.vision_feature_select_strategy)
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        log.info("%s has no pad token: padding with %s", where, tokenizer.pad_token)
+
+
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, LlavaProcessor]:
-    """The model and processor named by ``cfg``: the tiny preset, or a LLaVA-family checkpoint."""
+    """The model and processor named by ``cfg``: the tiny preset, or a LLaVA-1.5-style checkpoint."""
     dtype = DTYPES[cfg.dtype]
     if cfg.preset == "tiny":
         model, processor = build_tiny(cfg.seed)
         return model.to(dtype), processor
     if cfg.preset is not None:
-        raise ValueError(f"model.preset: unknown preset {cfg.preset!r}; the only preset is 'tiny'")
+        raise ConfigError(f"model.preset: unknown preset {cfg.preset!r}; the only preset is 'tiny'")
+    processor = load_processor(cfg)
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.name_or_path, dtype=dtype, trust_remote_code=False
     )
-    processor = AutoProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=False)
     inner = getattr(model, "model", None)
     if not hasattr(inner, PROJECTOR) or not hasattr(inner, "vision_tower"):
-        raise ValueError(
+        raise ConfigError(
             f"model.name_or_path: {cfg.name_or_path} is a {type(model).__name__}, not a LLaVA-style model "
             f"(vision_tower + {PROJECTOR} + language model)"
         )
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.eval()
     log.info("loaded %s (%s, %.1fM params)", cfg.name_or_path, cfg.dtype, model.num_parameters() / 1e6)
     return model, processor

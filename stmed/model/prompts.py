@@ -125,6 +125,35 @@ def preference_prompt(question: str) -> str:
     return answer_prompt(question, system=SYSTEM_PLAIN)
 
 
+def serving_chat_template(system: str = SYSTEM_SQ) -> str:
+    """A Jinja chat template that renders an OpenAI chat request exactly as :func:`answer_prompt` does.
+
+    For engines that render chat messages themselves (vLLM's OpenAI server): the checkpoint's own
+    template would drop the system prompt the model was tuned with and format the turns its own way.
+    The template takes the last user message's text parts joined by spaces, as the HF endpoint does
+    (``stmed.serve.contract.chat_parts``), and wraps it in the very strings :func:`answer_prompt`
+    writes, cut out of a prompt it rendered, so the two cannot drift apart. Messages come in the
+    OpenAI content format (a list of parts; the image part itself renders as nothing, its token is
+    in the fixed text).
+    """
+    marker = "\x00question\x00"
+    head, tail = answer_prompt(marker, system).split(marker)
+    return (
+        "{%- set ns = namespace(text='') -%}"
+        "{%- for message in messages if message['role'] == 'user' -%}"
+        "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
+        "{%- else -%}{%- set ns.text = message['content'] | selectattr('type', 'equalto', 'text')"
+        " | map(attribute='text') | join(' ') -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{{ " + _jinja_literal(head) + " + (ns.text | trim) + " + _jinja_literal(tail) + " }}"
+    )
+
+
+def _jinja_literal(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
 def corpus() -> list[str]:
     """Every fixed text the project renders, for training the tiny tokenizer.
 

@@ -73,6 +73,7 @@ from stmed.train.stage import (
     make_trainable,
     maybe_inject_failure,
     plan_steps,
+    uses_autocast,
 )
 
 log = get_logger(__name__)
@@ -240,9 +241,16 @@ def _prepare(cfg: DPOLoopConfig, session: TrainSession):
     """Fresh LoRA on the merged stage-1 model, its processor, and the checked pairs."""
     torch.manual_seed(cfg.train.seed)  # same LoRA init on every rank
     model, processor = load_model(cfg.model)
-    # Trainable weights in fp32 whatever the autocast (unlike stage 1): bf16 cannot hold a 5e-6 update.
-    # The frozen original projector keeps the checkpoint's dtype: the reference is stage 1 bit for bit.
-    peft_model = make_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, upcast=True)
+    # Trainable weights in fp32 under autocast, as in stage 1 (bf16 cannot hold a 5e-6 update); without
+    # autocast an fp32 weight would meet the checkpoint's bf16 activations and fail, so half-precision
+    # weights stay as they are. The frozen original projector keeps the checkpoint's dtype either way:
+    # the reference is stage 1 bit for bit.
+    autocast = uses_autocast(cfg.train, session.device)
+    if not autocast and cfg.model.dtype != "float32":
+        log.warning("model.dtype=%s without autocast: the LoRA weights train in %s, where small updates "
+                    "round away; use train.bf16=true on CUDA, or model.dtype=float32", cfg.model.dtype,
+                    cfg.model.dtype)  # fmt: skip
+    peft_model = make_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, upcast=autocast)
     data = load_preference_data(cfg.preferences_path, cfg.image_root, processor, cfg.train.max_length,
                                 session.world_rank, session.world_size, cfg.dpo.system_prompt,
                                 gather=partial(gather_dicts, world_size=session.world_size))  # fmt: skip

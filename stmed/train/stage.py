@@ -108,6 +108,24 @@ def check_global_batch(train: TrainConfig, num_workers: int) -> None:
         )
 
 
+MIN_TEXT_TOKENS = 64
+"""Room a sequence needs beside its image: the system prompt, a question and the start of an answer."""
+
+
+def check_length_budget(train: TrainConfig, image_tokens: int) -> None:
+    """``ConfigError`` unless ``train.max_length`` holds one image and some text.
+
+    The image alone is ``image_tokens`` long (576 on a 336-px CLIP model); with less room every sample
+    would be skipped and every pair rejected, so the driver checks once the processor is loaded, before
+    any worker starts."""
+    need = image_tokens + MIN_TEXT_TOKENS
+    if train.max_length < need:
+        fits = -(-(image_tokens + 4 * MIN_TEXT_TOKENS) // 256) * 256  # image + a conversation, in 256s
+        raise ConfigError(
+            f"train.max_length={train.max_length} leaves no room for text: one image is {image_tokens} tokens "
+            f"for this model and a sample needs at least {need}; set train.max_length={fits} (or more)")
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
     if step < warmup_steps:

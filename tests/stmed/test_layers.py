@@ -1,9 +1,10 @@
 """The library's layers, read from its source: which packages exist and who may import whom.
 
 model ← data ← train / selfplay / judge / eval ← serve, with ``config``, ``log`` and ``runs`` below all
-of them and ``score`` (the scorer's command) above. A module may import its own package, the packages of
-lower layers and the top-level modules; within the middle layer only self-play may use the judge (its
-verdicts become preference pairs), never the other way round.
+of them and two commands above: ``score`` (the scorer) and ``convert`` (the checkpoint converter). A
+module may import its own package, the packages of lower layers and the top-level modules; within the
+middle layer only self-play may use the judge (its verdicts become preference pairs), never the other
+way round.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 import stmed
 
 ROOT = Path(stmed.__file__).parent
-TOP_LEVEL = {"__init__", "config", "log", "runs", "score"}
+TOP_LEVEL = {"__init__", "config", "log", "runs", "score", "convert"}
 RANK = {"config": 0, "log": 0, "runs": 0, "model": 1, "data": 2, "train": 3, "selfplay": 3, "judge": 3,
-        "eval": 3, "serve": 4, "score": 5}
+        "eval": 3, "serve": 4, "score": 5, "convert": 5}
 SAME_LAYER_ALLOWED = {("selfplay", "judge")}
 
 

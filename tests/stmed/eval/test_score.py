@@ -37,7 +37,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_prints_one_rounded_json_object(tmp_path, capsys):
+def test_prints_one_json_object_at_full_precision(tmp_path, capsys):
     gt = _benchmark(tmp_path / "test.json", [(1, "mass", "OPEN"), (2, "no", "CLOSED"), (3, "yes", "CLOSED")],
                     key="conversatons")  # the misspelt key some public files use
     pred = _answers(tmp_path / "answers.jsonl", [(1, "mass mass lung"), (2, "normal"), (3, "no")])
@@ -45,9 +45,10 @@ def test_prints_one_rounded_json_object(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("\n") == 1
     # OPEN: P 2/3, R 1, F1 0.8. CLOSED: "normal" hits "no" by substring (not strictly); "no" misses "yes".
-    assert json.loads(out) == {"open_recall": 100.0, "open_f1": 80.0, "open_precision": 66.67,
-                               "closed_accuracy": 50.0, "closed_accuracy_strict": 0.0,
-                               "num_open": 1, "num_closed": 2}
+    metrics = json.loads(out)
+    assert metrics.pop("open_precision") == pytest.approx(200 / 3, abs=1e-9)  # not 66.67: JSON keeps it all
+    assert metrics == {"open_recall": 100.0, "open_f1": 80.0, "closed_accuracy": 50.0,
+                       "closed_accuracy_strict": 0.0, "num_open": 1, "num_closed": 2}
 
 
 def test_mismatched_ids_exit_2_with_one_line(tmp_path, capsys):
@@ -92,5 +93,5 @@ def test_vqa_rad_always_yes_baseline_through_the_cli(tmp_path):
     result = _run_cli("--gt", str(VQA_RAD), "--pred", str(pred))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"open_recall": 0.0, "open_f1": 0.0, "open_precision": 0.0,
-                                         "closed_accuracy": 43.38, "closed_accuracy_strict": 43.38,
+                                         "closed_accuracy": 100 * 118 / 272, "closed_accuracy_strict": 100 * 118 / 272,
                                          "num_open": 179, "num_closed": 272}
