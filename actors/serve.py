@@ -1,22 +1,32 @@
 """The VQA endpoint: a Ray Serve deployment around the HF engine, with dynamic batching.
 
-Routes (all JSON; errors are ``{"error": {"message", "type"}}`` with a 4xx status for bad input):
+Routes (all JSON; errors are ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for bad
+input):
 
 - ``POST /v1/vqa`` — multipart (``image`` file: JPEG/PNG/TIFF/BMP/DICOM, ``question``, optional
   ``max_tokens``) or JSON ``{"image_base64", "question", "max_tokens"}``; answers
   ``{id, answer, model, usage: {prompt_tokens, completion_tokens, total_tokens, batch_size}, latency_ms,
   disclaimer}``;
 - ``POST /v1/chat/completions`` — the OpenAI shape, so the ``openai`` SDK is a client: one image as a
-  ``data:image/...;base64,`` URL in the user content, the question as its text; decoding is always greedy;
+  ``data:image/...;base64,`` URL in the user content, the question as its text; ``model`` must be the
+  served name (else 404 ``model_not_found``); decoding is always greedy, though ``temperature`` and
+  ``top_p`` must still be in range;
 - ``GET /v1/models``, ``GET /v1/stats`` (batch sizes this replica ran), ``GET /healthz`` (no key needed).
 
 Concurrent requests meet in ``@serve.batch`` and run as one ``generate`` call per distinct ``max_tokens``,
 off the event loop so requests keep arriving (and queueing for the next batch) while one runs.
-The API key never enters Serve: the replica holds only its sha256 and compares digests. Logs carry ids,
-sizes and timings, never images, questions or keys. On GPU, ``build_vllm_app`` serves the same merged
-checkpoint through Ray's OpenAI app instead (vLLM; see its docstring). What a request may carry, how it
-is parsed and answered, and the error shapes are Ray-free, in ``stmed.serve.contract``; this module
-is the Serve shell around them.
+A request the model cannot take fails alone (422), its batch-mates are answered, and only an engine
+that answers nothing counts towards the health check. A body is read within ``limits.body_timeout_s``
+(408), outside the ``max_ongoing_requests`` that may be parsed and answered at once: Serve hands a
+request to the replica as soon as its headers arrive, so a stalled upload holds one of Serve's slots
+until then, and ``replica.upload_slots`` extra slots keep ``/healthz`` and answers reachable meanwhile.
+When a replica dies mid-request, Serve's proxy (not this code) answers; ``PROXY_ENV`` makes that answer
+the same JSON error shape (``stmed.serve.errors.JSONErrors``): pass ``controller_options()`` to
+``serve.start``. The API key never enters Serve: the replica holds only its sha256 and compares digests.
+Logs carry ids, sizes and timings, never images, questions or keys. On GPU, ``build_vllm_app`` serves
+the same merged checkpoint through Ray's OpenAI app instead (vLLM; see its docstring). What a request
+may carry, how it is parsed and answered, and the error shapes are Ray-free, in ``stmed.serve.contract``
+and ``stmed.serve.errors``; this module is the Serve shell around them.
 """
 
 # No `from __future__ import annotations` here, and everything the deployment uses is defined above it:
@@ -40,21 +50,30 @@ from stmed.model import prompts
 from stmed.model.build import image_seq_len, load_model
 from stmed.model.generate import HFEngine
 from stmed.serve.contract import (
-    APIError,
     LimitsConfig,
     VQAItem,
-    answer_items,
+    answer_isolated,
     authorize,
     chat_item,
     chat_response,
-    install_error_handlers,
+    read_body,
     vqa_item,
     vqa_response,
 )
+from stmed.serve.errors import APIError, install_error_handlers
 
 log = get_logger("stmed.serve")
 
 _FAILURES_BEFORE_UNHEALTHY = 3
+
+# Ray Serve's proxy reads this at start-up and wraps its ASGI app in what the callback returns; the
+# proxy inherits the Serve controller's environment (``controller_options``).
+PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "stmed.serve.errors:proxy_middlewares"}
+
+
+def controller_options() -> dict[str, Any]:
+    """``serve.start(controller_options=...)``: the proxy answers a dead replica's requests in JSON."""
+    return {"runtime_env": {"env_vars": dict(PROXY_ENV)}}
 
 
 @dataclass(frozen=True)
@@ -90,7 +109,14 @@ class ReplicaConfig:
     num_gpus: float = 0.0
     """> 0 puts the model on CUDA."""
     max_ongoing_requests: int = 32
-    """Must be >= batching.max_batch_size, or a batch can never fill."""
+    """Requests parsed and answered at once. Must be >= batching.max_batch_size, or a batch never fills."""
+    upload_slots: int = 128
+    """Serve slots beyond max_ongoing_requests for requests still sending their body: a stalled upload
+    holds one until limits.body_timeout_s (then 408) without starving /healthz or answers."""
+
+    def __post_init__(self) -> None:
+        if self.max_ongoing_requests < 1 or self.upload_slots < 0:
+            raise ConfigError("replica: need max_ongoing_requests >= 1 and upload_slots >= 0")
 
 
 app = FastAPI(title="stmed VQA", docs_url=None, redoc_url=None, openapi_url=None)
@@ -127,7 +153,7 @@ class VQADeployment:
     """One replica: a model, an HF engine, and the routes above."""
 
     def __init__(self, model: ModelConfig, model_name: str, limits: LimitsConfig, batching: BatchingConfig,
-                 api_key_sha256: str | None = None, device: str = "cpu"):
+                 api_key_sha256: str | None = None, device: str = "cpu", max_answering: int = 32):
         _keep_replica_grpc_on_loopback()
         hf_model, processor = load_model(model)
         self.engine = HFEngine(hf_model, processor, device=device, batch_size=batching.max_batch_size)
@@ -136,6 +162,8 @@ class VQADeployment:
         self.image_tokens = image_seq_len(processor)
         self.batch_sizes: Counter[int] = Counter()
         self.failures = 0  # consecutive failed batches; a broken engine (lost GPU) makes the replica unhealthy
+        # Requests past their body read: bounds the decoded images in memory, as max_ongoing_requests did.
+        self.answering = asyncio.Semaphore(max_answering)
         self._answer_batch.set_max_batch_size(batching.max_batch_size)
         self._answer_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         log.info("serving %s on %s (max batch %d, auth %s)", model_name, device, batching.max_batch_size,
@@ -146,23 +174,32 @@ class VQADeployment:
             raise APIError(503, f"the last {self.failures} batches failed; the engine looks broken", "unavailable")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _answer_batch(self, items: list[VQAItem]) -> list[dict[str, Any]]:
-        """One result per item; the batch limits set here are replaced from config in ``__init__``."""
+    async def _answer_batch(self, items: list[VQAItem]) -> list[dict[str, Any] | APIError]:
+        """One result (or one request's own APIError) per item; the limits here are replaced in ``__init__``."""
         self.batch_sizes[len(items)] += 1
         try:
             # Off the event loop: requests keep arriving (and queue for the next batch) while this runs.
-            results = await asyncio.to_thread(answer_items, self.engine, self.image_tokens, items)
-        except Exception:
+            results = await asyncio.to_thread(answer_isolated, self.engine, self.image_tokens, items)
+        except Exception:  # the engine answered nothing, not even a probe: that is this replica failing
             self.failures += 1
             raise
         self.failures = 0
         return results
 
+    async def _answer(self, parse: Any) -> dict[str, Any]:
+        """Parse (``parse()`` -> VQAItem) and answer within the answering slots; a request's own error raises."""
+        async with self.answering:
+            result = await self._answer_batch(await parse())
+        if isinstance(result, APIError):
+            raise result
+        return result
+
     @app.post("/v1/vqa")
     async def vqa(self, request: Request) -> JSONResponse:
         start = time.perf_counter()
         authorize(request, self.key_digest)
-        result = await self._answer_batch(await vqa_item(request, self.limits, self.specials))
+        body = await read_body(request, self.limits)  # before the slots: a slow upload holds none of them
+        result = await self._answer(lambda: vqa_item(request, body, self.limits, self.specials))
         latency_ms = round((time.perf_counter() - start) * 1000, 1)
         log.debug("vqa: batch %d, %d new tokens, %.0f ms", result["batch_size"], result["completion_tokens"],
                   latency_ms)
@@ -172,7 +209,8 @@ class VQADeployment:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> JSONResponse:
         authorize(request, self.key_digest)
-        result = await self._answer_batch(await chat_item(request, self.limits, self.specials))
+        body = await read_body(request, self.limits)
+        result = await self._answer(lambda: chat_item(body, self.limits, self.specials, self.model_name))
         return JSONResponse(chat_response(result, self.model_name),
                             headers={"x-stmed-batch-size": str(result["batch_size"])})
 
@@ -205,9 +243,10 @@ def build_app(model: ModelConfig, model_name: str, limits: LimitsConfig, batchin
     return VQADeployment.options(
         autoscaling_config={"min_replicas": autoscaling.min_replicas, "max_replicas": autoscaling.max_replicas,
                             "target_ongoing_requests": autoscaling.target_ongoing_requests},
-        max_ongoing_requests=replica.max_ongoing_requests,
+        max_ongoing_requests=replica.max_ongoing_requests + replica.upload_slots,
         ray_actor_options={"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
-    ).bind(model, model_name, limits, batching, api_key_sha256, "cuda" if replica.num_gpus > 0 else "cpu")
+    ).bind(model, model_name, limits, batching, api_key_sha256, "cuda" if replica.num_gpus > 0 else "cpu",
+           replica.max_ongoing_requests)
 
 
 def build_vllm_app(model_path: str, model_name: str, dtype: str, autoscaling: AutoscalingConfig,

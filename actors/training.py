@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -75,18 +76,29 @@ class RayTrainSession:
             shutil.rmtree(self._restored, ignore_errors=True)
 
 
-DATA_ERROR = "data_error"
+@ray.remote(num_cpus=0)
+class _DataErrors:
+    """Where a worker leaves the data error it met, for the driver to raise after the run."""
+
+    def __init__(self) -> None:
+        self.message: str | None = None
+
+    def put(self, message: str) -> None:
+        self.message = self.message or message
+
+    def get(self) -> str | None:
+        return self.message
 
 
-def _worker(config: dict[str, Any], loop_fn: LoopFn) -> None:
+def _worker(config: dict[str, Any], loop_fn: LoopFn, errors: ray.actor.ActorHandle) -> None:
     session = RayTrainSession()
     try:
         loop_fn(config, session)
     except DataError as err:
         # Deterministic: every rank checked the same data and meets the same error, and a restart would
-        # only meet it again. Report it instead of raising, so FailureConfig (meant for lost workers)
-        # spends no retry on it; ``run_training`` raises it in the driver.
-        ray.train.report({DATA_ERROR: str(err)})
+        # only meet it again. Hand it to the driver and end normally, so FailureConfig (meant for lost
+        # workers) spends no retry on it; ``run_training`` raises it there.
+        ray.get(errors.put.remote(str(err)))
     finally:
         session.close()
 
@@ -107,8 +119,9 @@ def run_training(
     and ``DataError`` (after one attempt) when the loop found its data unusable.
     Call ``jobs.runtime.init_ray`` first so a local Ray stays on loopback.
     """
+    errors = _DataErrors.remote()
     trainer = TorchTrainer(
-        partial(_worker, loop_fn=loop_fn),
+        partial(_worker, loop_fn=loop_fn, errors=errors),
         train_loop_config=loop_config,
         # Explicit, although it is Ray's default too: gloo has no GPU support, NCCL no CPU support.
         torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),
@@ -125,7 +138,11 @@ def run_training(
         ),
     )
     log.info("Ray Train run %s: %d workers (%s)", name, ray_cfg.num_workers, "GPU" if ray_cfg.use_gpu else "CPU")
-    result = trainer.fit()
-    if result.metrics and result.metrics.get(DATA_ERROR):
-        raise DataError(result.metrics[DATA_ERROR])
+    try:
+        result = trainer.fit()
+        message = ray.get(errors.get.remote())
+    finally:
+        ray.kill(errors)
+    if message:
+        raise DataError(message)
     return result

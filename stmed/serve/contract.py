@@ -2,10 +2,14 @@
 
 ``actors.serve.VQADeployment`` is a thin Ray Serve shell around these functions. A request is checked
 cheapest first (size, question, ``max_tokens``) and only then is its image decoded, so bad input costs
-little and always ends as a 4xx ``{"error": {"message", "type"}}`` (:class:`APIError`), never a 500.
+little and always ends as a 4xx ``{"error": {"message", "type", "param", "code"}}`` (:class:`APIError`,
+shapes in ``stmed.serve.errors``), never a 500. Every read from the client has a deadline and a size
+limit (408, 413); an image's size and aspect ratio are checked from its header before decoding.
 Images arrive as a multipart file (JPEG/PNG/TIFF/BMP/DICOM), bare base64, or a ``data:image/...;base64,``
 URL (the OpenAI ``image_url`` part); this server fetches nothing, so http(s) URLs are refused. Error
-messages never quote request content, and nothing here logs images, questions or keys.
+messages quote at most a short prefix of a value (``errors.echo``), and nothing here logs images,
+questions or keys. One request the model cannot take fails alone, not its whole batch
+(:func:`answer_isolated`).
 """
 
 from __future__ import annotations
@@ -21,17 +25,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import Request
 from PIL import Image
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stmed.config import ConfigError
-from stmed.data.images import DICOM_SUFFIXES, ImageLoadError, decode_image
+from stmed.data.images import DICOM_SUFFIXES, ImageLoadError, ImageSizeError, decode_image
 from stmed.log import get_logger
 from stmed.model import prompts
 from stmed.model.generate import HFEngine, Sampling, answer
+from stmed.serve.errors import APIError, echo
 
 log = get_logger("stmed.serve")
 
@@ -47,6 +49,13 @@ class LimitsConfig:
     """Largest image file (decoded bytes) -> 413."""
     max_image_pixels: int = 4096 * 4096
     """Largest width x height -> 413 (checked before the pixels are decoded)."""
+    max_image_side: int = 8192
+    """Longest width or height -> 413 (before decoding): a 2 KB PNG can declare 1,600,000 x 1."""
+    max_aspect_ratio: float = 20.0
+    """Largest long side / short side -> 422 (before decoding); the processor would scale such an image
+    to gigapixels."""
+    body_timeout_s: float = 60.0
+    """Longest a client may take to send its whole body -> 408: a stalled upload holds a replica slot."""
     max_question_chars: int = 2000
     """Longest question -> 422."""
     max_tokens: int = 512
@@ -56,9 +65,13 @@ class LimitsConfig:
     """http(s) image URLs are refused either way (this server fetches nothing); the flag only changes why."""
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_image_pixels", "max_question_chars", "max_tokens"):
+        for name in ("max_upload_bytes", "max_image_pixels", "max_image_side", "max_question_chars", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_aspect_ratio >= 1:
+            raise ConfigError(f"limits.max_aspect_ratio must be >= 1 (1 = square only), got {self.max_aspect_ratio}")
+        if not self.body_timeout_s > 0:
+            raise ConfigError(f"limits.body_timeout_s must be > 0 seconds, got {self.body_timeout_s}")
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             raise ConfigError(f"limits.default_max_tokens must be in [1, limits.max_tokens={self.max_tokens}]")
 
@@ -68,47 +81,7 @@ class LimitsConfig:
         return self.max_upload_bytes * 4 // 3 + 64 * 1024
 
 
-# ----------------------------------------------------------------------------- errors
-
-
-class APIError(Exception):
-    """A request we refuse: becomes ``{"error": {...}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
-
-
-def error_response(status: int, message: str, type_: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": {"message": message, "type": type_}}, status_code=status, headers=headers)
-
-
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.type)
-
-
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
-
-
-async def _server_error(_: Request, exc: Exception) -> JSONResponse:
-    # A bug or a broken engine, never bad input. The type only: messages may quote request content.
-    log.error("request failed: %s", type(exc).__name__)
-    return error_response(500, "internal error", "server_error")
-
-
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])  # no inputs echoed
-    return error_response(422, f"invalid request: {where}", "invalid_request_error")
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Every failure as ``{"error": {"message", "type"}}``: refusals, HTTP errors, validation, bugs (500)."""
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _server_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+# ----------------------------------------------------------------------------- auth
 
 
 def api_key_digest(key: str) -> str:
@@ -139,51 +112,101 @@ class VQAItem:
 
 
 async def read_body(request: Request, limits: LimitsConfig) -> bytes:
-    """The request body, refused with 413 as soon as it outgrows the limit (Content-Length or streamed)."""
+    """The request body, within a size limit (413, Content-Length or streamed) and a deadline (408).
+
+    Without the deadline a client that sends its headers and then stalls holds a replica slot for as
+    long as it likes: in Ray Serve the replica pulls each body chunk from the proxy, so this read is
+    where the wait happens, and where it has to end.
+    """
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise APIError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise APIError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.max_body_bytes:
+                    raise APIError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"request body not received within limits.body_timeout_s={limits.body_timeout_s:g}s",
+                       "request_timeout") from None
     return b"".join(chunks)
 
 
 def check_question(value: Any, limits: LimitsConfig, specials: list[str]) -> str:
     if not isinstance(value, str):
-        raise APIError(422, "'question' must be a string")
+        raise APIError(422, "'question' must be a string", param="question")
     for token in specials:  # '<image>' or '</s>' in user text would break the prompt's structure
         value = value.replace(token, " ")
     value = " ".join(value.split())
     if not value:
-        raise APIError(422, "'question' is empty")
+        raise APIError(422, "'question' is empty", param="question")
     if len(value) > limits.max_question_chars:
-        raise APIError(422, f"'question' is longer than {limits.max_question_chars} characters")
+        raise APIError(422, f"'question' is longer than {limits.max_question_chars} characters", param="question")
+    try:  # JSON's "\ud800" escape gives a lone surrogate, which the tokenizer (and UTF-8) cannot take
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(422, "'question' is not valid Unicode text (it holds a lone surrogate code point)",
+                       param="question") from None
     return value
 
 
 def check_max_tokens(value: Any, limits: LimitsConfig) -> int:
     if value is None:
         return limits.default_max_tokens
-    if isinstance(value, str) and value.strip().isdigit():  # form fields arrive as text
+    if isinstance(value, str) and value.strip().isdigit() and len(value) < 10:  # form fields arrive as text
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limits.max_tokens:
-        raise APIError(422, f"'max_tokens' must be an integer in [1, {limits.max_tokens}], got {value!r}")
+        raise APIError(422, f"'max_tokens' must be an integer in [1, {limits.max_tokens}], got {echo(value)}",
+                       param="max_tokens")
     return value
 
 
+def check_number(data: dict[str, Any], field: str, low: float, high: float, low_open: bool = False) -> None:
+    """A sampling field (unused: decoding is greedy) must still be a finite number in range, or 400.
+
+    The comparisons refuse NaN and infinities by themselves, and work on integers of any length.
+    """
+    value = data.get(field)
+    if value is None:
+        return
+    in_range = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and (value > low if low_open else value >= low) and value <= high)
+    if not in_range:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise APIError(400, f"'{field}' must be a finite number in {bounds}, got {echo(value)}", param=field)
+
+
+def check_model(value: Any, model_name: str) -> None:
+    """The OpenAI ``model`` field: this endpoint's one model, or absent (as vLLM's server allows)."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise APIError(400, "'model' must be a string", param="model")
+    if value != model_name:
+        raise APIError(404, f"model {echo(value)} is not served here; this endpoint serves {model_name!r} "
+                       "(GET /v1/models)", param="model", code="model_not_found")
+
+
+# The loader's size limits, by the LimitsConfig field that sets each one.
+_SIZE_LIMIT_KEYS = {"max_pixels": "max_image_pixels", "max_side": "max_image_side", "max_aspect": "max_aspect_ratio"}
+
+
 def decode_upload(data: bytes, name: str, limits: LimitsConfig) -> Image.Image:
-    """Bytes -> RGB image; ImageLoadError becomes 413 (too big) or 400 (corrupt, unsupported)."""
+    """Bytes -> RGB image; too big is 413, an extreme aspect ratio 422, corrupt or unsupported 400."""
     if len(data) > limits.max_upload_bytes:
         raise APIError(413, f"image over {limits.max_upload_bytes} bytes", "image_too_large")
     try:
-        return decode_image(data, name, max_pixels=limits.max_image_pixels)
+        return decode_image(data, name, max_pixels=limits.max_image_pixels, max_side=limits.max_image_side,
+                            max_aspect=limits.max_aspect_ratio)
+    except ImageSizeError as err:
+        key = f"limits.{_SIZE_LIMIT_KEYS[err.limit]}"
+        if err.limit == "max_aspect":
+            raise APIError(422, f"image has an {err.reason} ({key}); crop or pad it", "invalid_image") from None
+        raise APIError(413, f"image has {err.reason} ({key}); downscale it", "image_too_large") from None
     except ImageLoadError as err:
-        if err.reason.startswith("too many pixels"):
-            raise APIError(413, f"image has {err.reason}", "image_too_large") from None
         raise APIError(400, f"image cannot be used: {err.reason}", "invalid_image") from None
 
 
@@ -209,10 +232,19 @@ def image_from_base64(text: Any, limits: LimitsConfig) -> Image.Image:
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
+    """A JSON object, or 400: malformed, not UTF-8, nested past Python's recursion limit, or holding an
+    integer over Python's 4300-digit conversion limit (the last two raise RecursionError / ValueError)."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise APIError(400, f"body is not valid JSON: {err}", "invalid_json") from None
+    except json.JSONDecodeError as err:  # its message is a position, not the content
+        raise APIError(400, f"body is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})",
+                       "invalid_json") from None
+    except UnicodeDecodeError:
+        raise APIError(400, "body is not valid JSON: not UTF-8 text", "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "body is not usable JSON: nested too deeply", "invalid_json") from None
+    except ValueError:
+        raise APIError(400, "body is not usable JSON: a number has too many digits", "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(422, "body must be a JSON object")
     return data
@@ -257,15 +289,15 @@ def _replay(request: Request, body: bytes) -> Request:
 # ----------------------------------------------------------------------------- requests
 
 
-async def vqa_item(request: Request, limits: LimitsConfig, specials: list[str]) -> VQAItem:
-    """Parse a /v1/vqa body; the cheap checks (question, max_tokens) run before the image is decoded."""
+async def vqa_item(request: Request, body: bytes, limits: LimitsConfig, specials: list[str]) -> VQAItem:
+    """Parse a /v1/vqa body (read by ``read_body``); the cheap checks run before the image is decoded."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, limits)
     if content_type == "application/json":
         data = parse_json(body)
         unknown = set(data) - {"image_base64", "question", "max_tokens"}
         if unknown:
-            raise APIError(422, f"unknown field(s) {sorted(unknown)}")
+            raise APIError(422, f"unknown field(s) {', '.join(echo(k) for k in sorted(unknown)[:3])}; "
+                           "expected image_base64, question, max_tokens")
         question = check_question(data.get("question"), limits, specials)
         max_tokens = check_max_tokens(data.get("max_tokens"), limits)
         image = await asyncio.to_thread(image_from_base64, data.get("image_base64"), limits)
@@ -284,13 +316,16 @@ async def vqa_item(request: Request, limits: LimitsConfig, specials: list[str]) 
     return VQAItem(image, question, max_tokens)
 
 
-async def chat_item(request: Request, limits: LimitsConfig, specials: list[str]) -> VQAItem:
+async def chat_item(body: bytes, limits: LimitsConfig, specials: list[str], model_name: str) -> VQAItem:
     """Parse an OpenAI /v1/chat/completions body: one image and its question, greedy, no streaming."""
-    data = parse_json(await read_body(request, limits))
+    data = parse_json(body)
+    check_model(data.get("model"), model_name)
     if data.get("stream"):
-        raise APIError(400, "streaming is not supported; send stream=false")
+        raise APIError(400, "streaming is not supported; send stream=false", param="stream")
     if data.get("n") not in (None, 1):
-        raise APIError(400, "only n=1 is supported")
+        raise APIError(400, "only n=1 is supported", param="n")
+    check_number(data, "temperature", 0.0, 2.0)
+    check_number(data, "top_p", 0.0, 1.0, low_open=True)
     text, url = chat_parts(data.get("messages"))
     question = check_question(text, limits, specials)
     max_tokens = check_max_tokens(data.get("max_completion_tokens", data.get("max_tokens")), limits)
@@ -324,6 +359,43 @@ def answer_items(engine: HFEngine, image_tokens: int, items: list[VQAItem]) -> l
                         "completion_tokens": completion, "total_tokens": prompt + completion,
                         "truncated": completion >= item.max_tokens})
     return results
+
+
+def answer_isolated(engine: HFEngine, image_tokens: int, items: list[VQAItem]) -> list[dict[str, Any] | APIError]:
+    """``answer_items``, where a request the model cannot take fails alone instead of with its batch.
+
+    A batch that fails is answered again one request at a time. A request that still fails, while the
+    engine answers its batch-mates or a known-good probe, is that request's 422 (an ``APIError`` in its
+    place in the list). Only an engine that answers nothing raises: that is the replica's failure, the
+    one its health check should count. Same single-thread rule as ``answer_items``.
+    """
+    try:
+        return answer_items(engine, image_tokens, items)
+    except Exception as exc:  # noqa: BLE001 - which request (or the engine) is at fault is found below
+        log.warning("a batch of %d failed (%s); answering its requests one at a time", len(items),
+                    type(exc).__name__)
+        first_failure = exc
+    results: list[dict[str, Any] | Exception] = [first_failure] if len(items) == 1 else []
+    for item in items if len(items) > 1 else []:
+        try:
+            results.append(answer_items(engine, image_tokens, [item])[0])
+        except Exception as exc:  # noqa: BLE001 - kept as this request's result
+            results.append(exc)
+    if all(isinstance(r, Exception) for r in results):
+        _probe(engine, image_tokens)
+    failed = [type(r).__name__ for r in results if isinstance(r, Exception)]
+    log.warning("%d of %d requests could not be answered (%s)", len(failed), len(items), ", ".join(failed))
+    return [APIError(422, "the model could not process this request's input", "unprocessable_input")
+            if isinstance(r, Exception) else r for r in results]
+
+
+def _probe(engine: HFEngine, image_tokens: int) -> None:
+    """One known-good request; raises when the engine fails on it too (lost GPU, broken weights)."""
+    probe = VQAItem(Image.new("RGB", (32, 32), (128, 128, 128)), "Is this image blank?", 1)
+    try:
+        answer_items(engine, image_tokens, [probe])
+    except Exception as exc:
+        raise RuntimeError(f"the engine fails on a known-good request too ({type(exc).__name__})") from exc
 
 
 def _usage(result: dict[str, Any]) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The VQA deployment over real HTTP on loopback: httpx and the openai SDK as clients, auth on, bad input.
 
 Serve starts once for the module (tiny model, 1 CPU replica) with an API key and small limits, so the
-413/422 paths are cheap to reach.
+413/422 paths are cheap to reach, and a short body deadline, so stalled uploads end within the test.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import asyncio
 import base64
 import io
 import ipaddress
+import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +23,15 @@ import openai
 import pytest
 from PIL import Image
 
-from actors.serve import AutoscalingConfig, BatchingConfig, ReplicaConfig, build_app
+from actors.serve import AutoscalingConfig, BatchingConfig, ReplicaConfig, build_app, controller_options
 from stmed.config import ConfigError, ModelConfig
 from stmed.serve.contract import DISCLAIMER, LimitsConfig, api_key_digest
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY_TIMEOUT_S = 4.0
 LIMITS = LimitsConfig(max_upload_bytes=300_000, max_image_pixels=600 * 600, max_question_chars=200,
-                      max_tokens=16, default_max_tokens=4)
+                      max_tokens=16, default_max_tokens=4, body_timeout_s=BODY_TIMEOUT_S)
 
 
 def free_port() -> int:
@@ -57,7 +60,7 @@ def endpoint(ray_session) -> Iterator[Endpoint]:
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options())
     # A long batch wait so that concurrent test requests reliably share a batch on a busy 2-core box.
     app = build_app(ModelConfig(preset="tiny"), "stmed-tiny", LIMITS,
                     BatchingConfig(max_batch_size=8, batch_wait_timeout_s=0.3),
@@ -257,6 +260,154 @@ def test_max_ongoing_requests_below_batch_size_is_refused():
     with pytest.raises(ConfigError, match="max_ongoing_requests"):
         build_app(ModelConfig(preset="tiny"), "m", LIMITS, BatchingConfig(max_batch_size=16),
                   AutoscalingConfig(), ReplicaConfig(max_ongoing_requests=4), None)
+
+
+# ----------------------------------------------------------------------------- hardening
+
+
+def ascii_json(body: dict) -> dict:
+    """httpx's ``json=`` cannot encode a lone surrogate; JSON's ASCII escape ("\\ud800") carries it."""
+    return {"content": json.dumps(body), "headers": {**AUTH, "content-type": "application/json"}}
+
+
+def test_a_poisoned_question_fails_alone_in_its_batch(endpoint: Endpoint):
+    """A lone surrogate used to fail the tokenizer and with it every request of its batch (all 500)."""
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post(f"{endpoint.url}/v1/vqa", **ascii_json({
+                    "image_base64": data_url(png()), "question": "Is \ud800 normal?" if i == 2 else f"Q {i}?",
+                    "max_tokens": 2}))
+                for i in range(6)))
+
+    responses = asyncio.run(burst())
+    error = assert_error(responses[2], 422)
+    assert error["param"] == "question" and "surrogate" in error["message"]
+    others = [r for i, r in enumerate(responses) if i != 2]
+    assert all(r.status_code == 200 for r in others), [r.text for r in others]
+    assert max(r.json()["usage"]["batch_size"] for r in others) > 1  # they did share a batch
+    for _ in range(4):  # a stream of them alone is not a broken engine: the replica stays healthy
+        assert_error(httpx.post(f"{endpoint.url}/v1/vqa", timeout=60,
+                                **ascii_json({"image_base64": data_url(png()), "question": "\ud800"})), 422)
+    assert httpx.get(f"{endpoint.url}/healthz", timeout=10).json()["status"] == "ok"
+
+
+def _stalled_upload(endpoint: Endpoint) -> socket.socket:
+    """A /v1/vqa request that sends its headers and 100 of its 100,000 body bytes, then stalls."""
+    port = int(endpoint.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"POST /v1/vqa HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
+                 + b"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n" + b"{" + b" " * 99)
+    return sock
+
+
+def _response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of the one HTTP/1.1 response on ``sock`` (read until close or length)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 1 << 30
+
+
+def test_stalled_uploads_hang_neither_healthz_nor_answers_and_end_in_408(endpoint: Endpoint):
+    stalled = [_stalled_upload(endpoint) for _ in range(64)]
+    try:
+        time.sleep(0.5)  # every one of them has reached the replica and holds a Serve slot
+        start = time.monotonic()
+        health = httpx.get(f"{endpoint.url}/healthz", timeout=BODY_TIMEOUT_S - 1)
+        assert health.status_code == 200 and time.monotonic() - start < BODY_TIMEOUT_S - 1
+        answer = vqa(endpoint, json={"image_base64": data_url(png()), "question": "Is it normal?"})
+        assert answer.status_code == 200, answer.text
+        for sock in stalled:  # each ends at the body deadline, in the JSON error shape
+            status, headers, body = _response(sock)
+            assert status == 408 and headers["content-type"] == "application/json"
+            assert json.loads(body)["error"]["type"] == "request_timeout"
+        assert time.monotonic() - start < BODY_TIMEOUT_S + 20
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_thin_images_are_refused_from_their_header(endpoint: Endpoint):
+    """A 2 KB PNG of 1,600,000 x 1 pixels gave a MemoryError and a 500; 400,000 x 4 stalled the replica."""
+    def thin(width: int, height: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("L", (width, height)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    for size in ((1_600_000, 1), (400_000, 4)):
+        error = assert_error(vqa(endpoint, files={"image": ("thin.png", thin(*size), "image/png")},
+                                 data={"question": "q"}), 413)
+        assert error["type"] == "image_too_large" and "limits.max_image_side" in error["message"]
+    error = assert_error(vqa(endpoint, files={"image": ("wide.png", thin(2000, 50), "image/png")},
+                             data={"question": "q"}), 422)
+    assert "aspect ratio" in error["message"]
+
+
+def test_deep_json_and_huge_integers_are_400_on_every_json_route(endpoint: Endpoint):
+    json_headers = {**AUTH, "content-type": "application/json"}
+    for route in ("/v1/chat/completions", "/v1/vqa"):
+        for body in (b"[" * 100_000 + b"]" * 100_000, b'{"max_tokens": ' + b"9" * 5000 + b"}"):
+            response = httpx.post(f"{endpoint.url}{route}", content=body, headers=json_headers, timeout=60)
+            assert assert_error(response, 400)["type"] == "invalid_json"
+
+
+def test_chat_refuses_unknown_models_bad_sampling_fields_and_echoes_little(endpoint: Endpoint):
+    client = openai.OpenAI(base_url=f"{endpoint.url}/v1", api_key=KEY, max_retries=0)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Is it normal?"},
+                                             {"type": "image_url", "image_url": {"url": data_url(png())}}]}]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    assert info.value.code == "model_not_found" and "stmed-tiny" in info.value.message
+    url = f"{endpoint.url}/v1/chat/completions"
+    for field, value in (("temperature", float("nan")), ("temperature", -1), ("temperature", "hot"),
+                         ("top_p", -5)):
+        body = json.dumps({"model": "stmed-tiny", "messages": messages, field: value})  # NaN written as NaN
+        error = assert_error(httpx.post(url, content=body, headers={**AUTH, "content-type": "application/json"},
+                                        timeout=60), 400)
+        assert error["param"] == field and field in error["message"]
+    long = assert_error(httpx.post(url, headers=AUTH, timeout=60, json={
+        "model": "stmed-tiny", "messages": messages, "max_tokens": "9" * 200_000}), 422)
+    assert len(long["message"]) < 200
+
+
+def test_a_dead_replica_answers_its_in_flight_requests_in_json(endpoint: Endpoint, ray_session):
+    """Serve's proxy, not the replica, answers when the replica dies; it used to write plain text."""
+    ray = ray_session
+    in_flight = _stalled_upload(endpoint)
+    try:
+        time.sleep(1.0)  # the request waits inside the replica, reading its body
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith("SERVE_REPLICA::vqa-test")]
+        assert len(replicas) == 1
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+        status, headers, body = _response(in_flight)
+    finally:
+        in_flight.close()
+    assert status == 500 and headers["content-type"] == "application/json", body[:200]
+    assert json.loads(body)["error"]["type"] == "server_error"
+    deadline = time.monotonic() + 120  # Serve starts a replacement; the tests after this one need it
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{endpoint.url}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    assert httpx.get(f"{endpoint.url}/healthz", timeout=5).status_code == 200
 
 
 def test_logs_hold_no_key_image_or_question(endpoint: Endpoint, ray_session):

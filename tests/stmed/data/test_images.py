@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import struct
+import traceback
 import zlib
 from pathlib import Path
 
@@ -18,11 +20,14 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_windowing
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from stmed.data.images import (
     DATA_URL_PREFIX,
     ImageLoadError,
+    ImageSizeError,
     decode_data_url,
     decode_image,
     image_to_data_url,
@@ -262,7 +267,7 @@ def _bad_files(tmp_path: Path, gradient: np.ndarray) -> dict[str, tuple[Path, st
 def test_every_bad_file_raises_image_load_error(tmp_path, gradient):
     for label, (path, reason) in _bad_files(tmp_path, gradient).items():
         with pytest.raises(ImageLoadError) as info:
-            load_image(path, max_pixels=10**12)  # so the PIL bombs reach PIL's own guard
+            load_image(path, max_pixels=10**12, max_side=10**6)  # so the PIL bombs reach PIL's own guard
         assert isinstance(info.value, ValueError), label
         assert info.value.path == str(path), label
         assert reason in info.value.reason, (label, info.value.reason)
@@ -279,6 +284,119 @@ def test_max_pixels_guard(tmp_path, gradient):
     (tmp_path / "big.png").write_bytes(_png_header(9000, 9000))  # under PIL's limit, over our default
     with pytest.raises(ImageLoadError, match="too many pixels"):
         load_image(tmp_path / "big.png")
+
+
+def _one_row_png(width: int, height: int = 1) -> bytes:
+    """A real, decodable PNG of a long thin image: a few KB on disk, whatever its width."""
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 90).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_extreme_sides_and_aspect_ratios_are_refused_before_decoding(tmp_path):
+    """1,600,000 x 1 is under the pixel limit, yet a model's processor would scale it to gigapixels."""
+    for width, height in ((1_600_000, 1), (400_000, 4)):
+        data = _one_row_png(width, height)
+        assert len(data) < 10_000 and width * height < 8192 * 8192  # small file, under max_pixels
+        with pytest.raises(ImageSizeError, match="side too long") as info:
+            decode_image(data, "thin.png")
+        assert info.value.limit == "max_side" and f"{width}x{height}" in info.value.reason
+    (tmp_path / "header_only.png").write_bytes(_png_header(1_600_000, 1))  # no pixel data at all:
+    with pytest.raises(ImageSizeError, match="side too long"):  # refused from the header, not "truncated"
+        load_image(tmp_path / "header_only.png")
+    with pytest.raises(ImageSizeError, match="aspect ratio") as info:
+        decode_image(_one_row_png(2000, 50))  # 40:1, every side short
+    assert info.value.limit == "max_aspect" and isinstance(info.value, ImageLoadError)
+    assert decode_image(_one_row_png(2000, 100)).size == (2000, 100)  # 20:1 is the default limit
+    assert decode_image(_one_row_png(2000, 50), max_aspect=40).size == (2000, 50)
+
+
+# ---------------------------------------------------------------- malformed DICOM: no patient data out
+
+PATIENT = {"PatientName": "Zyxwvut^Quorra", "PatientID": "PID-8675309-QX", "PatientBirthDate": "19470321",
+           "InstitutionName": "Sankt Quux Klinikum"}
+
+
+def _patient_dicom() -> bytes:
+    """A valid 4x4 DICOM whose patient tags hold values no other test data contains."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for tag, value in PATIENT.items():
+        setattr(ds, tag, value)
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, "1.2.3.4"
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = bytes(range(16))
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _with_length(data: bytes, element: bytes, length: int) -> bytes:
+    """``data`` with the 2-byte value length of an explicit-VR element (tag + VR bytes) replaced."""
+    at = data.index(element) + len(element)
+    return data[:at] + struct.pack("<H", length) + data[at + 2:]
+
+
+def _malformed_dicoms() -> dict[str, bytes]:
+    good = _patient_dicom()
+    transfer_syntax = b"\x02\x00\x10\x00UI"  # (0002,0010) TransferSyntaxUID
+    rest = len(good) - good.index(transfer_syntax) - 8
+    rows = good.index(b"\x28\x00\x10\x00US")  # (0028,0010) Rows
+    return {
+        # the value swallows the whole dataset: pydicom warns "Invalid value for VR UI: '...'" with all of it
+        "transfer syntax swallows the dataset": _with_length(good, transfer_syntax, rest),
+        "transfer syntax swallows 212 bytes": _with_length(good, transfer_syntax, 212),
+        # an odd-length US value holding patient text: BytesLengthException, which quotes the bytes
+        "Rows holds 13 bytes": good[:rows] + b"\x28\x00\x10\x00US" + struct.pack("<H", 13)
+        + PATIENT["PatientID"][:13].encode() + good[rows + 10:],
+        "cut inside the meta group length": good[:141],
+        "pixel data shorter than declared": good[:-6],
+    }
+
+
+def test_malformed_dicom_puts_no_patient_data_in_warnings_logs_or_errors(tmp_path, caplog, recwarn, capfd):
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="pydicom")
+    texts = []
+    for label, data in _malformed_dicoms().items():
+        path = tmp_path / f"{label.replace(' ', '_')}.dcm"
+        path.write_bytes(data)
+        with pytest.raises(ImageLoadError) as info:
+            load_image(path)
+        assert info.value.path == str(path) and str(path) in str(info.value), label
+        texts += [str(info.value), repr(info.value), "".join(traceback.format_exception(info.value))]
+    texts += [str(w.message) for w in recwarn.list]
+    texts += [caplog.text, *(r.getMessage() for r in caplog.records)]
+    texts += list(capfd.readouterr())
+    for value in PATIENT.values():
+        for needle in {value, value.split("^")[0], value[:13]}:
+            leaked = [t[:120] for t in texts if needle in t]
+            assert not leaked, f"{needle!r} leaked: {leaked}"
+
+
+def test_every_pydicom_failure_is_an_image_load_error():
+    """Every cut and every length of the transfer syntax: an image or ImageLoadError, never pydicom's own."""
+    good = _patient_dicom()
+    assert np.array_equal(pixels(decode_image(good, "ok.dcm"))[..., 0].ravel(), np.rint(np.arange(16) * 17))
+    transfer_syntax = b"\x02\x00\x10\x00UI"
+    cases = {f"cut at {n}": good[:n] for n in range(132, len(good))}
+    cases |= {f"length {n}": _with_length(good, transfer_syntax, n) for n in range(0, 400, 3)}
+    cases |= _malformed_dicoms()
+    reasons = set()
+    for label, data in cases.items():
+        try:
+            assert decode_image(data, "scan.dcm").mode == "RGB", label
+        except ImageLoadError as err:
+            reasons.add(err.reason)
+    assert "corrupt or unsupported DICOM (BytesLengthException)" in reasons
+    assert all("DICOM" in reason for reason in reasons), reasons
 
 
 # ---------------------------------------------------------------- bytes, data URLs, digests

@@ -273,3 +273,18 @@ def test_system_option_renders_pairs_under_the_chosen_system_prompt(synthetic, s
     assert preference_prompt(pairs[0].question).split(" USER:")[0] == SYSTEM_PLAIN
     with pytest.raises(Exception, match="dpo.system"):
         DPOSettings(system="vuser")
+
+
+def test_bf16_weights_train_without_autocast(synthetic, stage1, tmp_path):
+    """A bf16 checkpoint on a device without autocast (CPU here): the trainable weights stay bf16
+    instead of being upcast to fp32 and meeting bf16 activations (a dtype mismatch before)."""
+    prefs = write_preferences(tmp_path / "prefs.parquet", _pairs(_images(synthetic), 4))
+    cfg = _loop_config(stage1, prefs, synthetic.images, tmp_path / "out", max_steps=2)
+    cfg["model"]["dtype"] = "bfloat16"
+    session = LocalSession(tmp_path / "ckpt")
+    train_dpo(cfg, session)
+    rows = MetricsLog(tmp_path / "out" / "metrics.jsonl").read()
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=2e-2)  # bf16 rounding, same start
+    projector = [p for n, p in session.model.named_parameters() if p.requires_grad and "projector" in n]
+    assert projector and all(p.dtype == torch.bfloat16 for p in projector)  # fp32 here met bf16 features
