@@ -37,6 +37,7 @@ import asyncio
 import ipaddress
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,7 +187,7 @@ class VQADeployment:
         self.failures = 0
         return results
 
-    async def _answer(self, parse: Any) -> dict[str, Any]:
+    async def _answer(self, parse: Callable[[], Awaitable[VQAItem]]) -> dict[str, Any]:
         """Parse (``parse()`` -> VQAItem) and answer within the answering slots; a request's own error raises."""
         async with self.answering:
             result = await self._answer_batch(await parse())

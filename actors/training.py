@@ -34,6 +34,7 @@ from stmed.config import RayConfig
 from stmed.data.records import DataError
 from stmed.log import get_logger
 from stmed.train.session import TrainSession
+from stmed.train.stage import Diverged
 
 log = get_logger(__name__)
 
@@ -81,24 +82,24 @@ class _DataErrors:
     """Where a worker leaves the data error it met, for the driver to raise after the run."""
 
     def __init__(self) -> None:
-        self.message: str | None = None
+        self.error: tuple[str, str] | None = None
 
-    def put(self, message: str) -> None:
-        self.message = self.message or message
+    def put(self, kind: str, message: str) -> None:
+        self.error = self.error or (kind, message)
 
-    def get(self) -> str | None:
-        return self.message
+    def get(self) -> tuple[str, str] | None:
+        return self.error
 
 
 def _worker(config: dict[str, Any], loop_fn: LoopFn, errors: ray.actor.ActorHandle) -> None:
     session = RayTrainSession()
     try:
         loop_fn(config, session)
-    except DataError as err:
-        # Deterministic: every rank checked the same data and meets the same error, and a restart would
-        # only meet it again. Hand it to the driver and end normally, so FailureConfig (meant for lost
-        # workers) spends no retry on it; ``run_training`` raises it there.
-        ray.get(errors.put.remote(str(err)))
+    except (DataError, Diverged) as err:
+        # Deterministic: every rank checked the same data (or reduced the same loss) and meets the same
+        # error, and a restart would only meet it again. Hand it to the driver and end normally, so
+        # FailureConfig (meant for lost workers) spends no retry on it; ``run_training`` raises it there.
+        ray.get(errors.put.remote(type(err).__name__, str(err)))
     finally:
         session.close()
 
@@ -116,7 +117,8 @@ def run_training(
 
     A worker failure restarts the whole group from the latest reported checkpoint, up to
     ``ray_cfg.max_failures`` times. Raises ``ray.train.TrainingFailedError`` when the run fails for good,
-    and ``DataError`` (after one attempt) when the loop found its data unusable.
+    and ``DataError`` / ``Diverged`` (after one attempt) when the loop found its data unusable or its
+    loss not finite.
     Call ``jobs.runtime.init_ray`` first so a local Ray stays on loopback.
     """
     errors = _DataErrors.remote()
@@ -140,9 +142,10 @@ def run_training(
     log.info("Ray Train run %s: %d workers (%s)", name, ray_cfg.num_workers, "GPU" if ray_cfg.use_gpu else "CPU")
     try:
         result = trainer.fit()
-        message = ray.get(errors.get.remote())
+        error = ray.get(errors.get.remote())
     finally:
         ray.kill(errors)
-    if message:
-        raise DataError(message)
+    if error:
+        kind, message = error
+        raise (Diverged if kind == Diverged.__name__ else DataError)(message)
     return result

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,10 @@ from typing import Any
 from actors.training import run_training
 from jobs.runtime import init_ray, run_job
 from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, write_config
+from stmed.data.records import DataError, read_preferences
 from stmed.log import get_logger
 from stmed.model.build import image_seq_len, load_processor
-from stmed.runs import MetricsLog, clear_run_logs, write_summary
+from stmed.runs import MetricsLog, training_run_name, write_summary
 from stmed.train.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
 from stmed.train.stage import (
     ATTEMPTS_FILE,
@@ -58,7 +58,8 @@ class DPOConfig:
     dpo: DPOSettings = field(default_factory=DPOSettings)
     ray: RayConfig = field(default_factory=RayConfig)
     run_name: str | None = None
-    """Ray Train run name; None makes a fresh one. Reuse a name only to resume that run."""
+    """Ray Train run name; None resumes the unfinished run of ``output_dir`` (its ``run.json``), else
+    makes a fresh one. Reuse a name only to resume that run."""
 
     def __post_init__(self) -> None:
         check_global_batch(self.train, self.ray.num_workers)
@@ -91,14 +92,16 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     if not preferences.is_file():
         raise ConfigError(f"preferences: file not found: {preferences} (run jobs.generate first)")
     image_root = Path(cfg.image_root).resolve() if cfg.image_root else preferences.parent
+    if not image_root.is_dir():
+        raise ConfigError(f"image_root: folder not found: {image_root}")
+    if not read_preferences(preferences):  # a parse here, before any worker: a bad file fails fast
+        raise DataError(f"preferences: {preferences} holds no pairs (did jobs.generate finish?)")
     write_config(cfg, out)
     check_length_budget(cfg.train, image_seq_len(load_processor(cfg.model)))  # before any worker starts
     init_ray(cfg.ray)
     loop = DPOLoopConfig(model=cfg.model, preferences_path=str(preferences), image_root=str(image_root),
                          output_dir=str(out), lora=cfg.lora, train=cfg.train, dpo=cfg.dpo)  # fmt: skip
-    name = cfg.run_name or f"dpo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    if cfg.run_name is None:
-        clear_run_logs(out, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
+    name = training_run_name(out, "dpo", cfg.run_name, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
     result = run_training(train_dpo, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     summary = _summarise(out, name, checkpoint, time.time() - started)

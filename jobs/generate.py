@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from actors.generator import Generator, KeptPairJudge
-from jobs.runtime import init_ray, run_job
+from jobs.runtime import NothingProduced, init_ray, run_job
 from stmed.config import ConfigError, ModelConfig, RayConfig, write_config
-from stmed.data.records import export_dpo_json, list_images, sample_images, write_preferences
+from stmed.data.records import DataError, export_dpo_json, list_images, sample_images, write_preferences
 from stmed.judge.judging import JudgeSettings
 from stmed.log import get_logger
 from stmed.runs import write_summary
@@ -172,6 +172,13 @@ def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list
     tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
     os.replace(tmp, out / "failures.jsonl")
     summary = {**summarize_rows(len(images), rows, pairs, failures, judge), **extra}
+    if not pairs:
+        # No summary.json: the stage did not finish, and a pipeline rerun runs it again.
+        raise NothingProduced(
+            f"no preference pairs from {summary['images']} images: {summary['questions_kept']} of "
+            f"{summary['questions']} questions kept, {summary['answer_pairs_judged']} answer pairs sent to "
+            f"the judge at {judge.base_url}, failures {summary['failures'] or 'none'} "
+            f"(details in {out / 'failures.jsonl'})")
     write_summary(out, summary)
     return summary
 
@@ -183,6 +190,8 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     parts.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out)
     images = sampled_images(cfg)
+    if not images:
+        raise DataError(f"images: the manifest {cfg.images} lists no images")
     done = read_parts(parts)
     todo, skip = plan_resume(images, done, cfg.generation.questions_per_image)
     log.info("%d images sampled, %d to generate (%d rows already written)", len(images), len(todo), len(done))

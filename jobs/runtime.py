@@ -10,12 +10,18 @@ from typing import Any, TypeVar
 from stmed.config import ConfigError, RayConfig, load_config
 from stmed.data.records import DataError
 from stmed.log import get_logger
+from stmed.train.stage import Diverged
 
 log = get_logger(__name__)
 
 LOOPBACK = "127.0.0.1"
 EXIT_USER_ERROR = 2
 T = TypeVar("T")
+
+
+class NothingProduced(RuntimeError):
+    """A job ran to its end with nothing usable to hand on (no preference pairs, say): a failure, with
+    the counts that say why, and no ``summary.json``, so a pipeline rerun runs the stage again."""
 
 # The environment of a local, loopback-only Ray. This machine has an external interface that Ray
 # would otherwise advertise; pinning the node IP keeps the head, the workers and Ray Train's
@@ -79,7 +85,8 @@ def run_job(main: Callable[[T], Any], cls: type[T], argv: list[str] | None = Non
 
     A mistake in the config or the inputs (``ConfigError``: a key, a missing file; ``DataError``: a file
     that is not what it claims, or gives nothing usable) is the user's to fix, not a bug: one line on
-    stderr naming it, exit code 2, no traceback, and nothing retried.
+    stderr naming it, exit code 2, no traceback, and nothing retried. A run that diverged or produced
+    nothing is one line too, with exit code 1.
     """
     cfg = load_config(cls, argv)
     try:
@@ -88,3 +95,6 @@ def run_job(main: Callable[[T], Any], cls: type[T], argv: list[str] | None = Non
         kind = "config error" if isinstance(err, ConfigError) else "input error"
         sys.stderr.write(f"{kind}: {' '.join(str(err).split())}\n")
         raise SystemExit(EXIT_USER_ERROR) from None
+    except (Diverged, NothingProduced) as err:  # the job ran and failed for a reason it can name
+        sys.stderr.write(f"failed: {' '.join(str(err).split())}\n")
+        raise SystemExit(1) from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,11 @@ from stmed.config import (
     config_to_dict,
     write_config,
 )
+from stmed.data.records import DataError, read_instruct
 from stmed.data.synthetic import make_dataset
 from stmed.log import get_logger
 from stmed.model.build import image_seq_len, load_processor
-from stmed.runs import MetricsLog, clear_run_logs, write_summary
+from stmed.runs import MetricsLog, training_run_name, write_summary
 from stmed.train.sft import SFTLoopConfig, train_sft
 from stmed.train.stage import (
     ATTEMPTS_FILE,
@@ -70,7 +70,8 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     run_name: str | None = None
-    """Ray Train run name; None makes a fresh one. Reuse a name only to resume that run."""
+    """Ray Train run name; None resumes the unfinished run of ``output_dir`` (its ``run.json``), else
+    makes a fresh one. Reuse a name only to resume that run."""
 
     def __post_init__(self) -> None:
         check_global_batch(self.train, self.ray.num_workers)
@@ -84,7 +85,15 @@ def _resolve_data(cfg: SFTConfig, out: Path) -> tuple[Path, Path]:
         paths = make_dataset(out / "data", num_images=cfg.data.synthetic_images, seed=cfg.data.synthetic_seed)
         return paths.instruct, paths.images
     instruct = Path(cfg.data.instruct).resolve()
-    return instruct, Path(cfg.data.image_root).resolve() if cfg.data.image_root else instruct.parent
+    image_root = Path(cfg.data.image_root).resolve() if cfg.data.image_root else instruct.parent
+    if not instruct.is_file():
+        raise ConfigError(f"data.instruct: file not found: {instruct}")
+    if not image_root.is_dir():
+        raise ConfigError(f"data.image_root: folder not found: {image_root}")
+    samples, skips = read_instruct(instruct)  # a parse here, before any worker: a bad file fails fast
+    if not samples:
+        raise DataError(f"data.instruct: {instruct} holds no usable conversation ({len(skips)} entries skipped)")
+    return instruct, image_root
 
 
 def _summarise(out: Path, run_name: str, checkpoint: str | None, wall_s: float) -> dict[str, Any]:
@@ -117,9 +126,7 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
     init_ray(cfg.ray)
     loop = SFTLoopConfig(model=cfg.model, lora=cfg.lora, train=cfg.train, instruct_path=str(instruct),
                          image_root=str(image_root), output_dir=str(out))  # fmt: skip
-    name = cfg.run_name or f"sft-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    if cfg.run_name is None:
-        clear_run_logs(out, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
+    name = training_run_name(out, "sft", cfg.run_name, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
     result = run_training(train_sft, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     summary = _summarise(out, name, checkpoint, time.time() - started)

@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+from stmed.log import get_logger
+
+log = get_logger(__name__)
+
 SUMMARY = "summary.json"
+RUN_FILE = "run.json"
+"""A training stage's Ray Train run name, so that a rerun after a crash resumes that run."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -75,3 +83,28 @@ def clear_run_logs(output_dir: str | os.PathLike, names: tuple[str, ...]) -> Non
         (out / name).unlink(missing_ok=True)
     for marker in out.glob(".fault_injected_step*"):
         marker.unlink()
+
+
+def training_run_name(output_dir: str | os.PathLike, stage: str, requested: str | None,
+                      logs: tuple[str, ...]) -> str:  # fmt: skip
+    """The Ray Train run name of a training stage in ``output_dir``, recorded in ``run.json``.
+
+    ``requested`` when given. Otherwise the folder's unfinished run (``run.json`` but no summary: its
+    driver died), so that a rerun resumes from that run's checkpoints; otherwise a fresh name, and the
+    old run's logs go (a finished stage run again starts anew).
+    """
+    out = Path(output_dir)
+    record = out / RUN_FILE
+    name = requested
+    if name is None and record.is_file() and not (out / SUMMARY).is_file():
+        try:
+            name = json.loads(record.read_text())["run_name"]
+        except (ValueError, KeyError, TypeError):
+            name = None
+        if name:
+            log.info("%s: resuming the unfinished run %s from its checkpoints", out, name)
+    if name is None:
+        name = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        clear_run_logs(out, logs)
+    write_json(record, {"run_name": name})
+    return name

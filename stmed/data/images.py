@@ -54,7 +54,8 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 DATA_URL_PREFIX = "data:image/png;base64,"
 
 # Held while a third-party parser runs under `warnings.catch_warnings`, which swaps process-wide state:
-# two threads (the server decodes uploads in a thread pool) interleaving it would leave it wrong.
+# two threads (the server decodes uploads in a thread pool) interleaving it would leave it wrong. PIL
+# holds it for the header only; DICOM reads hold it throughout, so they run one at a time per process.
 _WARNINGS_LOCK = threading.Lock()
 
 
@@ -240,11 +241,12 @@ def _pydicom_silenced() -> Iterator[None]:
     ``pydicom`` and a few ``pydicom.*`` modules; a logger's filter does not see its children's records,
     so each one gets the filter (the list is re-read: decoder plugins add loggers when first used).
     """
-    for logger_name in ["pydicom", *[n for n in logging.root.manager.loggerDict if n.startswith("pydicom.")]]:
-        logger = logging.getLogger(logger_name)
-        if _PYDICOM_FILTER not in logger.filters:
-            logger.addFilter(_PYDICOM_FILTER)
     with _WARNINGS_LOCK, warnings.catch_warnings():
+        names = list(logging.root.manager.loggerDict)  # one C-level copy: other threads may add loggers
+        for logger_name in ["pydicom", *(n for n in names if n.startswith("pydicom."))]:
+            logger = logging.getLogger(logger_name)
+            if _PYDICOM_FILTER not in logger.filters:
+                logger.addFilter(_PYDICOM_FILTER)
         warnings.simplefilter("ignore")
         _PYDICOM_FILTER.local.active = True
         try:

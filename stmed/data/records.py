@@ -341,7 +341,10 @@ def write_preferences(path: str | os.PathLike, pairs: list[PreferencePair]) -> P
 
 
 def read_preferences(path: str | os.PathLike) -> list[PreferencePair]:
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:  # not parquet, truncated, unreadable
+        raise DataError(f"{path}: not a readable parquet file ({type(err).__name__})") from None
     missing = set(PREFERENCE_SCHEMA.names) - set(table.column_names) - {"question_seed"}
     if missing:
         raise DataError(f"{path}: not a preference file, missing columns {sorted(missing)}")

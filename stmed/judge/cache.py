@@ -13,6 +13,7 @@ from stmed.log import get_logger
 
 log = get_logger(__name__)
 
+
 @dataclass(frozen=True)
 class CachedReply:
     reply: str
@@ -45,10 +46,16 @@ class ReplyCache:
         if not path.is_file():
             return None
         try:
-            return CachedReply(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            log.warning("ignoring unreadable cache entry %s (%s); it will be re-requested", path, err)
+            entry = CachedReply(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as err:  # unreadable, not UTF-8, not JSON, not an entry
+            log.warning("ignoring unreadable cache entry %s (%s); it will be re-requested", path,
+                        type(err).__name__)
             return None
+        if not (isinstance(entry.reply, str) and isinstance(entry.prompt_tokens, int)
+                and isinstance(entry.completion_tokens, int)):  # fmt: skip
+            log.warning("ignoring malformed cache entry %s; it will be re-requested", path)
+            return None
+        return entry
 
     def put(self, key: str, entry: CachedReply) -> None:
         path = self._path(key)

@@ -156,7 +156,7 @@ def check_question(value: Any, limits: LimitsConfig, specials: list[str]) -> str
 def check_max_tokens(value: Any, limits: LimitsConfig) -> int:
     if value is None:
         return limits.default_max_tokens
-    if isinstance(value, str) and value.strip().isdigit() and len(value) < 10:  # form fields arrive as text
+    if isinstance(value, str) and value.strip().isdigit() and len(value) < 32:  # form fields arrive as text
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limits.max_tokens:
         raise APIError(422, f"'max_tokens' must be an integer in [1, {limits.max_tokens}], got {echo(value)}",
@@ -374,19 +374,20 @@ def answer_isolated(engine: HFEngine, image_tokens: int, items: list[VQAItem]) -
     except Exception as exc:  # noqa: BLE001 - which request (or the engine) is at fault is found below
         log.warning("a batch of %d failed (%s); answering its requests one at a time", len(items),
                     type(exc).__name__)
-        first_failure = exc
-    results: list[dict[str, Any] | Exception] = [first_failure] if len(items) == 1 else []
-    for item in items if len(items) > 1 else []:
-        try:
-            results.append(answer_items(engine, image_tokens, [item])[0])
-        except Exception as exc:  # noqa: BLE001 - kept as this request's result
-            results.append(exc)
+        results = [exc] if len(items) == 1 else [_answer_alone(engine, image_tokens, item) for item in items]
     if all(isinstance(r, Exception) for r in results):
         _probe(engine, image_tokens)
     failed = [type(r).__name__ for r in results if isinstance(r, Exception)]
     log.warning("%d of %d requests could not be answered (%s)", len(failed), len(items), ", ".join(failed))
     return [APIError(422, "the model could not process this request's input", "unprocessable_input")
             if isinstance(r, Exception) else r for r in results]
+
+
+def _answer_alone(engine: HFEngine, image_tokens: int, item: VQAItem) -> dict[str, Any] | Exception:
+    try:
+        return answer_items(engine, image_tokens, [item])[0]
+    except Exception as exc:  # noqa: BLE001 - this request's result; answer_isolated decides what it means
+        return exc
 
 
 def _probe(engine: HFEngine, image_tokens: int) -> None:

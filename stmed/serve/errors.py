@@ -23,8 +23,7 @@ from stmed.log import get_logger
 
 log = get_logger("stmed.serve")
 
-ECHO_CHARS = 24
-"""How much of a client's value an error message may quote."""
+ECHO_CHARS = 24  # how much of a client's value an error message may quote
 
 # What the proxy's own error responses become (it writes plain text, or nothing at all for a 500).
 _PROXY_ERRORS = {
@@ -68,8 +67,7 @@ def _json_kind(value: Any) -> str:
     return {dict: "object", list: "array"}.get(type(value), type(value).__name__)
 
 
-def error_body(status: int, message: str, type_: str, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -78,7 +76,7 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     if status == 408:  # the body was not read to its end: this connection cannot carry another request
         headers = {"Connection": "close"}
-    return JSONResponse(error_body(status, message, type_, param, code), status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -128,33 +126,32 @@ class JSONErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        held: Message | None = None  # a non-JSON error's start, withheld while its body is dropped
-        forwarded = False
+        replaced: Message | None = None  # a non-JSON error's start, withheld while its body is dropped
+        answered = False
 
         async def send_json_errors(message: Message) -> None:
-            nonlocal held, forwarded
+            nonlocal replaced, answered
             if message["type"] == "http.response.start" and message["status"] >= 400 \
                     and not _is_json(message.get("headers", [])):
-                held = message
-                return
-            if message["type"] == "http.response.body" and held is not None:
+                replaced = message
+            elif message["type"] == "http.response.body" and replaced is not None:
                 if not message.get("more_body", False):
-                    forwarded = True
-                    await _send_error(send, held["status"], held.get("headers", []))
-                return
-            forwarded = forwarded or message["type"] == "http.response.start"
-            await send(message)
+                    answered = True
+                    await _send_error(send, replaced["status"], replaced.get("headers", []))
+            else:
+                answered = answered or message["type"] == "http.response.start"
+                await send(message)
 
         try:
             await self.app(scope, receive, send_json_errors)
-        except Exception as exc:  # re-raised unless this layer can still answer in JSON
-            if forwarded:
+        except Exception as exc:
+            if answered:
                 raise
             log.error("request failed in the proxy: %s", type(exc).__name__)
             await _send_error(send, 500, [])
             return
-        if not forwarded:
-            await _send_error(send, held["status"] if held else 500, held.get("headers", []) if held else [])
+        if not answered:  # nothing sent (a dead replica), or an error start without its last body part
+            await _send_error(send, replaced["status"] if replaced else 500, [])
 
 
 def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -162,15 +159,21 @@ def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 async def _send_error(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-    message, type_ = _PROXY_ERRORS.get(status) or (
-        HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error",
-        "server_error" if status >= 500 else "invalid_request_error")
-    body = json.dumps(error_body(status, message, type_)).encode()
+    message, type_ = _PROXY_ERRORS.get(status) or (_phrase(status),
+                                                   "server_error" if status >= 500 else "invalid_request_error")
+    body = json.dumps(error_body(message, type_)).encode()
     kept = [(k, v) for k, v in headers if k.lower() in _KEPT_HEADERS]
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *kept]})
     await send({"type": "http.response.body", "body": body})
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def proxy_middlewares() -> list[Middleware]:

@@ -69,6 +69,7 @@ from stmed.train.stage import (
     TrainConfig,
     autocast_context,
     build_optimizer,
+    check_finite,
     export_final,
     make_trainable,
     maybe_inject_failure,
@@ -334,6 +335,7 @@ def train_dpo(config: dict[str, Any], session: TrainSession) -> None:
             if step % train.log_every == 0 or step == total_steps:
                 log.info("step %d/%d loss %.4f margin %.4f acc %.2f %.1f pairs/s", step, total_steps, row["loss"],
                          row["rewards/margins"], row["rewards/accuracies"], row["pairs_per_s"])  # fmt: skip
+        check_finite(row)  # before a checkpoint or an export can keep NaN weights
         report_step(session, row, peft_model, optimizer, scheduler, train, total_steps)
     if rank == 0:
         export_final(peft_model, processor, cfg.output_dir, cfg.model.dtype, cfg.export_merged)

@@ -50,6 +50,7 @@ from stmed.train.stage import (
     TrainConfig,
     autocast_context,
     build_optimizer,
+    check_finite,
     export_final,
     make_trainable,
     maybe_inject_failure,
@@ -162,6 +163,7 @@ def train_sft(config: dict[str, Any], session: TrainSession) -> None:
             if step % train.log_every == 0 or step == total_steps:
                 log.info("step %d/%d loss %.4f (qa %.4f, vq %.4f) %.0f tok/s", step, total_steps, row["loss"],
                          row["loss_qa"], row["loss_vq"], row["tokens_per_s"])  # fmt: skip
+        check_finite(row)  # before a checkpoint or an export can keep NaN weights
         report_step(session, row, peft_model, optimizer, scheduler, train, total_steps)
     if rank == 0:
         export_final(peft_model, processor, cfg.output_dir, cfg.model.dtype, cfg.export_merged)

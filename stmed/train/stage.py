@@ -108,6 +108,18 @@ def check_global_batch(train: TrainConfig, num_workers: int) -> None:
         )
 
 
+class Diverged(FloatingPointError):
+    """The loss became NaN or infinite: the weights are spent, and a restart from the last checkpoint
+    would replay the same steps, so the run ends without exporting and is not retried."""
+
+
+def check_finite(row: dict[str, Any], key: str = "loss") -> None:
+    """Raise ``Diverged`` when ``row[key]`` (a step's loss, the same on every rank) is not finite."""
+    if not math.isfinite(row[key]):
+        raise Diverged(f"step {row['step']}: {key} is {row[key]}; the run stops before saving it. Lower "
+                       "train.lr_* (or raise train.warmup_ratio) and start again")
+
+
 MIN_TEXT_TOKENS = 64
 """Room a sequence needs beside its image: the system prompt, a question and the start of an answer."""
 

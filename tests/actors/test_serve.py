@@ -348,10 +348,11 @@ def test_thin_images_are_refused_from_their_header(endpoint: Endpoint):
         Image.new("L", (width, height)).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    for size in ((1_600_000, 1), (400_000, 4)):
+    for size in ((1_600_000, 1), (400_000, 4), (100_000, 1), (50_000, 4)):  # the last two: under max_pixels
         error = assert_error(vqa(endpoint, files={"image": ("thin.png", thin(*size), "image/png")},
                                  data={"question": "q"}), 413)
-        assert error["type"] == "image_too_large" and "limits.max_image_side" in error["message"]
+        assert error["type"] == "image_too_large" and f"{size[0]}x{size[1]}" in error["message"]
+        assert size[0] * size[1] > LIMITS.max_image_pixels or "limits.max_image_side" in error["message"]
     error = assert_error(vqa(endpoint, files={"image": ("wide.png", thin(2000, 50), "image/png")},
                              data={"question": "q"}), 422)
     assert "aspect ratio" in error["message"]

@@ -184,3 +184,53 @@ def test_config_mistakes_are_named(tmp_path: Path):
     cfg = build_config(EvaluateConfig, {**base, "benchmarks": missing})
     with pytest.raises(ConfigError, match="benchmarks.b.test_file"):
         resolve_benchmarks(cfg)
+
+
+# ----------------------------------------------------------------------------- user mistakes, real files
+
+
+def _cli(*overrides: str, cwd: Path) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "jobs.evaluate", "--config", str(LOCAL), *overrides],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+
+
+def test_vqa_rad_options_are_never_asked_twice(vqa_rad_dir: Path, tmp_path: Path):
+    """Finding 10: VQA-RAD's test_w_options.json writes "[Yes, No]" on 188 of its 272 closed questions."""
+    base = {"output_dir": str(tmp_path), "models": {"tiny": {"preset": "tiny"}}}
+    for name, suffixed in (("test_w_options.json", 0), ("test.json", 272)):
+        cfg = build_config(EvaluateConfig, {**base, "benchmarks": {"r": {"test_file": str(vqa_rad_dir / name)}}})
+        bench = resolve_benchmarks(cfg)[0]
+        closed = [(e, q) for e, q in zip(bench.examples, bench.asked) if e.answer_type == "CLOSED"]
+        assert len(closed) == 272
+        assert sum(q != e.question for e, q in closed) == suffixed
+        assert all(q.lower().count("please choose from the following two options") == 1 for _, q in closed)
+
+
+def test_a_wrong_image_folder_is_a_config_error_naming_the_key(tmp_path: Path):
+    """Finding 11: SLAKE keeps its images under imgs/; the default images/ must not give empty answers."""
+    data = make_dataset(tmp_path / "data", num_images=10, seed=0)
+    (data.test.parent / "images").rename(data.test.parent / "imgs")
+    proc = _cli(f"output_dir={tmp_path / 'out'}", "synthetic=false", f"benchmarks.slake.test_file={data.test}",
+                cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "benchmarks.slake.image_root" in proc.stderr.strip().splitlines()[-1]
+    fixed = build_config(EvaluateConfig, read_yaml(LOCAL), [f"output_dir={tmp_path}", "synthetic=false",
+                         f"benchmarks.slake.test_file={data.test}",
+                         f"benchmarks.slake.image_root={data.test.parent / 'imgs'}"])  # fmt: skip
+    assert len(resolve_benchmarks(fixed)[0].examples) > 0
+
+
+@pytest.mark.parametrize("mistake", ["missing_key", "missing_file", "jsonl"])
+def test_test_file_mistakes_exit_2_with_one_line(tmp_path: Path, mistake: str):
+    """Finding 12: a missing test_file, or a JSONL file given as one, is a config error, not a traceback."""
+    jsonl = tmp_path / "answers.jsonl"
+    jsonl.write_text('{"question_id": 1, "text": "yes"}\n{"question_id": 2, "text": "no"}\n')
+    overrides = {"missing_key": ["benchmarks.b.image_root=/nowhere"],
+                 "missing_file": [f"benchmarks.b.test_file={tmp_path / 'nope.json'}"],
+                 "jsonl": [f"benchmarks.b.test_file={jsonl}"]}[mistake]
+    proc = _cli(f"output_dir={tmp_path / 'out'}", "synthetic=false", *overrides, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr and "benchmarks.b.test_file" in proc.stderr.strip().splitlines()[-1]

@@ -170,3 +170,47 @@ def test_killed_run_resumes_without_resending_finished_requests(ray_session, dat
 
     again = generate.main(cfg).summary  # a finished run: nothing to generate, nothing to send
     assert again["reference_judge"]["requests"] == 0 and again["pairs"] == summary["pairs"]
+
+
+def test_hf_generators_get_a_gpu_on_the_gpu_cluster_config():
+    """Finding 9: jobs/configs/generate.yaml with generation.engine=hf ran its generator actors on CPU."""
+    from stmed.config import ConfigError, read_yaml
+
+    configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    cluster = build_config(generate.GenerateConfig, read_yaml(configs / "generate.yaml"), ["generation.engine=hf"])
+    assert cluster.generator_gpus == 1.0
+    local = build_config(generate.GenerateConfig, read_yaml(configs / "local" / "generate.yaml"))
+    assert local.generator_gpus == 0.0
+    pinned = build_config(generate.GenerateConfig, read_yaml(configs / "generate.yaml"), ["pools.generator_gpus=0.5"])
+    assert pinned.generator_gpus == 0.5
+    with pytest.raises(ConfigError, match="generation.device=cuda.*ray.use_gpu=true"):
+        build_config(generate.GenerateConfig, read_yaml(configs / "local" / "generate.yaml"),
+                     ["generation.device=cuda"])
+
+
+def test_a_judge_that_is_down_fails_the_job_instead_of_zero_pairs(ray_session, data, talking_model, tmp_path):
+    """Hardening finding 7: with every judgement failed, generate used to exit 0 with 0 pairs."""
+    import socket
+
+    from jobs.runtime import NothingProduced
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    cfg = config(tmp_path / "run", data, talking_model, **{"judge.base_url": dead, "judge.max_attempts": 1,
+                                                           "num_images": 2})
+    with pytest.raises(NothingProduced, match=r"no preference pairs from 2 images.*failures"):
+        generate.main(cfg)
+    assert not (tmp_path / "run" / "summary.json").exists()  # a pipeline rerun runs the stage again
+    assert (tmp_path / "run" / "failures.jsonl").read_text().count("\n") > 0
+
+
+def test_an_empty_manifest_is_an_input_error(tmp_path):
+    from stmed.data.records import DataError
+
+    manifest = tmp_path / "images.json"
+    manifest.write_text("[]")
+    cfg = build_config(generate.GenerateConfig, {}, [f"output_dir={tmp_path / 'out'}", f"images={manifest}",
+                                                     "model.preset=tiny"])
+    with pytest.raises(DataError, match="lists no images"):
+        generate.main(cfg)

@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 
 from jobs import dpo, evaluate, generate, serve, sft
+from jobs.runtime import NothingProduced
 from stmed.config import ModelConfig, build_config, read_yaml
 from stmed.data.records import PreferencePair, read_predictions, write_preferences
 from stmed.data.synthetic import make_dataset
@@ -78,18 +80,21 @@ def test_sft_trains_every_sample_with_its_576_image_tokens(sft_run, checkpoint):
     assert merged.config.text_config.vocab_size == 32064
 
 
-def test_generate_self_plays_and_judges_on_the_stage1_export(ray_session, root, data, sft_run):
+def test_generate_self_plays_on_the_stage1_export(ray_session, root, data, sft_run):
     cfg = build_config(generate.GenerateConfig, read_yaml(LOCAL / "generate.yaml"), [
         f"output_dir={root / 'generate'}", f"images={data.unlabelled}", "num_images=3", "model.preset=null",
         f"model.name_or_path={sft_run['outputs']['merged']}", f"judge.reference_findings={data.findings}",
         "generation.questions_per_image=2", "generation.describe_max_tokens=8",
         "generation.question_max_tokens=8", "generation.answer_max_tokens=8", "pools.images_per_batch=3",
     ])  # fmt: skip
-    result = _timed("generate", lambda: generate.main(cfg))
-    summary = result.summary
-    assert summary["images"] == 3 and summary["image_errors"] == 0
-    assert summary["questions"] == 6  # two sampled questions per image, each kept or dropped with a reason
-    assert (result.output_dir / "failures.jsonl").is_file()
+    # A random-weight stage 1 writes no well-formed question, so no pair reaches the judge: the job
+    # says so and fails (exit 1, no summary.json) instead of handing DPO an empty file.
+    with pytest.raises(NothingProduced, match=r"no preference pairs from 3 images: 0 of 6 questions kept"):
+        _timed("generate", lambda: generate.main(cfg))
+    rows = [r for part in sorted((root / "generate" / "parts").glob("*.parquet"))
+            for r in pq.read_table(part).to_pylist()]
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"question_filtered"}  # described, asked, filtered
+    assert not (root / "generate" / "summary.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -281,6 +281,19 @@ def test_cache_survives_concurrent_writers_and_readers(tmp_path: Path):
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [f"{key}.json"]
 
 
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"[1, 2]", b"{\"reply\": 7}", b"{truncated",
+                                     b'{"reply": null, "prompt_tokens": 1, "completion_tokens": 1}'])
+def test_a_corrupt_cache_entry_is_a_miss_not_a_crash(tmp_path: Path, content: bytes):
+    """A damaged file in the reply cache (disk trouble, a killed writer) is re-requested, never fatal."""
+    cache = ReplyCache(tmp_path)
+    key = "cd" * 32
+    cache.put(key, CachedReply("8 6", 1, 1))
+    (tmp_path / key[:2] / f"{key}.json").write_bytes(content)
+    assert cache.get(key) is None
+    cache.put(key, CachedReply("7 5", 2, 3))  # the re-requested reply replaces it
+    assert cache.get(key) == CachedReply("7 5", 2, 3)
+
+
 # ----------------------------------------------------------------------------- verdicts and decisions
 
 

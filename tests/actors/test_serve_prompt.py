@@ -1,0 +1,60 @@
+"""One prompt for every serving engine: the vLLM app's chat template renders a request exactly as the
+HF endpoint's path does (``chat_parts`` then ``prompts.answer_prompt``). vLLM is not needed: its engine
+arguments are built here and the template rendered the way vLLM renders it, with the tokenizer's
+``apply_chat_template`` and the OpenAI content format (image parts become ``{"type": "image"}``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.serve import vllm_engine_kwargs
+from jobs.serve import ServeConfig
+from stmed.config import build_config, read_yaml
+from stmed.model.build import build_tiny
+from stmed.model.prompts import answer_prompt
+from stmed.serve.contract import chat_parts
+from tests.checkpoints import build_llava_hf
+from tests.jobs.test_serve import LOCAL
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+REQUESTS = [
+    [{"role": "user", "content": [IMAGE, {"type": "text", "text": "Is there a lesion?"}]}],
+    [{"role": "system", "content": "You are a radiologist."},
+     {"role": "user", "content": [{"type": "text", "text": "  Which organ"}, IMAGE,
+                                  {"type": "text", "text": "is shown? "}]}],
+    [{"role": "user", "content": [IMAGE, {"type": "text", "text": "First question?"}]},
+     {"role": "assistant", "content": "An answer."},
+     {"role": "user", "content": [IMAGE, {"type": "text", "text": "What's the \"side\"\\n of it?"}]}],
+]
+
+
+def _as_vllm_sends(messages: list[dict]) -> list[dict]:
+    """The messages as vLLM hands an "openai"-format template: image parts reduced to their type."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
+        out.append({**message, "content": content})
+    return out
+
+
+@pytest.fixture(scope="module", params=["tiny", "llava-hf"])
+def tokenizer(request, tmp_path_factory):
+    if request.param == "tiny":
+        return build_tiny(0)[1].tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(build_llava_hf(tmp_path_factory.mktemp("llava-hf")))
+
+
+@pytest.mark.parametrize("messages", REQUESTS)
+def test_vllm_and_hf_build_the_identical_prompt(tokenizer, messages):
+    cfg = build_config(ServeConfig, read_yaml(LOCAL), ["output_dir=unused"])
+    kwargs = vllm_engine_kwargs("bfloat16", cfg.replica)
+    assert kwargs["chat_template_content_format"] == "openai"
+    vllm_prompt = tokenizer.apply_chat_template(_as_vllm_sends(messages), chat_template=kwargs["chat_template"],
+                                                tokenize=False, add_generation_prompt=True)  # fmt: skip
+    hf_prompt = answer_prompt(chat_parts(messages)[0])
+    assert vllm_prompt == hf_prompt
+    assert vllm_prompt.count("<image>") == 1 and vllm_prompt.endswith(" ASSISTANT:")
