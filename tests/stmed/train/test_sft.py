@@ -206,3 +206,37 @@ def test_gradient_checkpointing_changes_memory_not_results(synthetic, tmp_path):
     for key in adapters[0]:
         torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=1e-5, atol=1e-6, msg=key)
     assert any("vision_tower" in k and "lora_B" in k and adapters[1][k].abs().max() > 0 for k in adapters[1])
+
+
+def test_a_diverged_loss_stops_the_run_before_a_checkpoint_or_export(synthetic, tmp_path, monkeypatch):
+    """Hardening finding 9: a NaN loss from step 2 used to run to the end and export a NaN model."""
+    import stmed.train.sft as sft
+    from stmed.train.stage import Diverged
+
+    real_step = sft.sft_step
+    calls = []
+
+    def step_then_nan(*args, **kwargs):
+        stats, grad_norm = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            stats[0] = float("nan")  # the summed cross-entropy of step 2
+        return stats, grad_norm
+
+    monkeypatch.setattr(sft, "sft_step", step_then_nan)
+    instruct = _subset(synthetic, tmp_path / "instruct.json", 8)
+    session = LocalSession(tmp_path / "ckpt")
+    with pytest.raises(Diverged, match=r"step 2: loss is nan.*train.lr_"):
+        train_sft(_loop_config(instruct, synthetic.images, tmp_path / "out", max_steps=4, checkpoint_every=1),
+                  session)
+    assert [r["step"] for r in session.reports] == [1]  # step 1 reported (and checkpointed), step 2 not
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf", "inf", "nan"])
+def test_non_finite_learning_rates_are_refused(value):
+    from stmed.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"train.lr_llm: expected a finite number"):
+        build_config(SFTLoopConfig, {"model": {"preset": "tiny"}, "lora": {}, "instruct_path": "i", "image_root": "r",
+                                     "output_dir": "o"}, [f"train.lr_llm={value}"])
