@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from actors.serve import AutoscalingConfig, BatchingConfig, ReplicaConfig, build_app, build_vllm_app
+from actors.serve import (
+    AutoscalingConfig,
+    BatchingConfig,
+    ReplicaConfig,
+    build_app,
+    build_vllm_app,
+    controller_options,
+)
 from jobs.runtime import init_ray, run_job
 from stmed.config import (
     ConfigError,
@@ -140,7 +147,9 @@ def main(cfg: ServeConfig) -> ServeResult:
     init_ray(cfg.ray)
     from ray import serve
 
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    # controller_options: the proxies answer a dead replica's in-flight requests in the JSON error shape.
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port},
+                controller_options=controller_options())
     serve.run(_build(cfg, key_digest), name="vqa", route_prefix="/")
     url = f"http://{cfg.http.host}:{cfg.http.port}"
     out = Path(cfg.output_dir)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -100,12 +101,17 @@ def load_digest_index(findings_path: str | os.PathLike) -> dict[str, Findings]:
     return index
 
 
+@functools.lru_cache(maxsize=1024)
+def _url_digest(url: str) -> str:
+    return pixel_digest(decode_data_url(url))
+
+
 def reply_for(request: JudgeRequest, index: dict[str, Findings]) -> str:
     """``"s1 s2\\nexplanation"`` for a parsed request, or ``BadJudgeRequest`` for an unknown image."""
     if not request.image_url.startswith("data:image/"):
         raise BadJudgeRequest("the reference judge only reads base64 data:image/… URLs")
     try:
-        digest = pixel_digest(decode_data_url(request.image_url))
+        digest = _url_digest(request.image_url)
     except ImageLoadError as err:
         raise BadJudgeRequest(f"unreadable image: {err.reason}") from err
     if digest not in index:

@@ -72,13 +72,16 @@ def _in_repo(path: str) -> Path:
 
 
 def _config_class(module_name: str) -> type:
-    """The dataclass a job's ``__main__`` passes to ``load_config``."""
+    """The dataclass a job's ``__main__`` parses: ``run_job(main, <ConfigClass>)`` or ``load_config(<ConfigClass>)``."""
     module = importlib.import_module(module_name)
     tree = ast.parse(Path(module.__file__).read_text())
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_config" and node.args:
+        name = getattr(node.func, "id", None) if isinstance(node, ast.Call) else None
+        if name == "run_job" and len(node.args) == 2:
+            return getattr(module, node.args[1].id)
+        if name == "load_config" and node.args:
             return getattr(module, node.args[0].id)
-    raise AssertionError(f"{module_name} never calls load_config(<ConfigClass>)")
+    raise AssertionError(f"{module_name} never calls run_job(main, <ConfigClass>) or load_config(<ConfigClass>)")
 
 
 def _stage_or_skip(stage: str) -> tuple[str, Path]:
