@@ -30,6 +30,7 @@ from stmed.data.records import (
     write_predictions,
 )
 from stmed.data.synthetic import load_findings, make_dataset
+from stmed.eval.effects import effects
 from stmed.eval.metrics import CLOSED, score, yes_no_split
 from stmed.judge.grading import preference, score_answer
 from stmed.log import get_logger
@@ -231,6 +232,33 @@ def judge_preferences(cfg: EvaluateConfig, benchmarks: list[Benchmark], out: Pat
     return found
 
 
+def effect_pairs(cfg: EvaluateConfig) -> list[tuple[str, str]]:
+    """(from, to): each model against the one before it in ``models``, and every ``compare`` pair."""
+    names = list(cfg.models)
+    pairs = list(zip(names, names[1:]))
+    pairs += [(b, a) for a, b in cfg.compare.items() if a in cfg.models and b in cfg.models]
+    return list(dict.fromkeys(pairs))
+
+
+def stage_effects(cfg: EvaluateConfig, benchmarks: list[Benchmark], out: Path) -> list[dict[str, Any]]:
+    """Every pair's closed-accuracy and open-recall delta per benchmark, with its paired bootstrap 95% CI;
+    answers are read back from the answer files."""
+    found = []
+    for bench in benchmarks:
+        texts = {m: [p.text for p in read_predictions(out / m / bench.name / "answers.jsonl")] for m in cfg.models}
+        found += effects(bench.name, bench.examples, texts, effect_pairs(cfg))
+    return found
+
+
+def effects_table(found: list[dict[str, Any]]) -> str:
+    lines = ["## Stage to stage, with paired bootstrap 95% intervals", "",
+             "| benchmark | from → to | metric | Δ (points) | 95% CI | questions |", "|---|---|---|---|---|---|"]
+    for e in found:
+        lines.append(f"| {e['benchmark']} | {e['from']} → {e['to']} | {e['metric']} | {e['delta']:+.2f} "
+                     f"| [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}] | {e['n']} |")
+    return "\n".join(lines + [""])
+
+
 def preference_table(prefs: dict[str, dict[str, Any]]) -> str:
     lines = ["## Reference judge, head to head", "",
              "| benchmark | models | wins | ties | losses | win rate | mean score |", "|---|---|---|---|---|---|---|"]
@@ -283,8 +311,11 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         timing[model_name] = {"wall_s": wall, "questions": len(rows),
                               "questions_per_s_wall": len(rows) / wall}
     prefs = judge_preferences(cfg, benchmarks, out)
-    (out / "results.md").write_text(results_table(results) + ("\n" + preference_table(prefs) if prefs else ""))
-    summary = {"stage": "evaluate", "results": results, "judge_preference": prefs, "timing": timing,
+    found = stage_effects(cfg, benchmarks, out)
+    (out / "results.md").write_text(results_table(results) + ("\n" + preference_table(prefs) if prefs else "")
+                                    + "\n" + effects_table(found))
+    summary = {"stage": "evaluate", "results": results, "effects": found, "judge_preference": prefs,
+               "timing": timing,
                "benchmarks": {b.name: {"test_file": str(b.test_file), "questions": len(b.examples)}
                               for b in benchmarks}}
     write_summary(out, summary)

@@ -1,4 +1,5 @@
-"""The whole self-training run, one Ray job per stage: SFT → preferences → DPO → evaluation → endpoint.
+"""The whole self-training run, one Ray job per stage: SFT, then rounds of preferences → DPO → gate, then
+evaluation and the endpoint.
 
     python -m jobs.pipeline --config jobs/configs/local/pipeline.yaml output_dir=runs/demo    # `make demo`
     python -m jobs.pipeline --config jobs/configs/pipeline.yaml ray.address=http://127.0.0.1:8265
@@ -28,6 +29,7 @@ from typing import Any
 from jobs.submit import LocalHead, free_port, start_local_head, submit_job
 from stmed.config import ConfigError, ModelConfig, load_config, write_config
 from stmed.data.synthetic import SyntheticPaths, dataset_stats, make_dataset
+from stmed.eval.gate import GateConfig, decide
 from stmed.eval.report import ENDPOINT_REQUEST, PIPELINE_RECORD, write_report
 from stmed.log import get_logger
 from stmed.runs import MetricsLog, read_summary, write_json, write_summary
@@ -36,7 +38,13 @@ from stmed.serve.client import Request, ask, first_benchmark_request, snippets
 log = get_logger("stmed.jobs.pipeline")
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("sft", "generate", "dpo", "evaluate", "serve")
+STAGES = ("warmup", "sft", "generate", "dpo", "gate", "evaluate", "serve")
+"""The kinds of stage; a run's stages are ``stage_plan``: rounds number theirs (generate1, dpo1, gate1…)."""
+ROUND_KINDS = ("generate", "dpo", "gate")
+GATE_BENCHMARK = "gate"
+GATE_SEED_OFFSET = 7919
+"""The gate slice's phantoms come from seed ``data.synthetic_seed + 7919``: other images than any split."""
+DECISION = "decision.json"
 
 
 class StageFailed(RuntimeError):
@@ -47,9 +55,11 @@ class StageFailed(RuntimeError):
 class StageFiles:
     """Each stage's config file, relative to the repository root (it travels with the working dir)."""
 
+    warmup: str = "jobs/configs/local/warmup.yaml"
     sft: str = "jobs/configs/local/sft.yaml"
     generate: str = "jobs/configs/local/generate.yaml"
     dpo: str = "jobs/configs/local/dpo.yaml"
+    gate: str = "jobs/configs/local/gate.yaml"
     evaluate: str = "jobs/configs/local/evaluate.yaml"
     serve: str = "jobs/configs/local/serve.yaml"
 
@@ -61,6 +71,17 @@ class PipelineData:
     config files (or ``overrides``) name the real data."""
     synthetic_images: int = 120
     synthetic_seed: int = 0
+    test_images: int | None = None
+    """Held-out benchmark images of the synthetic dataset (5 questions each); None: a fifth of them."""
+
+
+@dataclass(frozen=True)
+class WarmupGroup:
+    enabled: bool = False
+    """Start stage 1 from the general-alignment warm-up of the tiny preset (jobs.warmup) instead of
+    ``model``: what the paper's LLaVA base brings. Evaluation calls the warmed model ``base``."""
+    dir: str | None = None
+    """Where it is built once and reused; default ``<output_dir>/../warmup``, shared by the runs beside."""
 
 
 @dataclass(frozen=True)
@@ -94,11 +115,17 @@ class PipelineConfig:
 
     output_dir: str
     model: ModelConfig
-    """The base model: stage 1 starts from it, evaluation names it ``base``."""
+    """The base model: stage 1 starts from it (or from its warm-up), evaluation names it ``base``."""
+    rounds: int = 1
+    """Self-training rounds: round r asks and answers with round r-1's model (stage 1's for r = 1), the
+    judge ranks its pairs, and DPO trains against that model as the frozen reference."""
+    gate: GateConfig = field(default_factory=GateConfig)
+    warmup: WarmupGroup = field(default_factory=WarmupGroup)
     data: PipelineData = field(default_factory=PipelineData)
     configs: StageFiles = field(default_factory=StageFiles)
     overrides: dict[str, list[str]] = field(default_factory=dict)
-    """Extra ``key=value`` overrides per stage, e.g. ``overrides.sft=[train.max_steps=10]``."""
+    """Extra ``key=value`` overrides per kind of stage, e.g. ``overrides.sft=[train.max_steps=10]``;
+    ``overrides.dpo`` applies to every round's DPO."""
     ray: JobsConfig = field(default_factory=JobsConfig)
     serve: EndpointConfig = field(default_factory=EndpointConfig)
 
@@ -106,6 +133,13 @@ class PipelineConfig:
         unknown = sorted(set(self.overrides) - set(STAGES))
         if unknown:
             raise ConfigError(f"overrides: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.gate.enabled and self.rounds and not self.data.synthetic and not self.gate.test_file:
+            raise ConfigError("gate.enabled with real data needs gate.test_file: a held-out slice no training or "
+                              "self-play sees (or gate.enabled=false)")
+        if self.warmup.enabled and self.model.preset != "tiny":
+            raise ConfigError("warmup.enabled builds the tiny preset's base; a real checkpoint is aligned already")
 
 
 # ----------------------------------------------------------------------------- wiring
@@ -117,41 +151,138 @@ def _model_args(prefix: str, model: ModelConfig) -> list[str]:
             f"{prefix}.dtype={model.dtype}", f"{prefix}.seed={model.seed}"]
 
 
+def kind_of(stage: str) -> str:
+    """``dpo2`` -> ``dpo``."""
+    return stage.rstrip("0123456789")
+
+
+def round_of(stage: str) -> int:
+    """``dpo2`` -> 2; 0 for a stage outside the rounds."""
+    digits = stage[len(kind_of(stage)):]
+    return int(digits) if digits else 0
+
+
+def warmup_dir(cfg: PipelineConfig, run_dir: Path) -> Path:
+    return Path(cfg.warmup.dir).resolve() if cfg.warmup.dir else run_dir.parent / "warmup"
+
+
+def stage_dir(cfg: PipelineConfig, run_dir: Path, stage: str) -> Path:
+    return warmup_dir(cfg, run_dir) if stage == "warmup" else run_dir / stage
+
+
+def decisions(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """The gate decisions on disk, by round."""
+    found = {}
+    for path in sorted(run_dir.glob(f"gate*/{DECISION}")):
+        found[round_of(path.parent.name)] = json.loads(path.read_text())
+    return found
+
+
+def trained_rounds(cfg: PipelineConfig, run_dir: Path) -> int:
+    """Rounds to train: ``cfg.rounds``, or up to the first one the gate refused (it is kept, not served)."""
+    refused = [r for r, d in decisions(run_dir).items() if not d["promoted"] and r <= cfg.rounds]
+    return min(refused) if refused else cfg.rounds
+
+
+def promoted_round(cfg: PipelineConfig, run_dir: Path) -> int:
+    """The last round whose model is promoted (0: stage 1's)."""
+    if not cfg.gate.enabled:
+        return cfg.rounds
+    refused = [r for r, d in decisions(run_dir).items() if not d["promoted"] and r <= cfg.rounds]
+    return min(refused) - 1 if refused else cfg.rounds
+
+
+def stage_plan(cfg: PipelineConfig, run_dir: Path) -> list[str]:
+    """This run's stages in order: warm-up, stage 1, each round's generate / dpo / gate, evaluate, serve."""
+    rounds = [f"{kind}{r}" for r in range(1, trained_rounds(cfg, run_dir) + 1) for kind in ROUND_KINDS
+              if kind != "gate" or cfg.gate.enabled]  # fmt: skip
+    return [*(["warmup"] if cfg.warmup.enabled else []), "sft", *rounds, "evaluate", "serve"]
+
+
+def round_model(cfg: PipelineConfig, run_dir: Path, r: int) -> tuple[str, ModelConfig]:
+    """Round ``r``'s model (``sft`` for r = 0): its evaluation name and where its merged export is."""
+    name = "sft" if r == 0 else f"dpo{r}"
+    return name, ModelConfig(name_or_path=str(run_dir / name / "merged"), dtype=cfg.model.dtype)
+
+
+def base_model(cfg: PipelineConfig, run_dir: Path) -> ModelConfig:
+    if cfg.warmup.enabled:
+        return ModelConfig(name_or_path=str(warmup_dir(cfg, run_dir) / "merged"), dtype=cfg.model.dtype)
+    return cfg.model
+
+
 def stage_args(cfg: PipelineConfig, run_dir: Path, port: int) -> dict[str, list[str]]:
-    """Every stage's overrides: its output folder first, then the files of the stages before it."""
+    """Every planned stage's overrides: its output folder first, then the files of the stages before it,
+    then the user's ``overrides`` of its kind (last, so they win)."""
     data = SyntheticPaths.under(run_dir / "data")
-    sft = ModelConfig(name_or_path=str(run_dir / "sft" / "merged"), dtype=cfg.model.dtype)
-    dpo = ModelConfig(name_or_path=str(run_dir / "dpo" / "merged"), dtype=cfg.model.dtype)
-    args = {
-        "sft": _model_args("model", cfg.model),
-        "generate": _model_args("model", sft),
-        "dpo": [*_model_args("model", sft), f"preferences={run_dir / 'generate' / 'preferences.parquet'}"],
-        "evaluate": [*_model_args("models.base", cfg.model), *_model_args("models.sft", sft),
-                     *_model_args("models.dpo", dpo)],
-        "serve": [*_model_args("model", dpo), "model_name=stmed-dpo", "blocking=false", f"http.port={port}"],
-    }
+    gate_data = SyntheticPaths.under(run_dir / "data" / GATE_BENCHMARK)
+    args: dict[str, list[str]] = {"warmup": [], "sft": _model_args("model", base_model(cfg, run_dir))}
+    trained = trained_rounds(cfg, run_dir)
+    for r in range(1, trained + 1):
+        start_name, start = round_model(cfg, run_dir, r - 1)
+        name = f"dpo{r}"
+        args[f"generate{r}"] = _model_args("model", start)
+        args[name] = [*_model_args("model", start), f"preferences={run_dir / f'generate{r}' / 'preferences.parquet'}"]
+        args[f"gate{r}"] = [*_model_args(f"models.{start_name}", start),
+                            *_model_args(f"models.{name}", round_model(cfg, run_dir, r)[1]),
+                            f"compare.{name}={start_name}", "synthetic=false",
+                            f"benchmarks.{GATE_BENCHMARK}.test_file={cfg.gate.test_file or gate_data.test_w_options}"]  # fmt: skip
+        if cfg.data.synthetic:
+            args[f"generate{r}"] += [f"images={data.unlabelled}", f"judge.reference_findings={data.findings}"]
+    evaluated = [round_model(cfg, run_dir, r) for r in range(trained + 1)]
+    args["evaluate"] = [*_model_args("models.base", base_model(cfg, run_dir)),
+                        *(a for name, model in evaluated for a in _model_args(f"models.{name}", model)),
+                        *(f"compare.{evaluated[r][0]}={evaluated[r - 1][0]}" for r in range(1, len(evaluated)))]
+    served = round_model(cfg, run_dir, promoted_round(cfg, run_dir))
+    args["serve"] = [*_model_args("model", served[1]), f"model_name=stmed-{served[0]}", "blocking=false",
+                     f"http.port={port}"]  # fmt: skip
     if cfg.data.synthetic:
         args["sft"] += ["data.synthetic=false", f"data.instruct={data.instruct}", f"data.image_root={data.images}"]
-        args["generate"] += [f"images={data.unlabelled}", f"judge.reference_findings={data.findings}"]
         args["evaluate"] += ["synthetic=true", f"data_dir={data.root}"]
-    return {s: [f"output_dir={run_dir / s}", *args[s], *cfg.overrides.get(s, [])] for s in STAGES}
+    return {s: [f"output_dir={stage_dir(cfg, run_dir, s)}", *args[s], *cfg.overrides.get(kind_of(s), [])]
+            for s in stage_plan(cfg, run_dir)}
 
 
-def pending(run_dir: Path, keep_running: bool = False) -> list[str]:
+def pending(cfg: PipelineConfig, run_dir: Path) -> list[str]:
     """Stages to run: from the first unfinished one on (every later stage reads its outputs)."""
-    done = [(run_dir / s / "summary.json").is_file() for s in STAGES[:-1]]
-    done.append((run_dir / "serve" / ENDPOINT_REQUEST).is_file() and not keep_running)  # answered once
-    first = next((i for i, finished in enumerate(done) if not finished), len(STAGES))
-    return list(STAGES[first:])
+    plan = stage_plan(cfg, run_dir)
+    done = [_finished(cfg, run_dir, s) for s in plan]
+    first = next((i for i, finished in enumerate(done) if not finished), len(plan))
+    return plan[first:]
+
+
+def _finished(cfg: PipelineConfig, run_dir: Path, stage: str) -> bool:
+    out = stage_dir(cfg, run_dir, stage)
+    if stage == "serve":  # answered once, and not to be kept up now
+        return (out / ENDPOINT_REQUEST).is_file() and not cfg.serve.keep_running
+    if kind_of(stage) == "gate":
+        return (out / DECISION).is_file()
+    return (out / "summary.json").is_file()
+
+
+def gate_decision(cfg: PipelineConfig, run_dir: Path, stage: str) -> dict[str, Any]:
+    """Decide a finished gate stage, and record why in its folder."""
+    r = round_of(stage)
+    summary = read_summary(run_dir / stage) or {}
+    decision = decide(summary, round_model(cfg, run_dir, r - 1)[0], f"dpo{r}", GATE_BENCHMARK, cfg.gate)
+    write_json(run_dir / stage / DECISION, decision)
+    verdict = "promoted" if decision["promoted"] else "NOT promoted: the rounds stop here"
+    log.info("%s: dpo%d %s (%s)", stage, r, verdict, decision["reason"])
+    return decision
 
 
 def make_data(cfg: PipelineConfig, run_dir: Path) -> None:
-    """The synthetic dataset, made once; every stage reads this copy."""
+    """The synthetic dataset and the gate's held-out slice, made once; every stage reads these copies."""
     out = run_dir / "data"
     if read_summary(out) is None:
         start = time.monotonic()
-        paths = make_dataset(out, num_images=cfg.data.synthetic_images, seed=cfg.data.synthetic_seed)
+        paths = make_dataset(out, num_images=cfg.data.synthetic_images, seed=cfg.data.synthetic_seed,
+                             test_images=cfg.data.test_images)  # fmt: skip
         write_summary(out, {"stage": "data", **dataset_stats(paths), "wall_time_s": time.monotonic() - start})
+    gate = SyntheticPaths.under(out / GATE_BENCHMARK)
+    if cfg.gate.enabled and not gate.test_w_options.is_file():
+        make_dataset(gate.root, num_images=cfg.gate.images + 1, test_images=cfg.gate.images,
+                     seed=cfg.data.synthetic_seed + GATE_SEED_OFFSET)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- running
@@ -175,7 +306,9 @@ def run_stage(cfg: PipelineConfig, stage: str, args: list[str], out: Path, addre
     """
     if fresh and out.exists():
         out.rename(out.with_name(f"{stage}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
-    entrypoint = shlex.join([python, "-m", f"jobs.{stage}", "--config", getattr(cfg.configs, stage), *args])
+    kind = kind_of(stage)
+    module = "evaluate" if kind == "gate" else kind  # the gate is an evaluation on its held-out slice
+    entrypoint = shlex.join([python, "-m", f"jobs.{module}", "--config", getattr(cfg.configs, kind), *args])
     log.info("%s: started", stage)
     start, stop = time.monotonic(), threading.Event()
     threading.Thread(target=_heartbeat, args=(stage, out, cfg.ray.progress_every_s, stop), daemon=True).start()
@@ -219,10 +352,12 @@ def usage(cfg: PipelineConfig, run_dir: Path, report: Path, endpoint: dict[str, 
     lines = ["", f"Report: {report}"]
     up = endpoint is not None and cfg.serve.keep_running
     if not up:
-        lines += ["The endpoint is shut down. Serve the DPO model on http://127.0.0.1:8000 (it runs until Ctrl-C):",
-                  (f"  python -m jobs.serve --config {cfg.configs.serve} model.preset=null "
-                  f"model.name_or_path={run_dir / 'dpo' / 'merged'} model_name=stmed-dpo")]
-    url, model = (endpoint["url"], endpoint["model"]) if up else ("http://127.0.0.1:8000", "stmed-dpo")
+        name, model_cfg = round_model(cfg, run_dir, promoted_round(cfg, run_dir))
+        lines += [f"The endpoint is shut down. Serve the {name} model on http://127.0.0.1:8000 (it runs until "
+                  "Ctrl-C):", (f"  python -m jobs.serve --config {cfg.configs.serve} model.preset=null "
+                               f"model.name_or_path={model_cfg.name_or_path} model_name=stmed-{name}")]
+    url, model = (endpoint["url"], endpoint["model"]) if up else ("http://127.0.0.1:8000",
+                                                                  f"stmed-{round_model(cfg, run_dir, promoted_round(cfg, run_dir))[0]}")
     try:
         request = endpoint_request(cfg.serve, run_dir)
     except ConfigError:  # no synthetic data and no serve.image: any image will do for the example
@@ -241,24 +376,32 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     write_config(cfg, run_dir)
     if cfg.data.synthetic:
         make_data(cfg, run_dir)
-    todo = pending(run_dir, cfg.serve.keep_running)
+    todo = pending(cfg, run_dir)
     log.info("pipeline in %s: %s", run_dir, f"to run: {', '.join(todo)}" if todo else "every stage finished")
     if "serve" in todo:
         endpoint_request(cfg.serve, run_dir)  # a request the endpoint check cannot make is a config mistake: say so now
     record_path = run_dir / PIPELINE_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"stages": {}}
-    head, endpoint = None, None
+    head, endpoint, ran = None, None, []
     try:
         if todo and cfg.ray.address is None:
             head = start_local_head(num_cpus=cfg.ray.num_cpus)
         # A head started here runs this interpreter; a cluster's nodes run their own `python`.
         python, address = (sys.executable, head.address) if head else ("python", cfg.ray.address)
-        args = stage_args(cfg, run_dir, _port(cfg.serve.port, head is not None))
-        for stage in todo:
-            wall = run_stage(cfg, stage, args[stage], run_dir / stage, address, python, fresh=stage != todo[0])
+        port = _port(cfg.serve.port, head is not None)
+        while todo:  # the plan can shrink as it runs: a gate that refuses a round ends the rounds
+            stage = todo[0]
+            args = stage_args(cfg, run_dir, port)[stage]
+            out = stage_dir(cfg, run_dir, stage)
+            wall = run_stage(cfg, stage, args, out, address, python, fresh=bool(ran))
             record["stages"][stage] = {"wall_s": wall}
             write_json(record_path, record)
-        if "serve" in todo:
+            ran.append(stage)
+            if kind_of(stage) == "gate":
+                gate_decision(cfg, run_dir, stage)
+            plan = stage_plan(cfg, run_dir)
+            todo = plan[plan.index(stage) + 1:]
+        if "serve" in ran:
             served = read_summary(run_dir / "serve") or {}
             endpoint = ask(served["url"], served["model"], endpoint_request(cfg.serve, run_dir))
             write_json(run_dir / "serve" / ENDPOINT_REQUEST, endpoint)
@@ -270,7 +413,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         submit_job(cfg.ray.address, shlex.join(["python", "-c", shutdown]), REPO, cfg.ray.stage_timeout_s)
     report = write_report(run_dir)
     print(usage(cfg, run_dir, report, endpoint, head), flush=True)
-    return {"report": str(report), "ran": todo, "endpoint": endpoint}
+    return {"report": str(report), "ran": ran, "endpoint": endpoint}
 
 
 if __name__ == "__main__":

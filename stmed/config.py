@@ -39,10 +39,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which vision-language model to build or load."""
 
-    preset: Literal["tiny"] | None = None
-    """Build a model locally from a preset (no download). Exactly one of preset / name_or_path."""
+    preset: Literal["tiny", "tiny-qwen2.5-vl"] | None = None
+    """Build a model locally from a preset (no download): ``tiny`` is LLaVA-1.5, ``tiny-qwen2.5-vl``
+    Qwen2.5-VL. Exactly one of preset / name_or_path."""
     name_or_path: str | None = None
-    """A Hugging Face LLaVA-family checkpoint (hub id or local directory), loaded via the Auto classes."""
+    """A Hugging Face checkpoint of a supported family (LLaVA-1.5 in the llava-hf layout, Qwen2.5-VL;
+    hub id or local directory), loaded via the Auto classes."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype; bfloat16 on GPU."""
     seed: int = 0
@@ -71,10 +73,9 @@ class LoRAConfig:
     vit_r: int = 32
     vit_alpha: int = 64
     vit_dropout: float = 0.2
-    vit_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-    )
-    """Linear layers of the vision tower that get an adapter."""
+    vit_targets: list[str] | None = None
+    """Linear layers of the vision tower that get an adapter; None: the model family's own (CLIP:
+    q_proj,k_proj,v_proj,out_proj,fc1,fc2; Qwen2.5-VL: qkv,proj,gate_proj,up_proj,down_proj)."""
     train_vit: bool = True
     """Attach and train the ViT LoRA at all."""
     train_embeddings: bool = False

@@ -24,9 +24,10 @@ from torch.utils.data import Dataset
 
 from stmed.data.images import ImageLoadError, load_image
 from stmed.data.records import DataError, Gather, PreferencePair, Skip, check_by_rank, read_preferences
-from stmed.model.build import image_seq_len, pixel_values
+from stmed.model.build import family_of, image_inputs, image_tokens
 from stmed.model.conversation import Encoded, collate, encode_prompt_answer
-from stmed.model.prompts import SYSTEM_PLAIN, answer_prompt
+from stmed.model.families import collate_images
+from stmed.model.prompts import SYSTEM_PLAIN, VICUNA, ChatFormat, answer_prompt
 
 _MISSING_IMAGE = ("file not found", "is a directory")
 
@@ -48,21 +49,23 @@ class PreferenceData:
 
 
 def encode_pair(pair: PreferencePair, tokenizer, seq_len: int, max_length: int,
-                system: str = SYSTEM_PLAIN) -> tuple[Encoded, Encoded]:  # fmt: skip
-    """The chosen and rejected sequences: Vicuna prompt under ``system`` + answer, answer tokens as targets.
+                system: str = SYSTEM_PLAIN, chat: ChatFormat = VICUNA) -> tuple[Encoded, Encoded]:  # fmt: skip
+    """The chosen and rejected sequences: the prompt under ``system`` + answer, answer tokens as targets.
 
-    The default ``SYSTEM_PLAIN`` gives exactly ``preference_prompt``.
+    The default ``SYSTEM_PLAIN`` gives exactly ``preference_prompt``; ``seq_len`` is this pair's image's
+    token count, ``chat`` the model family's chat format.
     """
-    prompt = answer_prompt(pair.question, system=system)
-    return (encode_prompt_answer(prompt, pair.chosen, tokenizer, seq_len, max_length),
-            encode_prompt_answer(prompt, pair.rejected, tokenizer, seq_len, max_length))  # fmt: skip
+    prompt = answer_prompt(pair.question, system=system, chat=chat)
+    return (encode_prompt_answer(prompt, pair.chosen, tokenizer, seq_len, max_length, chat),
+            encode_prompt_answer(prompt, pair.rejected, tokenizer, seq_len, max_length, chat))  # fmt: skip
 
 
-def pair_problem(pair: PreferencePair, image_root: Path, tokenizer, seq_len: int, max_length: int,
-                 images_seen: dict[Path, str | None], system: str = SYSTEM_PLAIN) -> tuple[str | None, bool]:  # fmt: skip
+def pair_problem(pair: PreferencePair, image_root: Path, processor, max_length: int,
+                 images_seen: dict[Path, str | int], system: str = SYSTEM_PLAIN) -> tuple[str | None, bool]:  # fmt: skip
     """``(reason, truncated)``: why a pair cannot be trained on (``"kind: detail"``, None if it can).
 
-    ``images_seen`` caches each image's verdict: a file shared by several questions is decoded once.
+    ``images_seen`` caches each image's verdict (its token count, or why it cannot be read): a file
+    shared by several questions is decoded once.
     """
     chosen, rejected = pair.chosen.strip(), pair.rejected.strip()
     if not pair.question.strip():
@@ -74,18 +77,18 @@ def pair_problem(pair: PreferencePair, image_root: Path, tokenizer, seq_len: int
     path = image_root / pair.image
     if path not in images_seen:
         try:
-            load_image(path)
-            images_seen[path] = None
+            images_seen[path] = image_tokens(processor, load_image(path))
         except ImageLoadError as err:
             kind = "image_missing" if err.reason in _MISSING_IMAGE else "image_unreadable"
             images_seen[path] = f"{kind}: {err.reason}"
-    if images_seen[path]:
+    if isinstance(images_seen[path], str):
         return images_seen[path], False
-    prompt_len = len(tokenizer(answer_prompt(pair.question, system=system))["input_ids"]) - 1 + seq_len
+    seq_len, tokenizer, chat = images_seen[path], processor.tokenizer, family_of(processor).chat
+    prompt_len = len(tokenizer(answer_prompt(pair.question, system=system, chat=chat))["input_ids"]) - 1 + seq_len
     if prompt_len >= max_length:
         return f"too_long: prompt and image take {prompt_len} tokens, max_length={max_length}", False
     try:
-        encoded = encode_pair(pair, tokenizer, seq_len, max_length, system)
+        encoded = encode_pair(pair, tokenizer, seq_len, max_length, system, chat)
     except ValueError as err:
         return f"bad_text: {err}", False
     if min(e.num_targets for e in encoded) == 0:
@@ -102,9 +105,9 @@ def load_preference_data(path: str | Path, image_root: str | Path, processor, ma
     Raises ``ValueError`` when no pair is usable.
     """
     pairs = read_preferences(path)
-    root, seq_len, seen = Path(image_root), image_seq_len(processor), {}
+    root, seen = Path(image_root), {}
     verdicts = check_by_rank(
-        pairs, lambda pair: pair_problem(pair, root, processor.tokenizer, seq_len, max_length, seen, system),
+        pairs, lambda pair: pair_problem(pair, root, processor, max_length, seen, system),
         rank, world_size, gather, "pairs")  # fmt: skip
     kept = [p for i, p in enumerate(pairs) if verdicts[i][0] is None]
     skips = [Skip(p.pair_id, verdicts[i][0]) for i, p in enumerate(pairs) if verdicts[i][0]]
@@ -116,29 +119,34 @@ def load_preference_data(path: str | Path, image_root: str | Path, processor, ma
     return data
 
 
+Images = dict[str, torch.Tensor]
+
+
 class PreferenceDataset(Dataset):
-    """Checked pairs as ``(index, chosen, rejected, pixels)``, keyed like stage 1 by ``(epoch, index)``."""
+    """Checked pairs as ``(index, chosen, rejected, image inputs)``, keyed like stage 1 by ``(epoch, index)``."""
 
     def __init__(self, pairs: list[PreferencePair], image_root: str | Path, processor, max_length: int,
                  system: str = SYSTEM_PLAIN):  # fmt: skip
         self.pairs, self.image_root, self.processor, self.system = pairs, Path(image_root), processor, system
-        self.max_length, self.seq_len = max_length, image_seq_len(processor)
+        self.max_length, self.family = max_length, family_of(processor)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Encoded, Encoded, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Encoded, Encoded, Images]:
         _, index = key  # the epoch does not change a pair's encoding
         pair = self.pairs[index]
-        chosen, rejected = encode_pair(pair, self.processor.tokenizer, self.seq_len, self.max_length, self.system)
-        pixels = pixel_values(self.processor, [load_image(self.image_root / pair.image)])[0]
-        return index, chosen, rejected, pixels
+        image = load_image(self.image_root / pair.image)
+        seq_len = self.family.image_tokens(self.processor, image)
+        chosen, rejected = encode_pair(pair, self.processor.tokenizer, seq_len, self.max_length, self.system,
+                                       self.family.chat)  # fmt: skip
+        return index, chosen, rejected, image_inputs(self.processor, [image])
 
 
-def collate_pairs(items: list[tuple[int, Encoded, Encoded, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(items: list[tuple[int, Encoded, Encoded, Images]], pad_id: int) -> dict[str, torch.Tensor]:
     """One batch of ``2B`` rows — the B chosen sequences, then the B rejected — plus each pair's index."""
     batch = collate([c for _, c, _, _ in items] + [r for _, _, r, _ in items], pad_id)
-    pixels = torch.stack([p for _, _, _, p in items])
-    batch["pixel_values"] = torch.cat([pixels, pixels])  # each image once per row that holds it
+    images = [p for _, _, _, p in items]
+    batch.update(collate_images(images + images))  # each image once per row that holds it
     batch["index"] = torch.tensor([i for i, _, _, _ in items], dtype=torch.long)
     return batch

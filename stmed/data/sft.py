@@ -23,8 +23,9 @@ from torch.utils.data import Dataset
 
 from stmed.data.images import ImageLoadError, load_image
 from stmed.data.records import DataError, Gather, InstructSample, Skip, check_by_rank, read_instruct
-from stmed.model.build import image_seq_len, pixel_values
+from stmed.model.build import family_of, image_inputs
 from stmed.model.conversation import Encoded, collate, encode, render, to_turns
+from stmed.model.families import collate_images
 from stmed.model.prompts import SYSTEM_SQ
 
 
@@ -44,17 +45,19 @@ class SFTData:
                 "skipped_examples": [skip.to_row() for skip in self.skips[:20]]}  # fmt: skip
 
 
-def _sample_problem(sample: InstructSample, image_root: Path, tokenizer, seq_len: int, max_length: int):
+def _sample_problem(sample: InstructSample, image_root: Path, processor, max_length: int):
     """``(reason, truncated)``: why a sample cannot be trained on (None if it can)."""
     try:
-        load_image(image_root / sample.image)
+        image = load_image(image_root / sample.image)
     except ImageLoadError as err:
         return f"image: {err.reason}", False
+    family = family_of(processor)
     try:
         # Relabelling touches later turns only, so whether the image fits and the first answer keeps a
         # target never depends on the draw; every later question as VUSER is the longest rendering.
-        encoded = encode(render(to_turns(sample.conversations, 1.0, random.Random(0)), SYSTEM_SQ),
-                         tokenizer, seq_len, max_length)  # fmt: skip
+        turns = to_turns(sample.conversations, 1.0, random.Random(0))
+        encoded = encode(render(turns, SYSTEM_SQ, family.chat), processor.tokenizer,
+                         family.image_tokens(processor, image), max_length, family.chat)  # fmt: skip
     except ValueError as err:
         return f"conversation: {err}", False
     if encoded.num_targets == 0:
@@ -71,9 +74,9 @@ def load_sft_data(instruct_path: str | Path, image_root: str | Path, processor, 
     """
     samples, skips = read_instruct(instruct_path)
     read = len(samples) + len(skips)
-    root, seq_len = Path(image_root), image_seq_len(processor)
+    root = Path(image_root)
     verdicts = check_by_rank(
-        samples, lambda sample: _sample_problem(sample, root, processor.tokenizer, seq_len, max_length),
+        samples, lambda sample: _sample_problem(sample, root, processor, max_length),
         rank, world_size, gather, "samples")  # fmt: skip
     kept = [s for i, s in enumerate(samples) if verdicts[i][0] is None]
     skips = skips + [Skip(s.id, verdicts[i][0]) for i, s in enumerate(samples) if verdicts[i][0]]
@@ -88,32 +91,36 @@ def load_sft_data(instruct_path: str | Path, image_root: str | Path, processor, 
 class SFTDataset(Dataset):
     """Checked instruct samples as training items, keyed by ``(epoch, index)``.
 
-    The key carries the epoch so the questioner relabelling is re-drawn per load yet reproducible.
+    The key carries the epoch so the questioner relabelling is re-drawn per load yet reproducible. An
+    item is the encoded conversation and its image's forward inputs (``stmed.model.build.image_inputs``);
+    the image's token count comes from the processor (per image where the family's depends on size).
     """
 
     def __init__(self, samples: list[InstructSample], image_root: str | Path, processor, max_length: int,
                  sq_ratio: float, seed: int):  # fmt: skip
         self.samples, self.image_root, self.processor = samples, Path(image_root), processor
         self.max_length, self.sq_ratio, self.seed = max_length, sq_ratio, seed
-        self.seq_len = image_seq_len(processor)
+        self.family = family_of(processor)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Encoded, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Encoded, dict[str, torch.Tensor]]:
         epoch, index = key
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")  # str seeds hash the same in every process
         turns = to_turns(sample.conversations, self.sq_ratio, rng)
-        encoded = encode(render(turns, SYSTEM_SQ), self.processor.tokenizer, self.seq_len, self.max_length)
         image = load_image(self.image_root / sample.image)
-        return encoded, pixel_values(self.processor, [image])[0]
+        chat, seq_len = self.family.chat, self.family.image_tokens(self.processor, image)
+        encoded = encode(render(turns, SYSTEM_SQ, chat), self.processor.tokenizer, seq_len, self.max_length, chat)
+        return encoded, image_inputs(self.processor, [image])
 
 
-def collate_sft(items: list[tuple[Encoded, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """``stmed.model.conversation.collate`` plus the images' ``pixel_values`` (batch, 3, H, W)."""
+def collate_sft(items: list[tuple[Encoded, dict[str, torch.Tensor]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``stmed.model.conversation.collate`` plus the images' forward inputs: ``pixel_values``
+    (LLaVA: (batch, 3, H, W)) and, for Qwen2.5-VL, ``image_grid_thw``."""
     batch = collate([encoded for encoded, _ in items], pad_id)
-    batch["pixel_values"] = torch.stack([pixels for _, pixels in items])
+    batch.update(collate_images([images for _, images in items]))
     return batch
 
 

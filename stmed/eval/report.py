@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,14 +174,30 @@ def sft_section(run_dir: Path, plots: Path) -> Section:
     return Section("\n".join(lines) + "\n", (path,))
 
 
-def generate_section(run_dir: Path, plots: Path) -> Section:
-    stage = run_dir / "generate"
+def round_stages(run_dir: Path) -> list[str]:
+    """The self-training rounds' suffixes in order: ``[""]`` for a one-round run's generate/ and dpo/,
+    ``["1", "2", …]`` for numbered rounds (generate1/, dpo1/, gate1/ …)."""
+    numbered = sorted({int(m.group(1)) for p in run_dir.glob("*") if (m := re.fullmatch(r"(?:generate|dpo)(\d+)", p.name))})
+    return [str(r) for r in numbered] or [""]
+
+
+def _round_title(title: str, suffix: str) -> str:
+    return f"{title}, round {suffix}" if suffix else title
+
+
+def _plot_name(name: str, suffix: str) -> str:
+    return f"{name}{'_' + suffix if suffix else ''}.png"
+
+
+def generate_section(run_dir: Path, plots: Path, suffix: str = "") -> Section:
+    stage = run_dir / f"generate{suffix}"
+    title = _round_title("Self-generated preferences", suffix)
     summary = read_summary(stage)
     if summary is None:
-        return _missing("Self-generated preferences", "generate")
+        return _missing(title, stage.name)
     counts = judge_counts(summary)
     scores = read_judge_scores(stage)
-    lines = ["## Self-generated preferences", "",
+    lines = [f"## {title}", "",
              "| pairs judged | kept | ties (dropped) | inconsistent | judge failures |", "|---|---|---|---|---|",
              (f"| {counts['pairs']} | {counts['kept']} | {counts['ties']} | {counts['inconsistent']} "
              f"| {counts['failed']} |")]
@@ -189,30 +206,51 @@ def generate_section(run_dir: Path, plots: Path) -> Section:
     histogram = Counter(round(s) for s in scores)
     lines += ["", f"Scores given, both answers of every judged pair ({len(scores)} answers): "
               + ", ".join(f"{k}: {histogram[k]}" for k in sorted(histogram)) + ".", ""]
-    path = plot_judge_scores(scores, counts, plots / "judge_scores.png")
+    path = plot_judge_scores(scores, counts, plots / _plot_name("judge_scores", suffix))
     lines.append(f"![judge scores]({PLOTS}/{path.name})")
     return Section("\n".join(lines) + "\n", (path,))
 
 
-def dpo_section(run_dir: Path, plots: Path) -> Section:
-    summary = read_summary(run_dir / "dpo")
+def dpo_section(run_dir: Path, plots: Path, suffix: str = "") -> Section:
+    stage = run_dir / f"dpo{suffix}"
+    title = _round_title("Stage 2 — preference revelation (DPO)", suffix)
+    summary = read_summary(stage)
     if summary is None:
-        return _missing("Stage 2 — preference revelation (DPO)", "dpo")
-    rows = [row for row in MetricsLog(run_dir / "dpo" / METRICS).read_steps() if _number(row.get(DPO_MARGIN)) is not None]
-    lines = ["## Stage 2 — preference revelation (DPO)", ""]
+        return _missing(title, stage.name)
+    rows = [row for row in MetricsLog(stage / METRICS).read_steps() if _number(row.get(DPO_MARGIN)) is not None]
+    lines = [f"## {title}", ""]
     if not rows:
         return Section("\n".join(lines + ["No reward metrics were logged."]) + "\n")
     keys = ("loss", "rewards/chosen", "rewards/rejected", DPO_MARGIN, DPO_ACCURACY)
     lines += [f"{len(rows)} logged steps.", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for label, row in (("first step", rows[0]), ("last step", rows[-1])):
         lines.append(f"| {label} | " + " | ".join(_f(row.get(k)) for k in keys) + " |")
-    path = plot_dpo(rows, plots / "dpo_rewards.png")
+    path = plot_dpo(rows, plots / _plot_name("dpo_rewards", suffix))
     lines += ["", f"![DPO rewards]({PLOTS}/{path.name})"]
     return Section("\n".join(lines) + "\n", (path,))
 
 
 def _ordered_models(results: dict[str, Any]) -> list[str]:
-    return [m for m in MODEL_ORDER if m in results] + [m for m in results if m not in MODEL_ORDER]
+    """base, sft, dpo, dpo1, dpo2, … (rounds by number), then any other model."""
+    rounds = sorted((m for m in results if re.fullmatch(r"dpo\d+", m)), key=lambda m: int(m[3:]))
+    known = [m for m in MODEL_ORDER if m in results] + rounds
+    return known + [m for m in results if m not in known]
+
+
+def _self_training_pairs(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """Each round against the one before it (stage 1 first), then the base against the last round."""
+    chain = [m for m in _ordered_models(results) if m == "sft" or m == "dpo" or re.fullmatch(r"dpo\d+", m)]
+    pairs = list(zip(chain, chain[1:]))
+    if "base" in results and len(chain) > 1:
+        pairs.append(("base", chain[-1]))
+    return pairs
+
+
+def _ci(found: list[dict[str, Any]], bench: str, before: str, after: str, metric: str) -> str:
+    for e in found:
+        if (e["benchmark"], e["from"], e["to"], e["metric"]) == (bench, before, after, metric):
+            return f"{e['delta']:+.2f} [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]"
+    return "–"
 
 
 def evaluation_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -247,24 +285,46 @@ def evaluation_sections(run_dir: Path) -> Section:
              "and contains the ground truth). Closed strict: the first yes/no word equals the ground truth."), ""]
     benchmarks = list(dict.fromkeys(b for per_model in results.values() for b in per_model))
     prefs = summary.get("judge_preference") or {}
+    found = summary.get("effects") or []
     lines += ["## Self-training effect", "",
-              ("| benchmark | change | closed accuracy | closed strict | closed said yes | open recall | judge W/T/L "
-               "| judge win rate |"), "|---|---|---|---|---|---|---|---|"]
+              ("| benchmark | change | closed accuracy | Δ closed, 95% CI | closed strict | closed said yes "
+               "| open recall | Δ recall, 95% CI | judge W/T/L | judge win rate |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for bench in benchmarks:
-        for before, after in (("sft", "dpo"), ("base", "dpo")):
-            if before in results and after in results:
-                cells = [_delta(results, bench, k, before, after)
-                         for k in ("closed_accuracy", "closed_accuracy_strict", "closed_said_yes", "open_recall")]
-                pref = (prefs.get(bench) or {}).get(f"{after}_vs_{before}")
-                cells += ([f"{pref['wins']}/{pref['ties']}/{pref['losses']}", _f(pref["win_rate"], 2)]
-                          if pref else ["–", "–"])
-                lines.append(f"| {bench} | {before} → {after} | " + " | ".join(cells) + " |")
+        for before, after in _self_training_pairs(results):
+            cells = [_delta(results, bench, "closed_accuracy", before, after),
+                     _ci(found, bench, before, after, "closed_accuracy"),
+                     *(_delta(results, bench, k, before, after) for k in ("closed_accuracy_strict", "closed_said_yes",
+                                                                          "open_recall")),
+                     _ci(found, bench, before, after, "open_recall")]  # fmt: skip
+            pref = (prefs.get(bench) or {}).get(f"{after}_vs_{before}")
+            cells += ([f"{pref['wins']}/{pref['ties']}/{pref['losses']}", _f(pref["win_rate"], 2)]
+                      if pref else ["–", "–"])
+            lines.append(f"| {bench} | {before} → {after} | " + " | ".join(cells) + " |")
     lines += ["", ("Stage 2 (DPO on self-generated, judge-ranked answers) against stage 1 shows what "
               "preference revelation adds; against the base model, what the whole self-training did. "
               "Judge: the offline reference judge scores both models' answers to every question of a benchmark "
               "with known findings; W/T/L and the win rate (wins / (wins + losses)) are the later model's. "
               "Closed said yes: the share of closed answers that say yes first; on a benchmark balanced between yes "
-              "and no, a change in closed accuracy that comes with a large change here is a bias shift.")]
+              "and no, a change in closed accuracy that comes with a large change here is a bias shift. "
+              "95% CI: a paired bootstrap over the benchmark's questions (both models answer the same ones).")]
+    return Section("\n".join(lines) + "\n")
+
+
+def gate_section(run_dir: Path) -> Section:
+    """Each round's regression gate: the decision and why (``gate<r>/decision.json``)."""
+    found = sorted(run_dir.glob("gate*/decision.json"), key=lambda p: int(p.parent.name[4:] or 0))
+    if not found:
+        return Section("")
+    lines = ["## Regression gate", "", "Each round against the one before, on a held-out slice no training or "
+             "self-play saw:", "", "| round | closed accuracy | judge W/T/L | judge win rate | promoted | why |",
+             "|---|---|---|---|---|---|"]
+    for path in found:
+        d = json.loads(path.read_text())
+        wtl = "–" if d.get("wins") is None else f"{d['wins']}/{d['ties']}/{d['losses']}"
+        lines.append(f"| {d['before']} → {d['after']} | {d['closed_before']:.2f} → {d['closed_after']:.2f} "
+                     f"({d['closed_delta']:+.2f}) | {wtl} | {_f(d.get('win_rate'), 2)} | "
+                     f"{'yes' if d['promoted'] else '**no**'} | {d['reason']} |")
     return Section("\n".join(lines) + "\n")
 
 
@@ -273,7 +333,7 @@ def timing_section(run_dir: Path) -> Section:
     path = run_dir / PIPELINE_RECORD
     measured = json.loads(path.read_text()).get("stages", {}) if path.is_file() else {}
     walls = {}
-    for stage in STAGE_NAMES:
+    for stage in dict.fromkeys([*STAGE_NAMES, *measured]):
         wall = _number((measured.get(stage) or {}).get("wall_s"))
         wall = wall if wall is not None else _number((read_summary(run_dir / stage) or {}).get("wall_time_s"))
         if wall is not None:
@@ -307,8 +367,10 @@ def write_report(run_dir: str | Path) -> Path:
         raise ValueError(f"report: {run_dir} is not a directory (pass a pipeline output_dir)")
     plots = run_dir / PLOTS
     plots.mkdir(exist_ok=True)
-    sections = [sft_section(run_dir, plots), generate_section(run_dir, plots), dpo_section(run_dir, plots),
-                evaluation_sections(run_dir), endpoint_section(run_dir), timing_section(run_dir)]
+    rounds = [section for suffix in round_stages(run_dir)
+              for section in (generate_section(run_dir, plots, suffix), dpo_section(run_dir, plots, suffix))]
+    sections = [sft_section(run_dir, plots), *rounds, gate_section(run_dir), evaluation_sections(run_dir),
+                endpoint_section(run_dir), timing_section(run_dir)]
     header = (f"# stmed self-training report\n\nRun directory: `{run_dir.resolve()}`. Every figure below is "
               "read from the stages' output files.\n")
     path = run_dir / REPORT

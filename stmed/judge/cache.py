@@ -1,4 +1,11 @@
-"""A disk cache of judge replies keyed by the request, so that a rerun never pays for a reply twice."""
+"""A disk cache of judge replies keyed by the request, so that a rerun never pays for a reply twice.
+
+A key is a sha256 over the model, the temperature, the judge text and a digest of the image
+(``image_digest``, the sha256 of its data URL). The judge takes that digest once per pair, so the 7 KB
+image is hashed once rather than with every request of the pair, and not at all with the cache off.
+(Keys before this layout hashed the whole request JSON; entries written under them are not found and
+are requested once again.)
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,11 @@ from pathlib import Path
 from stmed.log import get_logger
 
 log = get_logger(__name__)
+
+
+def image_digest(image_url: str) -> str:
+    """The digest a cache key holds for an image: the sha256 of its (data) URL."""
+    return hashlib.sha256(image_url.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -34,8 +46,9 @@ class ReplyCache:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def key(model: str, messages: list[dict], temperature: float) -> str:
-        request = {"model": model, "messages": messages, "temperature": temperature}
+    def key(model: str, text: str, temperature: float, image: str | None) -> str:
+        """The key of a request of ``text`` and one image (``image_digest``), or none (None)."""
+        request = {"model": model, "temperature": temperature, "text": text, "image": image}
         return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
     def _path(self, key: str) -> Path:

@@ -13,9 +13,15 @@ What the reference code got wrong, and how this module avoids it:
   the server's ``Retry-After`` honoured; a 400/401/404 fails at once;
 - one request at a time → many in flight under a semaphore, paced by request- and token-per-minute
   buckets (``RateLimiter``);
-- a rerun paid again → successful replies are cached on disk, keyed by the request (``ReplyCache``);
+- a rerun paid again → successful replies are cached on disk, keyed by the prompt and a digest of the
+  image taken once per pair (``ReplyCache``);
 - ties went to answer 2 → ``decide`` drops ties by default; an optional position swap judges both
   orders and flags a judge whose preference follows the position rather than the answer.
+
+A request's messages (and the base64 image inside its JSON body) are built only once it holds an
+in-flight slot, so a batch of thousands of waiting pairs holds no request bodies. The request goes out
+through a ``ChatTransport`` (``stmed.judge.transport``): a direct aiohttp POST by default, the openai
+SDK with ``transport=openai``.
 
 Everything here is Ray-free; ``actors/judge.py`` wraps ``judge_pair`` for Ray Data.
 """
@@ -34,11 +40,11 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import openai
-from openai.types.chat import ChatCompletion
 
 from stmed.config import ConfigError
-from stmed.judge.cache import CachedReply, ReplyCache
-from stmed.judge.pacing import RateLimiter, Sleep, backoff_delay, retry_after_seconds
+from stmed.judge.cache import CachedReply, ReplyCache, image_digest
+from stmed.judge.pacing import RateLimiter, Sleep, backoff_delay
+from stmed.judge.transport import ChatTransport, Completion, DirectTransport, RequestFailed, SDKTransport
 from stmed.log import get_logger
 
 log = get_logger(__name__)
@@ -72,10 +78,17 @@ def judge_text(question: str, answer1: str, answer2: str) -> str:
     )
 
 
-def build_judge_messages(question: str, answer1: str, answer2: str, image_data_url: str) -> list[dict]:
-    """One user message (no system message): the judge text, then the image as an ``image_url`` part."""
+_TEMPLATE_CHARS = len(judge_text("", "", ""))  # the judge text's length less the three fields
+
+
+def check_image_url(image_data_url: str) -> None:
     if not image_data_url.startswith(("data:image/", "http://", "https://")):
         raise ValueError(f"image_data_url must be a data:image/… or http(s) URL, got {image_data_url[:40]!r}")
+
+
+def build_judge_messages(question: str, answer1: str, answer2: str, image_data_url: str) -> list[dict]:
+    """One user message (no system message): the judge text, then the image as an ``image_url`` part."""
+    check_image_url(image_data_url)
     content = [
         {"type": "text", "text": judge_text(question, answer1, answer2)},
         {"type": "image_url", "image_url": {"url": image_data_url}},
@@ -139,7 +152,10 @@ class JudgeSettings:
     backoff_max_s: float = 60.0
     timeout_s: float = 60.0
     max_in_flight: int = 8
-    """Concurrent requests per actor."""
+    """Concurrent requests per actor (and the transport's connection pool size)."""
+    transport: Literal["direct", "openai"] = "direct"
+    """How requests are sent: ``direct`` posts the chat-completions JSON with aiohttp (far less CPU per
+    request at hundreds in flight), ``openai`` goes through the openai SDK's ``AsyncOpenAI``."""
     rpm: float | None = None
     """Requests per minute for the whole run (split across actors); None: unlimited."""
     tpm: float | None = None
@@ -179,6 +195,8 @@ class JudgeSettings:
                 raise ConfigError(f"judge.{name} is out of range: {getattr(self, name)!r}")
         if self.tie_policy not in ("drop", "keep_first"):
             raise ConfigError(f"judge.tie_policy must be 'drop' or 'keep_first', got {self.tie_policy!r}")
+        if self.transport not in ("direct", "openai"):
+            raise ConfigError(f"judge.transport must be 'direct' or 'openai', got {self.transport!r}")
 
 
 def is_loopback(base_url: str) -> bool:
@@ -213,6 +231,15 @@ def make_client(settings: JudgeSettings, http_client: Any = None) -> openai.Asyn
         timeout=settings.timeout_s,
         http_client=http_client,
     )
+
+
+def make_transport(settings: JudgeSettings, http_client: Any = None) -> ChatTransport:
+    """The transport ``settings.transport`` names. An ``http_client`` (an ``httpx.AsyncClient``, e.g. a
+    mock transport in tests) is the SDK's, so passing one selects the SDK whatever the setting."""
+    if http_client is not None or settings.transport == "openai":
+        return SDKTransport(make_client(settings, http_client), settings.timeout_s)
+    return DirectTransport(settings.base_url, resolve_api_key(settings), settings.timeout_s,
+                           max_connections=settings.max_in_flight)
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -302,43 +329,15 @@ def summarize(verdicts: Iterable[JudgeVerdict], settings: JudgeSettings) -> dict
 
 # ----------------------------------------------------------------------------- retries and pacing
 
-@dataclass(frozen=True)
-class _Failure:
-    reason: str
-    retryable: bool
-    retry_after: float | None = None
-
-
-def classify_error(err: openai.APIError) -> _Failure:
-    """Timeouts, connection errors, 408/409/429 and 5xx are worth retrying; other statuses are not."""
-    if isinstance(err, openai.APITimeoutError):
-        return _Failure("timeout", True)
-    if isinstance(err, openai.APIConnectionError):
-        return _Failure("connection error", True)
-    if isinstance(err, openai.APIStatusError):
-        code = err.status_code
-        if code in (408, 409, 429) or code >= 500:
-            return _Failure(f"http {code}", True, retry_after_seconds(err.response.headers))
-        return _Failure(f"http {code}: {str(err.message)[:120]}", False)
-    return _Failure(f"bad response: {str(err)[:120]}", False)
-
-
 def make_limiter(settings: JudgeSettings, num_actors: int = 1, **kwargs: Any) -> RateLimiter:
     """The pacing of one judge actor: its in-flight cap and its share of the run-wide RPM/TPM."""
     return RateLimiter(settings.max_in_flight, settings.rpm, settings.tpm, num_actors, **kwargs)
 
 
-def estimate_tokens(messages: list[dict], settings: JudgeSettings) -> int:
+def estimate_tokens(text_chars: int, images: int, settings: JudgeSettings) -> int:
     """A request's TPM cost before it is sent: ~4 characters a token, a fixed count per image, and
     the completion cap (providers count ``max_tokens`` against the budget up front)."""
-    chars, images = 0, 0
-    for message in messages:
-        for part in message["content"]:
-            if part["type"] == "text":
-                chars += len(part["text"])
-            else:
-                images += 1
-    return math.ceil(chars / 4) + images * settings.image_tokens + settings.max_tokens
+    return math.ceil(text_chars / 4) + images * settings.image_tokens + settings.max_tokens
 
 
 # ----------------------------------------------------------------------------- judging a pair
@@ -357,64 +356,69 @@ class _Outcome:
     reply: str | None = None
 
 
-def _reply_text(response: Any) -> str:
-    """The reply's text; a body that is not a chat completion is as unusable as a garbled reply."""
-    if not isinstance(response, ChatCompletion):
-        raise ScoreParseError(f"the response is not a chat completion: {str(response)[:80]!r}")
-    if not response.choices:
-        raise ScoreParseError("the response has no choices")
-    choice = response.choices[0]
-    if not choice.message.content:
-        raise ScoreParseError(f"empty reply (finish_reason={choice.finish_reason})")
-    return choice.message.content
+@dataclass(frozen=True)
+class _Prompt:
+    """One ordering of a pair, kept as its fields: the text and messages are built only when sent."""
+
+    question: str
+    first: str
+    second: str
+    image_data_url: str
+
+    def text(self) -> str:
+        return judge_text(self.question, self.first, self.second)
+
+    def body(self, settings: JudgeSettings) -> dict[str, Any]:
+        return {"model": settings.model, "temperature": settings.temperature, "max_tokens": settings.max_tokens,
+                "messages": build_judge_messages(self.question, self.first, self.second, self.image_data_url)}
+
+    def estimate(self, settings: JudgeSettings) -> int:
+        chars = _TEMPLATE_CHARS + len(self.question) + len(self.first) + len(self.second)
+        return estimate_tokens(chars, 1, settings)
 
 
-def _read_reply(response: Any) -> tuple[str | None, tuple[float, float] | None, str | None]:
+def _read_reply(completion: Completion) -> tuple[str | None, tuple[float, float] | None, str | None]:
     """(reply text, scores, parse error) of one response; exactly one of scores / error is set."""
+    if completion.text is None:
+        return None, None, f"parse: {completion.problem}"
     try:
-        reply = _reply_text(response)
+        return completion.text, parse_scores(completion.text), None
     except ScoreParseError as err:
-        return None, None, f"parse: {err}"
-    try:
-        return reply, parse_scores(reply), None
-    except ScoreParseError as err:
-        return reply, None, f"parse: {err}"
+        return completion.text, None, f"parse: {err}"
 
 
-async def _request(client: openai.AsyncOpenAI, settings: JudgeSettings, limiter: RateLimiter,
-                   messages: list[dict]) -> tuple[Any, int, int]:
-    """Send one request in a limiter slot; returns (response, prompt tokens, completion tokens)."""
-    estimate = estimate_tokens(messages, settings)
+async def _request(transport: ChatTransport, settings: JudgeSettings, limiter: RateLimiter,
+                   prompt: _Prompt) -> tuple[Completion, int, int]:
+    """Send one request in a limiter slot; returns (completion, prompt tokens, completion tokens).
+    The body (messages, base64 image, JSON) exists only while the slot is held."""
+    estimate = prompt.estimate(settings)
     async with limiter.slot(estimate):
-        response = await client.chat.completions.create(
-            model=settings.model, messages=messages, temperature=settings.temperature,
-            max_tokens=settings.max_tokens, timeout=settings.timeout_s,
-        )
-    usage = getattr(response, "usage", None)
-    prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-    limiter.settle(estimate, prompt + completion if usage else estimate)
-    return response, prompt, completion
+        completion = await transport.complete(prompt.body(settings))
+    prompt_tokens, completion_tokens = completion.usage or (0, 0)
+    limiter.settle(estimate, prompt_tokens + completion_tokens if completion.usage else estimate)
+    return completion, prompt_tokens, completion_tokens
 
 
-async def _judge_order(client: openai.AsyncOpenAI, settings: JudgeSettings, limiter: RateLimiter,
-                       cache: ReplyCache | None, messages: list[dict], sleep: Sleep,
+async def _judge_order(transport: ChatTransport, settings: JudgeSettings, limiter: RateLimiter,
+                       cache: ReplyCache | None, prompt: _Prompt, image_key: str | None, sleep: Sleep,
                        rng: random.Random | None) -> _Outcome:
-    """Judge one ordering: the cache first, then up to ``max_attempts`` requests."""
-    key = ReplyCache.key(settings.model, messages, settings.temperature)
-    hit = cache.get(key) if cache else None
-    if hit is not None:
-        try:
-            return _Outcome(parse_scores(hit.reply), None, 0, True, reply=hit.reply)
-        except ScoreParseError as err:  # only parsed replies are cached: this entry was edited
-            log.warning("cached reply %s no longer parses (%s); requesting again", key[:12], err)
+    """Judge one ordering: the cache first (when there is one), then up to ``max_attempts`` requests."""
+    key = None
+    if cache is not None:
+        key = ReplyCache.key(settings.model, prompt.text(), settings.temperature, image_key)
+        hit = cache.get(key)
+        if hit is not None:
+            try:
+                return _Outcome(parse_scores(hit.reply), None, 0, True, reply=hit.reply)
+            except ScoreParseError as err:  # only parsed replies are cached: this entry was edited
+                log.warning("cached reply %s no longer parses (%s); requesting again", key[:12], err)
     attempts = parse_failures = prompt_tokens = completion_tokens = 0
     error, reply = "no attempt", None
     while attempts < settings.max_attempts:
         attempts += 1
         try:
-            response, prompt, completion = await _request(client, settings, limiter, messages)
-        except openai.APIError as err:
-            failure = classify_error(err)
+            completion, prompt_used, completion_used = await _request(transport, settings, limiter, prompt)
+        except RequestFailed as failure:
             error = failure.reason
             if not failure.retryable:
                 return _Outcome(None, error, attempts, False, prompt_tokens, completion_tokens)
@@ -424,11 +428,11 @@ async def _judge_order(client: openai.AsyncOpenAI, settings: JudgeSettings, limi
                 log.info("judge request failed (%s), attempt %d; retrying in %.2fs", error, attempts, delay)
                 await sleep(delay)
             continue
-        prompt_tokens, completion_tokens = prompt_tokens + prompt, completion_tokens + completion
-        reply, scores, error = _read_reply(response)
+        prompt_tokens, completion_tokens = prompt_tokens + prompt_used, completion_tokens + completion_used
+        reply, scores, error = _read_reply(completion)
         if scores is not None:
             if cache is not None:
-                cache.put(key, CachedReply(reply, prompt, completion))
+                cache.put(key, CachedReply(reply, prompt_used, completion_used))
             return _Outcome(scores, None, attempts, False, prompt_tokens, completion_tokens, reply)
         parse_failures += 1
         if parse_failures > settings.parse_retries:
@@ -444,18 +448,22 @@ def _preferred(s1: float, s2: float) -> int | None:
     return 0 if s1 > s2 else 1 if s2 > s1 else None
 
 
-async def judge_pair(client: openai.AsyncOpenAI, settings: JudgeSettings, limiter: RateLimiter,
-                     cache: ReplyCache | None, question: str, answer1: str, answer2: str,
-                     image_data_url: str, *, pair_id: str = "", sleep: Sleep | None = None,
+async def judge_pair(client: ChatTransport | openai.AsyncOpenAI, settings: JudgeSettings,
+                     limiter: RateLimiter, cache: ReplyCache | None, question: str, answer1: str,
+                     answer2: str, image_data_url: str, *, pair_id: str = "", sleep: Sleep | None = None,
                      rng: random.Random | None = None) -> JudgeVerdict:
-    """Judge one pair (both orders when ``settings.swap_positions``). Never raises for a judge or
+    """Judge one pair (both orders when ``settings.swap_positions``) through ``client``, a transport
+    (``make_transport``) or an ``openai.AsyncOpenAI`` (``make_client``). Never raises for a judge or
     network failure: the verdict carries the error and no scores."""
+    check_image_url(image_data_url)
+    transport = SDKTransport(client, settings.timeout_s) if isinstance(client, openai.AsyncOpenAI) else client
     sleep = sleep or limiter.sleep
-    orders = [(answer1, answer2)] + ([(answer2, answer1)] if settings.swap_positions else [])
+    image_key = image_digest(image_data_url) if cache is not None else None  # once per pair, not per order
+    prompts = [_Prompt(question, answer1, answer2, image_data_url)]
+    if settings.swap_positions:
+        prompts.append(_Prompt(question, answer2, answer1, image_data_url))
     outcomes = await asyncio.gather(*(
-        _judge_order(client, settings, limiter, cache,
-                     build_judge_messages(question, first, second, image_data_url), sleep, rng)
-        for first, second in orders
+        _judge_order(transport, settings, limiter, cache, prompt, image_key, sleep, rng) for prompt in prompts
     ))
     common: dict[str, Any] = {
         "pair_id": pair_id, "judge_model": settings.model, "reply": outcomes[0].reply,

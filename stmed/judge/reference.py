@@ -364,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     faults = Faults(rate_limit_first=args.rate_limit_first, retry_after_s=args.retry_after,
                     error_rate=args.error_rate, latency_ms=args.latency_ms, garbled_rate=args.garbled_rate)
     server = start_server(args.findings, port=args.port, faults=faults)
+    import gc
+    if os.environ.get("SRV_FREEZE"):
+        gc.freeze()
     try:
         server.wait()
     except KeyboardInterrupt:

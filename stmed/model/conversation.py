@@ -16,6 +16,10 @@ colon itself (``": "``) or the end of a span is not a target. The ``VUSER`` pref
 the system prompt, ``<s>`` and the image tokens never are.
 
 ``labels`` and ``loss_kind`` are aligned with ``input_ids`` (not shifted): the model shifts them.
+
+All of this is family-agnostic: the chat format (``chat=``, a ``stmed.model.prompts.ChatFormat``, Vicuna
+by default) says how the roles, the end-of-turn token and the image are written. In ChatML the text
+follows the role's newline directly, so no separator space is there to widen a span over.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from typing import Literal
 
 import torch
 
-from stmed.model.prompts import ASSISTANT, EOS, IMAGE_TOKEN, QUESTIONER, ROLES, USER, image_first, turn_parts
+from stmed.model.prompts import (
+    ASSISTANT, EOS, IMAGE_TOKEN, QUESTIONER, ROLES, USER, VICUNA, ChatFormat, image_first,
+)  # fmt: skip
 
 IGNORE_INDEX = -100
 LOSS_NONE, LOSS_QA, LOSS_VQ = 0, 1, 2
@@ -139,13 +145,14 @@ def _check_order(turns: list[Turn]) -> None:
         raise ValueError(f"the first turn must be a USER turn holding {IMAGE_TOKEN}")
 
 
-def render(turns: list[Turn], system: str) -> Rendered:
-    """The Vicuna v1 text of ``turns`` and the character spans that are ``qa``/``vq`` targets."""
+def render(turns: list[Turn], system: str, chat: ChatFormat = VICUNA) -> Rendered:
+    """The text of ``turns`` in ``chat``'s template and the character spans that are ``qa``/``vq`` targets."""
     _check_order(turns)
-    parts, spans = [system, " "], []
-    offset = len(system) + 1
+    header = chat.render_header(system)
+    parts, spans = [header], []
+    offset = len(header)
     for turn in turns:
-        prefix, body, tail = turn_parts(turn.role, turn.text)
+        prefix, body, tail = chat.turn_parts(turn.role, turn.text)
         kind = _TURN_KINDS.get(turn.role)
         if kind is not None:
             start = offset + len(prefix)
@@ -183,25 +190,28 @@ def _special_id(tokenizer, token: str) -> int:
     return token_id
 
 
-def encode(rendered: Rendered, tokenizer, image_seq_len: int, max_length: int) -> Encoded:
-    """Token ids, labels and loss kinds of ``rendered``, the ``<image>`` expanded to ``image_seq_len``.
+def encode(rendered: Rendered, tokenizer, image_seq_len: int, max_length: int,
+           chat: ChatFormat = VICUNA) -> Encoded:  # fmt: skip
+    """Token ids, labels and loss kinds of ``rendered``, the image token expanded to ``image_seq_len``
+    (what this image becomes: fixed for LLaVA, size-dependent for Qwen2.5-VL).
 
     Truncated from the right to ``max_length``; raises ``ValueError`` if the image tokens themselves
     would be cut.
     """
     if image_seq_len < 1 or max_length < 1:
         raise ValueError(f"image_seq_len and max_length must be >= 1, got {image_seq_len}, {max_length}")
-    image_id, eos_id = _special_id(tokenizer, IMAGE_TOKEN), _special_id(tokenizer, EOS)
+    image_token, eos = chat.image_token, chat.eos
+    image_id, eos_id = _special_id(tokenizer, image_token), _special_id(tokenizer, eos)
     batch = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
     ids, offsets = list(batch["input_ids"]), batch["offset_mapping"]
     # The template writes </s> as text; a tokenizer that splits it would train a different end token.
-    if ids.count(eos_id) != rendered.text.count(EOS):
-        raise ValueError(f"tokenizer does not encode {EOS} written in text as its single eos id")
+    if ids.count(eos_id) != rendered.text.count(eos):
+        raise ValueError(f"tokenizer does not encode {eos} written in text as its single eos id")
     regions = _target_regions(rendered.text, rendered.spans)
     kinds = [_token_kind(start, end, regions) for start, end in offsets]
     positions = [i for i, token_id in enumerate(ids) if token_id == image_id]
     if len(positions) != 1:
-        raise ValueError(f"expected one {IMAGE_TOKEN} token in the rendered text, found {len(positions)}")
+        raise ValueError(f"expected one {image_token} token in the rendered text, found {len(positions)}")
     at = positions[0]
     ids[at : at + 1] = [image_id] * image_seq_len
     kinds[at : at + 1] = [LOSS_NONE] * image_seq_len
@@ -216,20 +226,22 @@ def encode(rendered: Rendered, tokenizer, image_seq_len: int, max_length: int) -
     return Encoded(input_ids=ids, labels=labels, loss_kind=kinds, truncated=truncated)
 
 
-def encode_prompt_answer(prompt: str, answer: str, tokenizer, image_seq_len: int, max_length: int) -> Encoded:
+def encode_prompt_answer(prompt: str, answer: str, tokenizer, image_seq_len: int, max_length: int,
+                         chat: ChatFormat = VICUNA) -> Encoded:  # fmt: skip
     """``prompt`` (ending ``"ASSISTANT:"``) + ``" " + answer + "</s>"``; the answer and ``</s>`` are targets.
 
-    Used for DPO, whose sequence log-probabilities sum over the answer tokens only.
+    Used for DPO, whose sequence log-probabilities sum over the answer tokens only. In another chat
+    format the lead (``" "``) and the end-of-turn token are that format's.
     """
     answer = answer.strip()
     if not answer:
         raise ValueError("encode_prompt_answer: answer is empty")
-    if EOS in answer or IMAGE_TOKEN in answer:
-        raise ValueError(f"encode_prompt_answer: answer must not contain {EOS} or {IMAGE_TOKEN}")
-    start = len(prompt) + 1
-    body = answer + EOS
-    rendered = Rendered(prompt + " " + body, [Span(start, start + len(body), "qa")])
-    return encode(rendered, tokenizer, image_seq_len, max_length)
+    if chat.eos in answer or IMAGE_TOKEN in answer or chat.image_token in answer:
+        raise ValueError(f"encode_prompt_answer: answer must not contain {chat.eos} or {chat.image_token}")
+    start = len(prompt) + len(chat.lead)
+    body = answer + chat.eos
+    rendered = Rendered(prompt + chat.lead + body, [Span(start, start + len(body), "qa")])
+    return encode(rendered, tokenizer, image_seq_len, max_length, chat)
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from transformers.generation.logits_process import (
 
 from stmed.log import get_logger
 from stmed.model import prompts
+from stmed.model.families import family_of
 
 log = get_logger(__name__)
 
@@ -55,6 +56,8 @@ class HFEngine:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.tokenizer = processor.tokenizer
+        self.chat = family_of(processor).chat
+        """The model family's chat format: prompts for this engine are rendered in it."""
         # Decoder-only batching needs the padding on the left, so every row ends where it continues.
         self.tokenizer.padding_side = "left"
         self.model_id = getattr(model.config, "_name_or_path", "") or "model"
@@ -157,6 +160,11 @@ class RowSampler(LogitsProcessor):
         return forced.scatter_(1, drawn.unsqueeze(1), 0.0)
 
 
+def chat_format(engine) -> prompts.ChatFormat:
+    """The chat format prompts for ``engine`` are written in (an engine without one speaks Vicuna)."""
+    return getattr(engine, "chat", prompts.VICUNA)
+
+
 def clean_output(text: str, tokenizer=None) -> str:
     """Cut a completion at its end-of-turn token and drop padding and stray special tokens."""
     eos = getattr(tokenizer, "eos_token", None) or prompts.EOS
@@ -178,5 +186,6 @@ def answer(
     system: str = prompts.SYSTEM_SQ,
 ) -> list[str]:
     """One answer per (image, question)."""
-    texts = [prompts.answer_prompt(q, system=system) for q in questions]
+    chat = chat_format(engine)
+    texts = [prompts.answer_prompt(q, system=system, chat=chat) for q in questions]
     return engine.generate(texts, images, sampling, seed=seed)

@@ -5,6 +5,10 @@ receive gradients — the reference code's bug was a ``no_grad`` around it), and
 fully. The projector is a PEFT ``modules_to_save`` module: the trained copy lives beside the frozen
 original, so ``with peft_model.disable_adapter():`` runs the untouched stage-start model — exactly the
 frozen reference DPO needs (METHOD §4).
+
+Which modules are "the LLM", "the vision tower" and "the projector" is the model family's
+(``stmed.model.families``): LLaVA's ``vision_tower`` / ``multi_modal_projector``, Qwen2.5-VL's
+``visual.blocks`` / ``visual.merger``; the LLM is ``language_model`` in both.
 """
 
 from __future__ import annotations
@@ -17,53 +21,47 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
-from transformers import LlavaProcessor, PreTrainedModel
+from transformers import PreTrainedModel
 
 from stmed.config import LoRAConfig
 from stmed.log import get_logger
-from stmed.model.build import PROJECTOR, hf_model
+from stmed.model.families import Family, family_of, hf_model
+from stmed.model.families.base import LANGUAGE_MODEL
 
 log = get_logger(__name__)
 
-# The LLM's token embeddings and output head, by their module names in HF LLaVA.
+# The LLM's token embeddings and output head, by their module names (every family).
 EMBEDDINGS = ("embed_tokens", "lm_head")
 GROUP_NAMES = ("llm_lora", "vit_lora", "projector")
 
 
-def _used_vision_layers(model: PreTrainedModel) -> range:
-    """Vision encoder layers whose output reaches the projector.
-
-    LLaVA reads the tower at ``vision_feature_layer`` (the penultimate layer), so later layers never get a
-    gradient; an adapter there would only be dead weight — and an unused trainable parameter that
-    DistributedDataParallel refuses to reduce.
-    """
-    config = model.config
-    n_layers = config.vision_config.num_hidden_layers
-    feature_layers = config.vision_feature_layer
-    feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
-    # hidden_states has n_layers + 1 entries (embeddings first); entry i is the output of layer i - 1.
-    deepest = max(layer % (n_layers + 1) for layer in feature_layers)
-    return range(deepest)
-
-
 def lora_targets(model: PreTrainedModel, lora: LoRAConfig) -> tuple[list[str], list[str]]:
-    """Full module names that get an adapter: (language-model linears, vision-tower linears)."""
-    used = {str(i) for i in _used_vision_layers(model)}
+    """Full module names that get an adapter: (language-model linears, vision-tower linears).
+
+    Vision blocks whose output never reaches the projector (LLaVA reads its tower at the penultimate
+    layer) get none: an adapter there would only be dead weight — and an unused trainable parameter
+    that DistributedDataParallel refuses to reduce.
+    """
+    family = family_of(model)
+    used = {str(i) for i in family.vision_blocks_used(model)}
+    vit_targets = lora.vit_targets if lora.vit_targets is not None else list(family.vit_targets)
     llm, vit = [], []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         parts = name.split(".")
-        if "language_model" in parts and parts[-1] in lora.llm_targets:
+        if LANGUAGE_MODEL in parts and parts[-1] in lora.llm_targets:
             llm.append(name)
-        elif lora.train_vit and "vision_tower" in parts and parts[-1] in lora.vit_targets:
-            layer = parts[parts.index("layers") + 1] if "layers" in parts else None
-            if layer in used:
+        elif lora.train_vit and family.is_vision(name) and parts[-1] in vit_targets:
+            blocks = family.vision_blocks
+            block = parts[parts.index(blocks) + 1] if blocks in parts else None
+            if block in used:
                 vit.append(name)
     if not llm:
         raise ValueError(f"lora.llm_targets {lora.llm_targets} match no linear layer of the language model")
     if lora.train_vit and not vit:
-        raise ValueError(f"lora.vit_targets {lora.vit_targets} match no linear layer of the vision tower")
+        raise ValueError(f"lora.vit_targets {vit_targets} match no linear layer of the {family.name} vision "
+                         f"tower (its own: {list(family.vit_targets)})")  # fmt: skip
     return llm, vit
 
 
@@ -78,14 +76,15 @@ def attach_lora(model: PreTrainedModel, lora: LoRAConfig) -> PeftModel:
     dropout is a training-time setting only and is not stored in ``adapter_config.json``.
     """
     llm, vit = lora_targets(model, lora)
-    # A pattern is matched against full module names; every targeted vision module carries "vision_tower".
-    vit_pattern = r".*vision_tower\..*"
+    family = family_of(model)
+    # A pattern is matched against full module names; every targeted vision module carries the tower's name.
+    vit_pattern = rf".*{family.vision_tower}\..*"
     config = LoraConfig(
         r=lora.llm_r, lora_alpha=lora.llm_alpha, lora_dropout=lora.llm_dropout,
         target_modules=llm + vit,
         rank_pattern={vit_pattern: lora.vit_r} if vit else {},
         alpha_pattern={vit_pattern: lora.vit_alpha} if vit else {},
-        modules_to_save=[PROJECTOR, *(EMBEDDINGS if lora.train_embeddings else ())], bias="none",
+        modules_to_save=[family.projector, *(EMBEDDINGS if lora.train_embeddings else ())], bias="none",
     )  # fmt: skip
     peft_model = get_peft_model(model, config)
     vit_set = set(vit)
@@ -99,15 +98,16 @@ def attach_lora(model: PreTrainedModel, lora: LoRAConfig) -> PeftModel:
     return peft_model
 
 
-def _group_of(name: str) -> str:
+def _group_of(name: str, family: Family) -> str:
     """Which optimiser group a trainable parameter belongs to, from its name."""
-    if PROJECTOR in name:
+    parts = name.split(".")
+    if family.projector in parts:
         return "projector"
     if "modules_to_save" in name and any(f".{module}." in name for module in EMBEDDINGS):
         return "llm_lora"  # lora.train_embeddings: the LLM's own weights learn at the LLM's rate
-    if "lora_" in name and "vision_tower" in name:
+    if "lora_" in name and family.vision_tower in parts:
         return "vit_lora"
-    if "lora_" in name and "language_model" in name:
+    if "lora_" in name and LANGUAGE_MODEL in parts:
         return "llm_lora"
     raise ValueError(f"trainable parameter {name} is neither LoRA nor projector; attach_lora froze it wrong")
 
@@ -121,9 +121,10 @@ def param_groups(
     """
     lrs = {"llm_lora": lr_llm, "vit_lora": lr_vit, "projector": lr_projector}
     params: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
+    family = family_of(model)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            params[_group_of(name)].append(param)
+            params[_group_of(name, family)].append(param)
     return [
         {"name": name, "params": params[name], "lr": lrs[name], "weight_decay": weight_decay}
         for name in GROUP_NAMES
@@ -177,7 +178,7 @@ def load_trainable(model: PeftModel, in_dir: str | Path) -> None:
 
 
 def merge_and_export(
-    peft_model: PeftModel, processor: LlavaProcessor, out_dir: str | Path, inplace: bool = False
+    peft_model: PeftModel, processor, out_dir: str | Path, inplace: bool = False
 ) -> Path:
     """Fold the LoRA deltas and the trained projector into plain weights; save model + processor.
 

@@ -12,9 +12,16 @@ assistant, so its question is closed by an end-of-turn token). This module owns 
 
 Prompt builders return text that stops right after a role's colon (``"… ASSISTANT:"``): the model then
 writes ``" answer</s>"``, which is exactly how the same turn reads in training text.
+
+That is the LLaVA family's chat format (:data:`VICUNA`). A model family with another chat format (Qwen's
+ChatML) describes it with a :class:`ChatFormat` and passes it as ``chat=`` to every builder here; the
+three roles, the system prompts and which parts are targets stay the same. Turns always hold the
+canonical ``"<image>\\n"`` in the first question; a format writes it as its own image block.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 IMAGE_TOKEN = "<image>"
 EOS = "</s>"
@@ -38,20 +45,77 @@ SEP = " "
 """Written after the system prompt and after every user or questioner turn."""
 
 
-def turn_parts(role: str, text: str) -> tuple[str, str, str]:
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a family's chat template writes the three roles; every string is literal template text.
+
+    A turn renders as ``prefix.format(role=names[role])`` + body + tail: a user turn's body is its text
+    and its tail ``user_tail``; an assistant or questioner turn's body is its text + ``eos`` (a target),
+    its tail ``answer_tail`` / ``question_tail``. An open turn (where the model continues) is the prefix
+    cut to ``open_prefix``; the model writes the rest (``lead``) itself before its text.
+    """
+
+    name: str
+    names: dict[str, str]
+    """Canonical role (USER, ASSISTANT, QUESTIONER) -> the role as the template writes it."""
+    header: str
+    """The system prompt's rendering, ``{system}`` filled in."""
+    prefix: str
+    open_prefix: str
+    eos: str
+    """End-of-turn text after answers and questions; the tokenizer's eos token."""
+    user_tail: str
+    answer_tail: str
+    question_tail: str
+    image_token: str
+    """The token an image expands into (repeated once per image feature)."""
+    image_block: str
+    """What the canonical ``"<image>\\n"`` of a first question is written as."""
+
+    @property
+    def lead(self) -> str:
+        """What the model writes between an open prefix and its text (Vicuna: the space after ``:``)."""
+        full = self.prefix.format(role="R")
+        opened = self.open_prefix.format(role="R")
+        assert full.startswith(opened), "open_prefix must be a prefix of prefix"
+        return full[len(opened) :]
+
+    def turn_parts(self, role: str, text: str) -> tuple[str, str, str]:
+        """Split one rendered turn into ``(prefix, body, tail)`` (see :func:`turn_parts`)."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        prefix = self.prefix.format(role=self.names[role])
+        if role == USER:
+            return prefix, text.replace(IMAGE_TOKEN + "\n", self.image_block), self.user_tail
+        if role == ASSISTANT:
+            return prefix, text + self.eos, self.answer_tail
+        return prefix, text + self.eos, self.question_tail
+
+    def open(self, role: str) -> str:
+        """A turn left open for the model to write."""
+        return self.open_prefix.format(role=self.names[role])
+
+    def render_header(self, system: str) -> str:
+        if not system.strip():
+            raise ValueError("system prompt is empty")
+        return self.header.format(system=system)
+
+
+VICUNA = ChatFormat(
+    name="vicuna_v1", names={role: role for role in ROLES}, header="{system}" + SEP,
+    prefix="{role}: ", open_prefix="{role}:", eos=EOS, user_tail=SEP, answer_tail="", question_tail=SEP,
+    image_token=IMAGE_TOKEN, image_block=IMAGE_TOKEN + "\n",
+)  # fmt: skip
+"""LLaVA-1.5's Vicuna v1 template with the questioner role ``VUSER``."""
+
+
+def turn_parts(role: str, text: str, chat: ChatFormat = VICUNA) -> tuple[str, str, str]:
     """Split one rendered turn into ``(prefix, body, tail)``.
 
     ``body`` is what can be a training target: the text plus ``</s>`` for assistant and questioner
     turns, the bare text for user turns. ``prefix`` (``"ROLE: "``) and ``tail`` never are.
     """
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
-    prefix = f"{role}: "
-    if role == USER:
-        return prefix, text, SEP
-    if role == ASSISTANT:
-        return prefix, text + EOS, ""
-    return prefix, text + EOS, SEP
+    return chat.turn_parts(role, text)
 
 
 def image_first(text: str) -> str:
@@ -83,49 +147,38 @@ def _with_image(question: str) -> str:
     return image_first(question)
 
 
-def _header(system: str) -> str:
-    if not system.strip():
-        raise ValueError("system prompt is empty")
-    return system + SEP
-
-
-def _closed(role: str, text: str) -> str:
-    prefix, body, tail = turn_parts(role, text)
+def _closed(role: str, text: str, chat: ChatFormat) -> str:
+    prefix, body, tail = chat.turn_parts(role, text)
     return prefix + body + tail
 
 
-def _open(role: str) -> str:
-    """A turn left open for the model: ``"ROLE:"`` with no space, the model writes the space itself."""
-    return turn_parts(role, "")[0].rstrip()
-
-
-def answer_prompt(question: str, system: str = SYSTEM_SQ) -> str:
+def answer_prompt(question: str, system: str = SYSTEM_SQ, chat: ChatFormat = VICUNA) -> str:
     """``"{system} USER: <image>\\n{question} ASSISTANT:"`` — the model continues with its answer."""
-    return _header(system) + _closed(USER, _with_image(question.strip())) + _open(ASSISTANT)
+    return chat.render_header(system) + _closed(USER, _with_image(question.strip()), chat) + chat.open(ASSISTANT)
 
 
-def describe_prompt(system: str = SYSTEM_SQ) -> str:
+def describe_prompt(system: str = SYSTEM_SQ, chat: ChatFormat = VICUNA) -> str:
     """The greedy description request that precedes question sampling (METHOD §3 step 2)."""
-    return answer_prompt(DESCRIBE_QUESTION, system)
+    return answer_prompt(DESCRIBE_QUESTION, system, chat)
 
 
-def question_prompt(description: str, system: str = SYSTEM_SQ) -> str:
+def question_prompt(description: str, system: str = SYSTEM_SQ, chat: ChatFormat = VICUNA) -> str:
     """The describe turn answered with ``description``, then an open ``VUSER:`` turn for a new question."""
     description = description.strip()
     if not description:
         raise ValueError("question_prompt: description is empty")
-    if EOS in description or IMAGE_TOKEN in description:
-        raise ValueError(f"question_prompt: description must not contain {EOS} or {IMAGE_TOKEN}")
-    first = _closed(USER, _with_image(DESCRIBE_QUESTION))
-    return _header(system) + first + _closed(ASSISTANT, description) + _open(QUESTIONER)
+    if chat.eos in description or IMAGE_TOKEN in description or chat.image_token in description:
+        raise ValueError(f"question_prompt: description must not contain {chat.eos} or {chat.image_token}")
+    first = _closed(USER, _with_image(DESCRIBE_QUESTION), chat)
+    return chat.render_header(system) + first + _closed(ASSISTANT, description, chat) + chat.open(QUESTIONER)
 
 
-def preference_prompt(question: str) -> str:
+def preference_prompt(question: str, chat: ChatFormat = VICUNA) -> str:
     """Plain Vicuna v1 prompt (no questioner in the system prompt) used for DPO pairs (METHOD §4)."""
-    return answer_prompt(question, system=SYSTEM_PLAIN)
+    return answer_prompt(question, system=SYSTEM_PLAIN, chat=chat)
 
 
-def serving_chat_template(system: str = SYSTEM_SQ) -> str:
+def serving_chat_template(system: str = SYSTEM_SQ, chat: ChatFormat = VICUNA) -> str:
     """A Jinja chat template that renders an OpenAI chat request exactly as :func:`answer_prompt` does.
 
     For engines that render chat messages themselves (vLLM's OpenAI server): the checkpoint's own
@@ -137,7 +190,7 @@ def serving_chat_template(system: str = SYSTEM_SQ) -> str:
     in the fixed text).
     """
     marker = "\x00question\x00"
-    head, tail = answer_prompt(marker, system).split(marker)
+    head, tail = answer_prompt(marker, system, chat).split(marker)
     return (
         "{%- set ns = namespace(text='') -%}"
         "{%- for message in messages if message['role'] == 'user' -%}"

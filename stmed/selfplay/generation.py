@@ -29,7 +29,7 @@ from PIL import Image
 
 from stmed.config import ConfigError
 from stmed.model import prompts
-from stmed.model.generate import GREEDY, HFEngine, Sampling, answer
+from stmed.model.generate import GREEDY, HFEngine, Sampling, answer, chat_format
 
 QUESTION_SAMPLING = Sampling(temperature=1.2, top_k=300, top_p=0.95, max_new_tokens=300)
 ANSWER_SAMPLING = Sampling(temperature=1.2, top_k=100, top_p=0.95, max_new_tokens=300)
@@ -172,7 +172,7 @@ def answer_pair_reason(answer1: str, answer2: str) -> str | None:
 
 def describe(engine: HFEngine, images: Sequence[Image.Image], sampling: Sampling = GREEDY) -> list[str]:
     """Greedy description of every image (the questioner's context)."""
-    prompt = prompts.describe_prompt()
+    prompt = prompts.describe_prompt(chat=chat_format(engine))
     return engine.generate([prompt] * len(images), images, sampling)
 
 
@@ -185,7 +185,8 @@ def ask(
     sampling: Sampling = QUESTION_SAMPLING,
 ) -> list[list[str]]:
     """``k`` sampled questions per image, cleaned (not yet filtered); round ``r`` uses ``seed + r``."""
-    texts = [prompts.question_prompt(d or "An image.") for d in descriptions]
+    chat = chat_format(engine)
+    texts = [prompts.question_prompt(d or "An image.", chat=chat) for d in descriptions]
     rounds = [engine.generate(texts, images, sampling, seed=seed + r * 100_003) for r in range(k)]
     return [[clean_question(rounds[r][i]) for r in range(k)] for i in range(len(images))]
 
@@ -216,9 +217,9 @@ def ask_seeded(
     if not len(images) == len(descriptions) == len(seeds):
         raise ValueError(f"ask_seeded: {len(images)} images, {len(descriptions)} descriptions, "
                          f"{len(seeds)} seed lists")
-    texts, flat_images, flat_seeds = [], [], []
+    texts, flat_images, flat_seeds, chat = [], [], [], chat_format(engine)
     for image, description, image_seeds in zip(images, descriptions, seeds):
-        prompt = prompts.question_prompt(description or "An image.")
+        prompt = prompts.question_prompt(description or "An image.", chat=chat)
         texts += [prompt] * len(image_seeds)
         flat_images += [image] * len(image_seeds)
         flat_seeds += list(image_seeds)
@@ -237,7 +238,8 @@ def answer_twice_seeded(
     if not len(images) == len(questions) == len(seeds):
         raise ValueError(f"answer_twice_seeded: {len(images)} images, {len(questions)} questions, "
                          f"{len(seeds)} seed pairs")
-    texts = [prompts.answer_prompt(q) for q in questions] * 2
+    chat = chat_format(engine)
+    texts = [prompts.answer_prompt(q, chat=chat) for q in questions] * 2
     row_seeds = [s[0] for s in seeds] + [s[1] for s in seeds]
     out = engine.generate(texts, list(images) * 2, sampling, row_seeds=row_seeds)
     return list(zip(out[: len(questions)], out[len(questions):]))

@@ -32,7 +32,8 @@ from stmed.config import ConfigError
 from stmed.data.images import DICOM_SUFFIXES, ImageLoadError, ImageSizeError, decode_image
 from stmed.log import get_logger
 from stmed.model import prompts
-from stmed.model.generate import HFEngine, Sampling, answer
+from stmed.model.build import image_tokens as count_image_tokens
+from stmed.model.generate import HFEngine, Sampling, answer, chat_format
 from stmed.serve.errors import APIError, echo
 
 log = get_logger("stmed.serve")
@@ -336,8 +337,11 @@ async def chat_item(body: bytes, limits: LimitsConfig, specials: list[str], mode
 # ----------------------------------------------------------------------------- answers
 
 
-def answer_items(engine: HFEngine, image_tokens: int, items: list[VQAItem]) -> list[dict[str, Any]]:
+def answer_items(engine: HFEngine, image_tokens: int | None, items: list[VQAItem]) -> list[dict[str, Any]]:
     """Greedy answers, one ``generate`` call per distinct ``max_tokens`` (usually one), with token counts.
+
+    ``image_tokens`` is what one image costs in the prompt; None counts it per image with the engine's
+    processor (a Qwen2.5-VL image costs what its size makes it).
 
     Call it from one thread only: a Rust tokenizer shared across threads fails with "Already borrowed"
     while the processor is padding.
@@ -351,8 +355,10 @@ def answer_items(engine: HFEngine, image_tokens: int, items: list[VQAItem]) -> l
         texts.update(zip(idx, answers))
     results = []
     for i, item in enumerate(items):
-        # The prompt's one <image> token stands for image_tokens embeddings.
-        prompt = len(tokenizer(prompts.answer_prompt(item.question))["input_ids"]) - 1 + image_tokens
+        # The prompt's one image token stands for the image's embeddings.
+        n_image = count_image_tokens(engine.processor, item.image) if image_tokens is None else image_tokens
+        text = prompts.answer_prompt(item.question, chat=chat_format(engine))
+        prompt = len(tokenizer(text)["input_ids"]) - 1 + n_image
         # HFEngine returns cleaned text, not ids: re-tokenising it is close; capped at what was allowed.
         completion = min(len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]), item.max_tokens)
         results.append({"text": texts[i], "batch_size": len(items), "prompt_tokens": prompt,
@@ -361,7 +367,7 @@ def answer_items(engine: HFEngine, image_tokens: int, items: list[VQAItem]) -> l
     return results
 
 
-def answer_isolated(engine: HFEngine, image_tokens: int, items: list[VQAItem]) -> list[dict[str, Any] | APIError]:
+def answer_isolated(engine: HFEngine, image_tokens: int | None, items: list[VQAItem]) -> list[dict[str, Any] | APIError]:
     """``answer_items``, where a request the model cannot take fails alone instead of with its batch.
 
     A batch that fails is answered again one request at a time. A request that still fails, while the
@@ -383,14 +389,14 @@ def answer_isolated(engine: HFEngine, image_tokens: int, items: list[VQAItem]) -
             if isinstance(r, Exception) else r for r in results]
 
 
-def _answer_alone(engine: HFEngine, image_tokens: int, item: VQAItem) -> dict[str, Any] | Exception:
+def _answer_alone(engine: HFEngine, image_tokens: int | None, item: VQAItem) -> dict[str, Any] | Exception:
     try:
         return answer_items(engine, image_tokens, [item])[0]
     except Exception as exc:  # noqa: BLE001 - this request's result; answer_isolated decides what it means
         return exc
 
 
-def _probe(engine: HFEngine, image_tokens: int) -> None:
+def _probe(engine: HFEngine, image_tokens: int | None) -> None:
     """One known-good request; raises when the engine fails on it too (lost GPU, broken weights)."""
     probe = VQAItem(Image.new("RGB", (32, 32), (128, 128, 128)), "Is this image blank?", 1)
     try:

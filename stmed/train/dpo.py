@@ -49,6 +49,7 @@ from stmed.data.pairs import PreferenceDataset, collate_pairs, load_preference_d
 from stmed.data.records import PreferencePair
 from stmed.log import get_logger
 from stmed.model.build import load_model
+from stmed.model.families import image_kwargs
 from stmed.model.prompts import SYSTEM_PLAIN, SYSTEM_SQ
 from stmed.runs import MetricsLog, write_json
 from stmed.train.checkpoints import report_step, resume
@@ -150,7 +151,7 @@ class DPOLoopConfig:
 def forward_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed answer log-probs of every row of a :func:`collate_pairs` batch, shape ``(2B,)``."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch["pixel_values"]).logits  # fmt: skip
+                   **image_kwargs(batch)).logits  # fmt: skip
     return sequence_logps(logits, batch["labels"])
 
 

@@ -38,6 +38,7 @@ from stmed.data.sft import SFTDataset, collate_sft, load_sft_data
 from stmed.log import get_logger
 from stmed.model.build import load_model
 from stmed.model.conversation import IGNORE_INDEX
+from stmed.model.families import image_kwargs
 from stmed.runs import MetricsLog, write_json
 from stmed.train.checkpoints import report_step, resume
 from stmed.train.distributed import all_reduce_sum, gather_dicts
@@ -107,7 +108,7 @@ def sft_step(model: nn.Module, micro: list[dict[str, torch.Tensor]], optimizer: 
         with sync:
             with autocast():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               pixel_values=batch["pixel_values"]).logits  # fmt: skip
+                               **image_kwargs(batch)).logits  # fmt: skip
                 ce, kinds = token_losses(logits, batch["labels"], batch["loss_kind"])
             # DDP averages over ranks, hence x world_size: the result is sum(CE) / global target count.
             (ce.sum() * world_size / n_global).backward()

@@ -411,6 +411,36 @@ def test_a_dead_replica_answers_its_in_flight_requests_in_json(endpoint: Endpoin
     assert httpx.get(f"{endpoint.url}/healthz", timeout=5).status_code == 200
 
 
+def test_a_qwen2_5_vl_endpoint_answers_over_http(endpoint: Endpoint):
+    """The other family behind the same deployment, on its own route: /v1/vqa and the OpenAI route answer,
+    and an image's prompt cost follows its size (16 px per token side in the tiny preset)."""
+    from ray import serve
+
+    app = build_app(ModelConfig(preset="tiny-qwen2.5-vl"), "stmed-tiny-qwen", LIMITS,
+                    BatchingConfig(max_batch_size=4, batch_wait_timeout_s=0.05), AutoscalingConfig(),
+                    ReplicaConfig(max_ongoing_requests=4, num_cpus=0.5), api_key_digest(KEY))  # fmt: skip
+    serve.run(app, name="vqa-qwen", route_prefix="/qwen")
+    try:
+        url = f"{endpoint.url}/qwen"
+        usages = []
+        for size in ((64, 64), (64, 32)):
+            response = httpx.post(f"{url}/v1/vqa", headers=AUTH, timeout=60,
+                                  json={"image_base64": data_url(png(size)), "question": "Is it normal?"})  # fmt: skip
+            assert response.status_code == 200, response.text
+            assert response.json()["model"] == "stmed-tiny-qwen" and isinstance(response.json()["answer"], str)
+            usages.append(response.json()["usage"])
+        assert usages[0]["prompt_tokens"] - usages[1]["prompt_tokens"] == 16 - 8
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        completion = client.chat.completions.create(
+            model="stmed-tiny-qwen", max_tokens=3,
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Is the scan normal?"},
+                                                   {"type": "image_url", "image_url": {"url": data_url(png())}}]}],
+        )  # fmt: skip
+        assert completion.usage.prompt_tokens == usages[0]["prompt_tokens"] + 1  # "the scan" vs "it"
+    finally:
+        serve.delete("vqa-qwen")
+
+
 def test_logs_hold_no_key_image_or_question(endpoint: Endpoint, ray_session):
     """Runs last in this module: after every request above, Ray's log files (driver, proxy, replica)
     must not contain the API key, any base64 image, or a question text."""

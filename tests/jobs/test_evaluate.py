@@ -142,6 +142,24 @@ def test_head_to_head_is_the_reference_judges_scores_of_both_answer_files(run):
     assert f"| synthetic | sft vs base | {wins} | {16 - wins - losses} | {losses} |" in table
 
 
+def test_effects_are_paired_bootstrap_deltas_of_the_answer_files(run):
+    """summary.json's effects: base -> sft on each benchmark and metric, recomputed from the answers."""
+    from stmed.eval.effects import paired_bootstrap, per_question
+
+    found = {(e["benchmark"], e["metric"]): e for e in run["summary"]["effects"]}
+    assert {(e["from"], e["to"]) for e in found.values()} == {("base", "sft")}  # the models' order, and compare
+    examples = read_benchmark(run["data"] / "test_w_options.json")[:16]
+    texts = {m: [p.text for p in read_predictions(run["out"] / m / "synthetic" / "answers.jsonl")] for m in ("base", "sft")}
+    for metric in ("closed_accuracy", "open_recall"):
+        a, b = (per_question(examples, texts[m], metric) for m in ("base", "sft"))
+        delta, ci = paired_bootstrap(a, b)
+        got = found[("synthetic", metric)]
+        assert got["delta"] == pytest.approx(delta) and got["ci95"] == pytest.approx(list(ci)) and got["n"] == a.size
+        assert got["ci95"][0] <= got["delta"] <= got["ci95"][1]
+    assert ("synthetic", "closed_accuracy") in found and ("damaged", "closed_accuracy") in found
+    assert "paired bootstrap 95% intervals" in (run["out"] / "results.md").read_text()
+
+
 def test_vqa_rad_answer_file_format(ray_session, vqa_rad_dir: Path, tmp_path: Path):
     vqa_rad = {"test_file": str(vqa_rad_dir / "test.json"), "limit": 20}
     cfg = build_config(EvaluateConfig, {"output_dir": str(tmp_path), "models": {"tiny": {"preset": "tiny"}},

@@ -82,11 +82,12 @@ def test_report_numbers_are_the_inputs(run_dir: Path) -> None:
     assert "| base | 1.25 | 0.50 | 40.00 | 35.00 |" in text
     # Self-training effect: sft → dpo deltas of closed accuracy, strict closed and open recall.
     # and the reference judge's head-to-head of the dpo answers against the sft ones.
-    assert ("| synthetic | sft → dpo | 55.00 → 61.50 (+6.50) | 50.00 → 57.25 (+7.25) | 20.00 → 45.50 (+25.50) "
-            "| 30.50 → 33.75 (+3.25) | 7/10/3 | 0.70 |") in text
+    # (An older summary has no bootstrap effects: their columns are dashes.)
+    assert ("| synthetic | sft → dpo | 55.00 → 61.50 (+6.50) | – | 50.00 → 57.25 (+7.25) | 20.00 → 45.50 (+25.50) "
+            "| 30.50 → 33.75 (+3.25) | – | 7/10/3 | 0.70 |") in text
     # base has no yes-share (an older summary): a dash, not a crash
-    assert ("| synthetic | base → dpo | 40.00 → 61.50 (+21.50) | 35.00 → 57.25 (+22.25) | – "
-            "| 1.25 → 33.75 (+32.50) | – | – |") in text
+    assert ("| synthetic | base → dpo | 40.00 → 61.50 (+21.50) | – | 35.00 → 57.25 (+22.25) | – "
+            "| 1.25 → 33.75 (+32.50) | – | – | – |") in text
     # Timing: the pipeline's own measurement wins over the stage summary's.
     assert "| sft | 72.2 |" in text and "| generate | 100.0 |" in text and "| total | 172.2 |" in text
     # Rows appear base, sft, dpo whatever the summary's order.
@@ -131,3 +132,30 @@ def test_served_request_is_reported_table_safe(tmp_path: Path) -> None:
     text = write_report(tmp_path).read_text()
     assert "`stmed-dpo` at http://127.0.0.1:8000 answered a request:" in text
     assert "| left \\| right? | – | left | left side |" in text
+
+
+def test_rounds_their_effects_with_intervals_and_the_gate(tmp_path: Path) -> None:
+    """A two-round run: both rounds' sections, every round against the one before with its bootstrap
+    interval, and the gate's decision with its reason."""
+    results = {m: {"synthetic": {"open_recall": r, "open_f1": 1.0, "closed_accuracy": c,
+                                 "closed_accuracy_strict": c}}
+               for m, r, c in (("dpo2", 31.0, 58.0), ("base", 10.0, 40.0), ("sft", 30.0, 50.0), ("dpo1", 32.0, 60.0))}
+    effects = [{"from": "sft", "to": "dpo1", "benchmark": "synthetic", "metric": "closed_accuracy", "delta": 10.0,
+                "ci95": [4.5, 15.25], "n": 300},
+               {"from": "dpo1", "to": "dpo2", "benchmark": "synthetic", "metric": "open_recall", "delta": -1.0,
+                "ci95": [-3.0, 1.0], "n": 200}]
+    write_summary(tmp_path / "evaluate", {"stage": "evaluate", "results": results, "effects": effects})
+    for r in (1, 2):
+        write_summary(tmp_path / f"generate{r}", {"stage": "generate", "pairs": 4})
+        write_summary(tmp_path / f"dpo{r}", {"stage": "dpo"})
+    write_json(tmp_path / "gate2" / "decision.json", {
+        "before": "dpo1", "after": "dpo2", "promoted": False, "closed_before": 60.0, "closed_after": 55.0,
+        "closed_delta": -5.0, "win_rate": 0.4, "wins": 4, "ties": 10, "losses": 6,
+        "reason": "closed accuracy 60.00 -> 55.00 (-5.00) is below the margin of -2 points"})
+    text = write_report(tmp_path).read_text()
+    assert "## Self-generated preferences, round 1" in text and "## Stage 2 — preference revelation (DPO), round 2" in text
+    assert "| synthetic | sft → dpo1 | 50.00 → 60.00 (+10.00) | +10.00 [+4.50, +15.25] |" in text
+    assert "| synthetic | dpo1 → dpo2 | 60.00 → 58.00 (-2.00) | – |" in text and "-1.00 [-3.00, +1.00]" in text
+    assert "| synthetic | base → dpo2 |" in text
+    assert "| dpo1 → dpo2 | 60.00 → 55.00 (-5.00) | 4/10/6 | 0.40 | **no** | closed accuracy 60.00" in text
+    assert text.index("| base |") < text.index("| sft |") < text.index("| dpo1 |") < text.index("| dpo2 |")

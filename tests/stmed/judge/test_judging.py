@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from stmed.config import ConfigError, build_config
-from stmed.judge.cache import CachedReply, ReplyCache
+from stmed.judge.cache import CachedReply, ReplyCache, image_digest
 from stmed.judge.judging import (
     JUDGE_SYSTEM_TEXT,
     JudgeSettings,
@@ -27,6 +27,7 @@ from stmed.judge.judging import (
     build_judge_messages,
     decide,
     judge_pair,
+    judge_text,
     make_client,
     make_limiter,
     parse_scores,
@@ -251,14 +252,15 @@ def test_limiter_bounds_requests_in_flight():
 
 def test_cache_round_trip_and_key(tmp_path: Path):
     cache = ReplyCache(tmp_path / "cache")
-    messages = build_judge_messages("q", "a", "b", IMAGE)
-    key = ReplyCache.key("gpt-4o", messages, 0.2)
+    text, image = judge_text("q", "a", "b"), image_digest(IMAGE)
+    key = ReplyCache.key("gpt-4o", text, 0.2, image)
     assert cache.get(key) is None
     cache.put(key, CachedReply("8 6\nfine", 100, 12))
     assert ReplyCache(tmp_path / "cache").get(key) == CachedReply("8 6\nfine", 100, 12)
-    assert key != ReplyCache.key("gpt-4o-mini", messages, 0.2)
-    assert key != ReplyCache.key("gpt-4o", messages, 0.0)
-    assert key != ReplyCache.key("gpt-4o", build_judge_messages("q", "b", "a", IMAGE), 0.2)
+    assert key != ReplyCache.key("gpt-4o-mini", text, 0.2, image)
+    assert key != ReplyCache.key("gpt-4o", text, 0.0, image)
+    assert key != ReplyCache.key("gpt-4o", judge_text("q", "b", "a"), 0.2, image)
+    assert key != ReplyCache.key("gpt-4o", text, 0.2, image_digest(IMAGE + "AAAA"))
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 

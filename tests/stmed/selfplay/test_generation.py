@@ -80,3 +80,24 @@ def test_settings_reject_bad_values_naming_the_key():
         GenerationSettings(question_top_p=1.5)
     assert GenerationSettings().answer_sampling == Sampling(1.2, 100, 0.95, 300)
     assert GenerationSettings().question_sampling == Sampling(1.2, 300, 0.95, 300)
+
+
+# ----------------------------------------------------------------------------- the Qwen2.5-VL family
+
+
+def test_qwen2_5_vl_describes_asks_and_answers_in_its_own_chat_format():
+    """Self-play on the other family: the prompts are ChatML, the questioner its own role, images of
+    different sizes in one batch; row-seeded sampling stays batch-independent."""
+    qwen = HFEngine(*load_model(ModelConfig(preset="tiny-qwen2.5-vl")), batch_size=8)
+    assert qwen.chat.name == "chatml"
+    images = _images(2) + [Image.fromarray(np.random.default_rng(9).integers(0, 256, (40, 64, 3), dtype=np.uint8))]
+    descriptions = generation.describe(qwen, images, Sampling(max_new_tokens=8))
+    assert len(descriptions) == 3 and all(isinstance(d, str) for d in descriptions)
+    questions = generation.ask_seeded(qwen, images, descriptions, [[1, 2], [3], [4]], SAMPLING)
+    assert [len(q) for q in questions] == [2, 1, 1]
+    flat = [q or "Is there a lesion?" for qs in questions for q in qs]
+    pairs = generation.answer_twice_seeded(qwen, [images[0], images[0], images[1], images[2]], flat,
+                                           [(11, 12), (13, 14), (21, 22), (31, 32)], SAMPLING)  # fmt: skip
+    alone = generation.answer_twice_seeded(qwen, images[2:], flat[3:], [(31, 32)], SAMPLING)
+    assert pairs[3] == alone[0] and any(a != b for a, b in pairs)
+    assert not any("<|im_" in text for pair in pairs for text in pair)

@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stmed.model.build import build_tiny, image_seq_len
+from stmed.config import ModelConfig
+from stmed.model import prompts
+from stmed.model.build import build_tiny, image_seq_len, load_model
 from stmed.model.generate import HFEngine
 from stmed.serve.contract import (
     APIError,
@@ -110,6 +112,21 @@ def test_answer_items_counts_tokens_within_each_requests_budget(tiny_engine):
         assert result["prompt_tokens"] > image_tokens
         assert result["total_tokens"] == result["prompt_tokens"] + result["completion_tokens"]
         assert result["truncated"] == (result["completion_tokens"] >= item.max_tokens)
+
+
+def test_qwen2_5_vl_prompt_tokens_are_counted_per_image():
+    """A Qwen2.5-VL image costs what its size makes it; the count is the processor's, token for token."""
+    model, processor = load_model(ModelConfig(preset="tiny-qwen2.5-vl"))
+    engine = HFEngine(model, processor, device="cpu", batch_size=4)
+    small = Image.open(io.BytesIO(png((64, 32)))).convert("RGB")
+    large = Image.open(io.BytesIO(png())).convert("RGB")
+    items = [VQAItem(small, "Is it normal?", 3), VQAItem(large, "Is it normal?", 3)]
+    results = answer_items(engine, None, items)
+    for item, result in zip(items, results):
+        text = prompts.answer_prompt(item.question, chat=engine.chat)
+        expected = processor(text=[text], images=[item.image], return_tensors="pt")["input_ids"].shape[1]
+        assert result["prompt_tokens"] == expected
+    assert results[1]["prompt_tokens"] - results[0]["prompt_tokens"] == 16 - 8
 
 
 # ----------------------------------------------------------------------------- hardening

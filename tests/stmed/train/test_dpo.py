@@ -288,3 +288,39 @@ def test_bf16_weights_train_without_autocast(synthetic, stage1, tmp_path):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=2e-2)  # bf16 rounding, same start
     projector = [p for n, p in session.model.named_parameters() if p.requires_grad and "projector" in n]
     assert projector and all(p.dtype == torch.bfloat16 for p in projector)  # fp32 here met bf16 features
+
+
+# ----------------------------------------------------------------------------- the Qwen2.5-VL family
+
+
+def test_qwen2_5_vl_first_step_is_ln2_and_its_reference_stays_exact(synthetic, tmp_path):
+    """DPO on the other family: the policy starts as the reference, and the reference's weights are the
+    stage-1 model's to the bit after training (merger included)."""
+    stage1 = tmp_path / "stage1"
+    model, processor = load_model(ModelConfig(preset="tiny-qwen2.5-vl", seed=3))
+    model.save_pretrained(stage1)
+    processor.save_pretrained(stage1)
+    prefs = write_preferences(tmp_path / "prefs.parquet", _pairs(_images(synthetic), 4))
+    session = LocalSession(tmp_path / "ckpt")
+    train_dpo(_loop_config(stage1, prefs, synthetic.images, tmp_path / "out", max_steps=4), session)
+    rows = MetricsLog(tmp_path / "out" / "metrics.jsonl").read()
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+    trained = session.model
+    stage1_state = load_model(ModelConfig(name_or_path=str(stage1)))[0].state_dict()
+    frozen = {n: p for n, p in trained.named_parameters() if not p.requires_grad}
+    assert len(frozen) == len(stage1_state)
+    for name, param in frozen.items():
+        assert torch.equal(param, stage1_state[_hf_name(name)]), name
+    lora_b = {n: p for n, p in trained.named_parameters() if "lora_B" in n}
+    assert any(".visual." in n for n in lora_b) and any("language_model" in n for n in lora_b)
+    assert all(p.abs().sum() > 0 for p in lora_b.values())
+    batch = collate_pairs([PreferenceDataset(_pairs(_images(synthetic), 2), synthetic.images, processor, 256)[(0, i)]
+                           for i in range(2)], processor.tokenizer.pad_token_id)  # fmt: skip
+    assert batch["image_grid_thw"].shape == (4, 3) and batch["input_ids"].shape[0] == 4
+    # The reference pass of the trained policy is the stage-1 model's forward, exactly.
+    fresh = load_model(ModelConfig(name_or_path=str(stage1)))[0].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reference_logps(trained, batch), forward_logps(fresh, batch), rtol=0, atol=1e-5)

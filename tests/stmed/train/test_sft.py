@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from stmed.config import ConfigError, LoRAConfig, ModelConfig, config_to_dict
 from stmed.data.sft import load_sft_data
 from stmed.data.synthetic import make_dataset
-from stmed.model.build import build_tiny, image_seq_len
+from stmed.model.build import build_tiny, image_seq_len, load_model
 from stmed.model.conversation import LOSS_NONE, LOSS_QA, LOSS_VQ, encode, render, to_turns
 from stmed.model.lora import attach_lora
 from stmed.model.prompts import SYSTEM_SQ
@@ -40,9 +40,9 @@ def _subset(paths, out: Path, n: int) -> Path:
     return out
 
 
-def _loop_config(instruct: Path, images: Path, out: Path, **train) -> dict:
+def _loop_config(instruct: Path, images: Path, out: Path, preset: str = "tiny", **train) -> dict:
     base = {"micro_batch_size": 2, "grad_accum_steps": 1, "max_length": 512, "log_every": 100, "checkpoint_every": 100}
-    cfg = SFTLoopConfig(model=ModelConfig(preset="tiny"), lora=LORA, train=TrainConfig(**{**base, **train}),
+    cfg = SFTLoopConfig(model=ModelConfig(preset=preset), lora=LORA, train=TrainConfig(**{**base, **train}),
                         instruct_path=str(instruct), image_root=str(images), output_dir=str(out),
                         export_merged=False)  # fmt: skip
     return config_to_dict(cfg, redact=False)
@@ -240,3 +240,34 @@ def test_non_finite_learning_rates_are_refused(value):
     with pytest.raises(ConfigError, match=r"train.lr_llm: expected a finite number"):
         build_config(SFTLoopConfig, {"model": {"preset": "tiny"}, "lora": {}, "instruct_path": "i", "image_root": "r",
                                      "output_dir": "o"}, [f"train.lr_llm={value}"])
+
+
+def test_qwen2_5_vl_preset_trains_every_group_and_nothing_else(synthetic, tmp_path):
+    """The same loop on the other family: per-image token counts, image grids, the merger as projector
+    (its merged export: tests/stmed/model/test_families.py)."""
+    instruct = _subset(synthetic, tmp_path / "two.json", 2)
+    config = _loop_config(instruct, synthetic.images, tmp_path / "out", preset="tiny-qwen2.5-vl",
+                          max_steps=15, sq_ratio=1.0, lr_llm=1e-2, lr_vit=1e-2, lr_projector=1e-2,
+                          warmup_ratio=0.0)  # fmt: skip
+    session = LocalSession(tmp_path / "ckpt")
+    train_sft(config, session)
+    rows = MetricsLog(tmp_path / "out" / "metrics.jsonl").read()
+    assert [r["step"] for r in rows] == list(range(1, 16))
+    assert rows[-1]["loss_vq"] < rows[0]["loss_vq"] and rows[-1]["loss_qa"] < rows[0]["loss_qa"]
+
+    fresh, _ = load_model(ModelConfig(preset="tiny-qwen2.5-vl"))
+    changed = {"llm": False, "vit": False, "projector": False}
+    for name, param in session.model.named_parameters():
+        if "lora_B" in name:
+            changed["vit" if ".visual." in name else "llm"] |= bool(param.abs().max() > 0)
+        elif "modules_to_save" in name:
+            assert ".merger." in name
+            original = fresh.get_parameter(name.replace("base_model.model.", "").replace(
+                ".modules_to_save.default", ""))  # fmt: skip
+            changed["projector"] |= not torch.equal(param.detach(), original)
+        elif "lora_A" not in name:
+            base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
+            base_name = base_name.replace(".original_module", "")
+            assert torch.equal(param.detach(), fresh.get_parameter(base_name)), f"base weight {name} changed"
+    assert changed == {"llm": True, "vit": True, "projector": True}
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
