@@ -51,23 +51,36 @@ def seed_row(run: Path) -> dict[str, Any]:
     """What one run's outputs say: per round its closed / recall deltas with intervals, win rate, gate."""
     summary = read_summary(run / "evaluate") or {}
     results = summary.get("results", {})
-    effects = {(e["from"], e["to"], e["metric"]): e for e in summary.get("effects", []) if e["benchmark"] == BENCHMARK}
+    effects = {
+        (e["from"], e["to"], e["metric"]): e
+        for e in summary.get("effects", [])
+        if e["benchmark"] == BENCHMARK
+    }
     prefs = (summary.get("judge_preference") or {}).get(BENCHMARK, {})
     rounds = sorted((m for m in results if m.startswith("dpo") and m[3:].isdigit()), key=lambda m: int(m[3:]))
     chain = ["sft", *rounds]
-    row: dict[str, Any] = {"run": str(run), "closed": {m: results[m][BENCHMARK]["closed_accuracy"] for m in chain},
-                           "recall": {m: results[m][BENCHMARK]["open_recall"] for m in chain}, "rounds": []}
+    row: dict[str, Any] = {
+        "run": str(run),
+        "closed": {m: results[m][BENCHMARK]["closed_accuracy"] for m in chain},
+        "recall": {m: results[m][BENCHMARK]["open_recall"] for m in chain},
+        "rounds": [],
+    }
     for before, after in zip(chain, chain[1:]):
         r = int(after[3:])
         decision = json.loads(p.read_text()) if (p := run / f"gate{r}" / "decision.json").is_file() else None
         generate = read_summary(run / f"generate{r}") or {}
-        row["rounds"].append({
-            "round": r, "closed": effects.get((before, after, "closed_accuracy")),
-            "recall": effects.get((before, after, "open_recall")),
-            "win_rate": (prefs.get(f"{after}_vs_{before}") or {}).get("win_rate"),
-            "promoted": None if decision is None else decision["promoted"],
-            "well_formed": (generate.get("questions_kept", 0) / generate["questions"]) if generate.get("questions") else None,
-        })
+        row["rounds"].append(
+            {
+                "round": r,
+                "closed": effects.get((before, after, "closed_accuracy")),
+                "recall": effects.get((before, after, "open_recall")),
+                "win_rate": (prefs.get(f"{after}_vs_{before}") or {}).get("win_rate"),
+                "promoted": None if decision is None else decision["promoted"],
+                "well_formed": (generate.get("questions_kept", 0) / generate["questions"])
+                if generate.get("questions")
+                else None,
+            }
+        )
     return row
 
 
@@ -81,18 +94,23 @@ def mean_ci(values: list[float]) -> tuple[float, float, float] | None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| seed | round | closed before → after | Δ closed [95% CI] | Δ recall [95% CI] | judge win rate "
-             "| well-formed | gate |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| seed | round | closed before → after | Δ closed [95% CI] | Δ recall [95% CI] | judge win rate "
+        "| well-formed | gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for seed, row in rows:
         chain = list(row["closed"])
         for rnd, (before, after) in zip(row["rounds"], zip(chain, chain[1:])):
             c, rc = rnd["closed"], rnd["recall"]
-            cells = [f"{row['closed'][before]:.1f} → {row['closed'][after]:.1f}",
-                     f"{c['delta']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]" if c else "–",
-                     f"{rc['delta']:+.1f} [{rc['ci95'][0]:+.1f}, {rc['ci95'][1]:+.1f}]" if rc else "–",
-                     "–" if rnd["win_rate"] is None else f"{rnd['win_rate']:.2f}",
-                     "–" if rnd["well_formed"] is None else f"{rnd['well_formed']:.2f}",
-                     {True: "promoted", False: "stopped", None: "–"}[rnd["promoted"]]]
+            cells = [
+                f"{row['closed'][before]:.1f} → {row['closed'][after]:.1f}",
+                f"{c['delta']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]" if c else "–",
+                f"{rc['delta']:+.1f} [{rc['ci95'][0]:+.1f}, {rc['ci95'][1]:+.1f}]" if rc else "–",
+                "–" if rnd["win_rate"] is None else f"{rnd['win_rate']:.2f}",
+                "–" if rnd["well_formed"] is None else f"{rnd['well_formed']:.2f}",
+                {True: "promoted", False: "stopped", None: "–"}[rnd["promoted"]],
+            ]
             lines.append(f"| {seed} | {rnd['round']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -126,10 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, agg in summary.items():
         ci = agg["closed_delta"]
         text = "–" if ci is None else f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]"
-        print(f"{name}: closed Δ over {agg['seeds']} seeds {text}; judge win rate {agg['win_rate']}; beat the "
-              f"round before on {agg['beat_previous']}, stopped by the gate on {agg['stopped_by_gate']}")
+        print(
+            f"{name}: closed Δ over {agg['seeds']} seeds {text}; judge win rate {agg['win_rate']}; beat the "
+            f"round before on {agg['beat_previous']}, stopped by the gate on {agg['stopped_by_gate']}"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"rows": [{"seed": s, **r} for s, r in rows], "aggregate": summary}, indent=2))
+        args.out.write_text(
+            json.dumps({"rows": [{"seed": s, **r} for s, r in rows], "aggregate": summary}, indent=2)
+        )
     return 0
 
 

@@ -67,8 +67,13 @@ def main(cfg: WarmupConfig) -> dict[str, Any]:
                "samples_used": data["samples_used"], "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"],
                "wall_time_s": time.time() - started, "outputs": {"merged": str(out / "merged")}}  # fmt: skip
     write_summary(out, summary)
-    log.info("warm-up done: %d steps, loss %.3f -> %.3f; base in %s", summary["steps"], summary["first_loss"],
-             summary["final_loss"], out / "merged")
+    log.info(
+        "warm-up done: %d steps, loss %.3f -> %.3f; base in %s",
+        summary["steps"],
+        summary["first_loss"],
+        summary["final_loss"],
+        out / "merged",
+    )
     return summary
 
 

@@ -38,7 +38,9 @@ class GateConfig:
             raise ConfigError("gate.closed_margin must be >= 0 and gate.win_margin in [0, 0.5)")
 
 
-def decide(summary: dict[str, Any], before: str, after: str, benchmark: str, gate: GateConfig) -> dict[str, Any]:
+def decide(
+    summary: dict[str, Any], before: str, after: str, benchmark: str, gate: GateConfig
+) -> dict[str, Any]:
     """Promote ``after`` over ``before``? From a ``jobs.evaluate`` summary of both on the gate slice."""
     closed = {m: summary["results"][m][benchmark]["closed_accuracy"] for m in (before, after)}
     head = summary.get("judge_preference", {}).get(benchmark, {}).get(f"{after}_vs_{before}", {})
@@ -51,7 +53,17 @@ def decide(summary: dict[str, Any], before: str, after: str, benchmark: str, gat
     if win_rate is not None and win_rate < 0.5 - gate.win_margin:
         reasons.append(f"the judge prefers {after} on {win_rate:.2f} of the decided questions, below "
                        f"{0.5 - gate.win_margin:.2f}")  # fmt: skip
-    return {"before": before, "after": after, "benchmark": benchmark, "promoted": not reasons,
-            "closed_before": closed[before], "closed_after": closed[after], "closed_delta": delta,
-            "win_rate": win_rate, "wins": head.get("wins"), "ties": head.get("ties"), "losses": head.get("losses"),
-            "reason": "; ".join(reasons) or "not worse than the previous round on the held-out slice"}
+    return {
+        "before": before,
+        "after": after,
+        "benchmark": benchmark,
+        "promoted": not reasons,
+        "closed_before": closed[before],
+        "closed_after": closed[after],
+        "closed_delta": delta,
+        "win_rate": win_rate,
+        "wins": head.get("wins"),
+        "ties": head.get("ties"),
+        "losses": head.get("losses"),
+        "reason": "; ".join(reasons) or "not worse than the previous round on the held-out slice",
+    }

@@ -55,10 +55,27 @@ log = get_logger(__name__)
 
 PAD_TOKEN = "<pad>"
 TEXT_MODEL_TYPES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
-TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-             "rope_scaling", "sliding_window", "attention_dropout", "attention_bias", "mlp_bias",
-             "tie_word_embeddings", "bos_token_id", "eos_token_id", "vocab_size", "head_dim")
+TEXT_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "sliding_window",
+    "attention_dropout",
+    "attention_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "vocab_size",
+    "head_dim",
+)
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
 SHARD_BYTES = 4 * 1024**3
@@ -96,12 +113,14 @@ def read_original(src: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def _vision_weights(weights: dict[str, torch.Tensor], vision_tower: Path | None) -> dict[str, torch.Tensor]:
     """The CLIP tower's ``vision_model.*`` weights: in the checkpoint (LLaVA-Med) or from ``vision_tower``."""
-    inside = {k[len(VISION_PREFIX):]: v for k, v in weights.items() if k.startswith(VISION_PREFIX)}
+    inside = {k[len(VISION_PREFIX) :]: v for k, v in weights.items() if k.startswith(VISION_PREFIX)}
     if inside:
         return inside
     if vision_tower is None:
-        raise ValueError("the checkpoint holds no vision tower weights (LLaVA-1.5 loads CLIP separately); "
-                         "pass --vision-tower DIR, a CLIP ViT-L/14-336 checkpoint folder")
+        raise ValueError(
+            "the checkpoint holds no vision tower weights (LLaVA-1.5 loads CLIP separately); "
+            "pass --vision-tower DIR, a CLIP ViT-L/14-336 checkpoint folder"
+        )
     found: dict[str, torch.Tensor] = {}
     for file in sorted(Path(vision_tower).glob("*.safetensors")):
         found.update({k[len("vision_model."):]: v for k, v in load_file(str(file)).items()
@@ -153,10 +172,10 @@ def hf_weights(weights: dict[str, torch.Tensor], vision: dict[str, torch.Tensor]
         if key.startswith("model.vision_tower."):
             continue
         if key.startswith("model.mm_projector."):
-            index, rest = key[len("model.mm_projector."):].split(".", 1)
+            index, rest = key[len("model.mm_projector.") :].split(".", 1)
             out[f"model.multi_modal_projector.linear_{1 + int(index) // 2}.{rest}"] = value
         elif key.startswith("model."):
-            out["model.language_model." + key[len("model."):]] = value
+            out["model.language_model." + key[len("model.") :]] = value
         elif key == "lm_head.weight":
             out[key] = value
         else:
@@ -206,7 +225,8 @@ def _save_shards(tensors: dict[str, torch.Tensor], dst: Path) -> None:
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (dst / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
 
 
 def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = None) -> Path:
@@ -234,8 +254,15 @@ def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = 
         num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
     )  # fmt: skip
     processor.save_pretrained(dst)
-    log.info("converted %s (%s) to %s: %d tensors, tokens added %s, %d image tokens", src,
-             original["architectures"][0], dst, len(tensors), added or "none", config.image_seq_length)
+    log.info(
+        "converted %s (%s) to %s: %d tensors, tokens added %s, %d image tokens",
+        src,
+        original["architectures"][0],
+        dst,
+        len(tensors),
+        added or "none",
+        config.image_seq_length,
+    )
     return dst
 
 
@@ -243,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stmed.convert", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="original-layout LLaVA folder (LlavaLlama/LlavaMistralForCausalLM)")
     parser.add_argument("dst", help="folder to write the llava-hf layout checkpoint to")
-    parser.add_argument("--vision-tower", default=None,
-                        help="CLIP checkpoint folder, for checkpoints that do not hold the tower's weights")
+    parser.add_argument(
+        "--vision-tower",
+        default=None,
+        help="CLIP checkpoint folder, for checkpoints that do not hold the tower's weights",
+    )
     args = parser.parse_args(argv)
     try:
         convert(args.src, args.dst, args.vision_tower)

@@ -19,12 +19,22 @@ from tests.jobs.test_serve import LOCAL
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 REQUESTS = [
     [{"role": "user", "content": [IMAGE, {"type": "text", "text": "Is there a lesion?"}]}],
-    [{"role": "system", "content": "You are a radiologist."},
-     {"role": "user", "content": [{"type": "text", "text": "  Which organ"}, IMAGE,
-                                  {"type": "text", "text": "is shown? "}]}],
-    [{"role": "user", "content": [IMAGE, {"type": "text", "text": "First question?"}]},
-     {"role": "assistant", "content": "An answer."},
-     {"role": "user", "content": [IMAGE, {"type": "text", "text": "What's the \"side\"\\n of it?"}]}],
+    [
+        {"role": "system", "content": "You are a radiologist."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "  Which organ"},
+                IMAGE,
+                {"type": "text", "text": "is shown? "},
+            ],
+        },
+    ],
+    [
+        {"role": "user", "content": [IMAGE, {"type": "text", "text": "First question?"}]},
+        {"role": "assistant", "content": "An answer."},
+        {"role": "user", "content": [IMAGE, {"type": "text", "text": 'What\'s the "side"\\n of it?'}]},
+    ],
 ]
 
 

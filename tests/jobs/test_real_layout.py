@@ -91,9 +91,14 @@ def test_generate_self_plays_on_the_stage1_export(ray_session, root, data, sft_r
     # says so and fails (exit 1, no summary.json) instead of handing DPO an empty file.
     with pytest.raises(NothingProduced, match=r"no preference pairs from 3 images: 0 of 6 questions kept"):
         _timed("generate", lambda: generate.main(cfg))
-    rows = [r for part in sorted((root / "generate" / "parts").glob("*.parquet"))
-            for r in pq.read_table(part).to_pylist()]
-    assert len(rows) == 6 and {r["status"] for r in rows} == {"question_filtered"}  # described, asked, filtered
+    rows = [
+        r
+        for part in sorted((root / "generate" / "parts").glob("*.parquet"))
+        for r in pq.read_table(part).to_pylist()
+    ]
+    assert len(rows) == 6 and {r["status"] for r in rows} == {
+        "question_filtered"
+    }  # described, asked, filtered
     assert not (root / "generate" / "summary.json").exists()
 
 
@@ -121,7 +126,10 @@ def test_dpo_uses_every_pair_and_starts_at_ln2(dpo_run):
 
 
 def test_evaluate_answers_the_synthetic_benchmark_and_vqa_rad(ray_session, root, data, dpo_run, vqa_rad_dir):
-    shipped = {**read_yaml(LOCAL / "evaluate.yaml"), "models": {"dpo": {"name_or_path": dpo_run["outputs"]["merged"]}}}
+    shipped = {
+        **read_yaml(LOCAL / "evaluate.yaml"),
+        "models": {"dpo": {"name_or_path": dpo_run["outputs"]["merged"]}},
+    }
     cfg = build_config(evaluate.EvaluateConfig, shipped, [
         f"output_dir={root / 'evaluate'}", f"data_dir={root / 'data'}", "limit=6", "max_new_tokens=4",
         f"benchmarks.vqa_rad.test_file={vqa_rad_dir / 'test_w_options.json'}",
@@ -143,8 +151,12 @@ def test_the_endpoint_answers_over_http(ray_session, root, data, dpo_run):
     result = _timed("serve", lambda: serve.main(cfg))
     try:
         image = next(data.images.glob("*.png"))
-        reply = httpx.post(f"{result.url}/v1/vqa", data={"question": "Is there a lesion in the image?"},
-                           files={"image": (image.name, image.read_bytes(), "image/png")}, timeout=60)
+        reply = httpx.post(
+            f"{result.url}/v1/vqa",
+            data={"question": "Is there a lesion in the image?"},
+            files={"image": (image.name, image.read_bytes(), "image/png")},
+            timeout=60,
+        )
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert isinstance(body["answer"], str) and body["usage"]["prompt_tokens"] > 576

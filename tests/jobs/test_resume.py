@@ -31,12 +31,21 @@ def test_a_rerun_after_the_driver_was_killed_resumes_from_the_checkpoint(ray_ses
     overrides = [f"output_dir={out}", "data.synthetic_images=30", "train.max_steps=60",
                  "train.micro_batch_size=2", "train.grad_accum_steps=1", "train.global_batch_size=4",
                  "train.checkpoint_every=10", "train.log_every=10"]  # fmt: skip
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.sft", "--config", str(LOCAL), *overrides], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.sft", "--config", str(LOCAL), *overrides],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and driver.poll() is None:
-            steps = [r["step"] for r in MetricsLog(out / "metrics.jsonl").read()] if (out / "metrics.jsonl").is_file() else []
+            steps = (
+                [r["step"] for r in MetricsLog(out / "metrics.jsonl").read()]
+                if (out / "metrics.jsonl").is_file()
+                else []
+            )
             if steps and max(steps) >= 13:
                 break
             time.sleep(0.2)

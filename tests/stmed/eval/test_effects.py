@@ -36,10 +36,18 @@ def test_paired_bootstrap_is_exact_at_the_extremes_and_reproducible():
 
 
 def test_effects_cover_every_pair_and_metric_with_questions():
-    examples = [_example(i, "yes" if i % 2 else "no", "CLOSED") for i in range(20)] + [_example(99, "mass", "OPEN")]
+    examples = [_example(i, "yes" if i % 2 else "no", "CLOSED") for i in range(20)] + [
+        _example(99, "mass", "OPEN")
+    ]
     texts = {"sft": ["no"] * 20 + ["mass"], "dpo1": ["yes" if i % 2 else "no" for i in range(20)] + ["none"]}
     found = effects("synthetic", examples, texts, [("sft", "dpo1")])
     by_metric = {e["metric"]: e for e in found}
-    assert by_metric["closed_accuracy"]["delta"] == pytest.approx(50.0) and by_metric["closed_accuracy"]["n"] == 20
-    assert by_metric["open_recall"]["delta"] == -100.0 and by_metric["open_recall"]["ci95"] == [-100.0, -100.0]
+    assert (
+        by_metric["closed_accuracy"]["delta"] == pytest.approx(50.0)
+        and by_metric["closed_accuracy"]["n"] == 20
+    )
+    assert by_metric["open_recall"]["delta"] == -100.0 and by_metric["open_recall"]["ci95"] == [
+        -100.0,
+        -100.0,
+    ]
     assert {e["from"] for e in found} == {"sft"} and {e["benchmark"] for e in found} == {"synthetic"}

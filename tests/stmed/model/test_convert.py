@@ -31,22 +31,28 @@ def converted(original, tmp_path_factory) -> Path:
     return convert(original, tmp_path_factory.mktemp("llava-med-hf"))
 
 
-def reference_logits(original: Path, before: list[int], pixels: torch.Tensor, after: list[int]) -> torch.Tensor:
+def reference_logits(
+    original: Path, before: list[int], pixels: torch.Tensor, after: list[int]
+) -> torch.Tensor:
     """The LLaVA code's forward: CLIP read at layer -2 without CLS, the mlp2x_gelu projector, its output
     spliced into the text embeddings where the prompt's image sits, the Mistral decoder on top."""
     weights = load_file(str(original / "model.safetensors"))
     config = json.loads((original / "config.json").read_text())
-    text = MistralForCausalLM(MistralConfig(**{k: config[k] for k in (*ORIGINAL_TEXT, "vocab_size",
-                                                                      "rms_norm_eps", "rope_theta")}))
-    text.load_state_dict({k: v for k, v in weights.items() if not k.startswith(("model.mm_", "model.vision"))})
+    text = MistralForCausalLM(
+        MistralConfig(**{k: config[k] for k in (*ORIGINAL_TEXT, "vocab_size", "rms_norm_eps", "rope_theta")})
+    )
+    text.load_state_dict(
+        {k: v for k, v in weights.items() if not k.startswith(("model.mm_", "model.vision"))}
+    )
     tower = CLIPVisionModel(CLIPVisionConfig(**ORIGINAL_VISION))
     prefix = "model.vision_tower.vision_tower.vision_model."
-    tower.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    tower.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
     text.eval(), tower.eval()
     with torch.no_grad():
         features = tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-        hidden = torch.nn.functional.gelu(features @ weights["model.mm_projector.0.weight"].T
-                                          + weights["model.mm_projector.0.bias"])
+        hidden = torch.nn.functional.gelu(
+            features @ weights["model.mm_projector.0.weight"].T + weights["model.mm_projector.0.bias"]
+        )
         image = hidden @ weights["model.mm_projector.2.weight"].T + weights["model.mm_projector.2.bias"]
         embed = text.get_input_embeddings()
         inputs = torch.cat([embed(torch.tensor([before])), image, embed(torch.tensor([after]))], dim=1)
@@ -61,7 +67,9 @@ def test_converted_logits_equal_the_original_forward_pass(original, converted):
     assert image_id == vocab and tokenizer.pad_token_id == vocab + 1  # both added after the original vocab
     assert model.config.image_seq_length == 16 and model.config.vision_feature_layer == -2
     before = tokenizer("USER: ")["input_ids"]
-    after = tokenizer(" Is there a lesion in the left lung? ASSISTANT:", add_special_tokens=False)["input_ids"]
+    after = tokenizer(" Is there a lesion in the left lung? ASSISTANT:", add_special_tokens=False)[
+        "input_ids"
+    ]
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     ids = torch.tensor([before + [image_id] * 16 + after])
     with torch.no_grad():
@@ -76,8 +84,11 @@ def test_converted_processor_expands_the_image_and_loads_without_warnings_of_mis
     model, processor = load_model(ModelConfig(name_or_path=str(converted)))
     from PIL import Image
 
-    batch = processor(text=["USER: <image>\nWhat is it? ASSISTANT:"], images=[Image.new("RGB", (80, 60))],
-                      return_tensors="pt")
+    batch = processor(
+        text=["USER: <image>\nWhat is it? ASSISTANT:"],
+        images=[Image.new("RGB", (80, 60))],
+        return_tensors="pt",
+    )
     assert (batch["input_ids"] == model.config.image_token_index).sum() == 16
     assert batch["pixel_values"].shape == (1, 3, 56, 56)
     names = set(load_file(str(converted / "model.safetensors")))
@@ -95,7 +106,12 @@ def test_other_projectors_are_refused_by_name(original, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps(config))
-    proc = subprocess.run([sys.executable, "-m", "stmed.convert", str(bad), str(tmp_path / "out")], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stmed.convert", str(bad), str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "mlp3x_gelu" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()

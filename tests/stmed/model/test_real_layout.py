@@ -84,16 +84,21 @@ def test_the_answer_prompt_is_a_token_prefix_of_the_training_text(loaded):
     prompt = tokenizer(answer_prompt("What modality is this?"))["input_ids"]
     prompt = [i for p in prompt for i in ([p] * seq_len if p == 32000 else [p])]
     assert trained[: len(prompt)] == prompt  # generation continues exactly where training text goes on
-    assert "".join(tokenizer.convert_ids_to_tokens(trained[len(prompt):])).replace("▁", " ") == (
-        " This is a chest X-ray.</s>")
+    assert "".join(tokenizer.convert_ids_to_tokens(trained[len(prompt) :])).replace("▁", " ") == (
+        " This is a chest X-ray.</s>"
+    )
 
 
 def test_generation_stops_at_the_eos_and_pads_a_mixed_batch(loaded):
     model, processor = loaded
     engine = HFEngine(model, processor, batch_size=2)
     images = [Image.new("RGB", (64, 48), (90, 90, 90)), Image.new("RGB", (40, 40), (10, 10, 10))]
-    texts = answer(engine, images, ["Is there a lesion?", "Which organ is shown in this image, in detail?"],
-                   Sampling(max_new_tokens=5))
+    texts = answer(
+        engine,
+        images,
+        ["Is there a lesion?", "Which organ is shown in this image, in detail?"],
+        Sampling(max_new_tokens=5),
+    )
     assert len(texts) == 2 and all("</s>" not in t and "<pad>" not in t for t in texts)
 
 
@@ -102,8 +107,11 @@ def test_no_processor_config_counts_image_tokens_from_the_model_config(tmp_path)
     folder = build_llava_hf(tmp_path / "m", drop=("processor_config.json",))
     processor = load_processor(ModelConfig(name_or_path=str(folder)))
     assert image_seq_len(processor) == 576
-    batch = processor(text=["USER: <image>\nWhat is it? ASSISTANT:"], images=[Image.new("RGB", (50, 70))],
-                      return_tensors="pt")
+    batch = processor(
+        text=["USER: <image>\nWhat is it? ASSISTANT:"],
+        images=[Image.new("RGB", (50, 70))],
+        return_tensors="pt",
+    )
     assert int((batch["input_ids"] == 32000).sum()) == 576  # expanded, as the model expects
 
 
@@ -116,13 +124,18 @@ def test_a_sentencepiece_only_checkpoint_loads_and_tokenizes_as_the_fast_one(tmp
     folder = build_llava_hf(tmp_path / "m", drop=("tokenizer.json",))
     processor = load_processor(ModelConfig(name_or_path=str(folder)))
     fast = loaded[1].tokenizer
-    for text in (SYSTEM_SQ + " USER: Is there a pneumothorax? ASSISTANT:", "The lesion is in the left lower lobe."):
+    for text in (
+        SYSTEM_SQ + " USER: Is there a pneumothorax? ASSISTANT:",
+        "The lesion is in the left lower lobe.",
+    ):
         assert processor.tokenizer(text)["input_ids"] == fast(text)["input_ids"]
     turns = to_turns(CONVERSATION[:4], sq_ratio=1.0, rng=random.Random(0))
     encoded = encode(render(turns, SYSTEM_SQ), processor.tokenizer, 576, max_length=1024)
     assert _pieces(encoded, processor.tokenizer) == [
-        ("qa", " This is a chest X-ray.</s>"), ("vq", " Where is the lesion?</s>"),
-        ("qa", " The lesion is in the left lower lobe.</s>")]
+        ("qa", " This is a chest X-ray.</s>"),
+        ("vq", " Where is the lesion?</s>"),
+        ("qa", " The lesion is in the left lower lobe.</s>"),
+    ]
 
 
 def test_a_tokenizer_without_a_pad_token_batches_and_generates(tmp_path):
@@ -132,12 +145,18 @@ def test_a_tokenizer_without_a_pad_token_batches_and_generates(tmp_path):
     tokenizer = processor.tokenizer
     assert tokenizer.pad_token_id is not None
     rng = random.Random(0)
-    items = [encode(render(to_turns(CONVERSATION[:n], 0.0, rng), SYSTEM_SQ), tokenizer, 576, 1024) for n in (2, 4)]
+    items = [
+        encode(render(to_turns(CONVERSATION[:n], 0.0, rng), SYSTEM_SQ), tokenizer, 576, 1024) for n in (2, 4)
+    ]
     batch = collate(items, tokenizer.pad_token_id)
     assert batch["attention_mask"].sum(1).tolist() == [len(i) for i in items]
     engine = HFEngine(model, processor, batch_size=2)
-    out = answer(engine, [Image.new("RGB", (40, 40))] * 2, ["Is it normal?", "Which organ is it, please?"],
-                 Sampling(max_new_tokens=3))
+    out = answer(
+        engine,
+        [Image.new("RGB", (40, 40))] * 2,
+        ["Is it normal?", "Which organ is it, please?"],
+        Sampling(max_new_tokens=3),
+    )
     assert len(out) == 2
 
 
@@ -159,5 +178,9 @@ def test_the_length_budget_names_the_key_and_a_value_that_fits(loaded):
         check_length_budget(TrainConfig(max_length=512), tokens)
     for stage in ("sft", "dpo"):
         shipped = yaml.safe_load((REPO / "jobs" / "configs" / "local" / f"{stage}.yaml").read_text())["train"]
-        check_length_budget(build_config(TrainConfig, {k: v for k, v in shipped.items()
-                                                       if k in TrainConfig.__dataclass_fields__}), tokens)
+        check_length_budget(
+            build_config(
+                TrainConfig, {k: v for k, v in shipped.items() if k in TrainConfig.__dataclass_fields__}
+            ),
+            tokens,
+        )
