@@ -233,9 +233,10 @@ def judge_preferences(cfg: EvaluateConfig, benchmarks: list[Benchmark], out: Pat
 
 
 def effect_pairs(cfg: EvaluateConfig) -> list[tuple[str, str]]:
-    """(from, to): each model against the one before it in ``models``, and every ``compare`` pair."""
+    """(from, to): each model against the one before it in ``models``, the first against the last (the
+    whole self-training, base to the last round), and every ``compare`` pair."""
     names = list(cfg.models)
-    pairs = list(zip(names, names[1:]))
+    pairs = list(zip(names, names[1:])) + ([(names[0], names[-1])] if len(names) > 2 else [])
     pairs += [(b, a) for a, b in cfg.compare.items() if a in cfg.models and b in cfg.models]
     return list(dict.fromkeys(pairs))
 

@@ -333,7 +333,7 @@ def timing_section(run_dir: Path) -> Section:
     path = run_dir / PIPELINE_RECORD
     measured = json.loads(path.read_text()).get("stages", {}) if path.is_file() else {}
     walls = {}
-    for stage in dict.fromkeys([*STAGE_NAMES, *measured]):
+    for stage in dict.fromkeys(["data", *measured, *STAGE_NAMES]):  # the order they ran in
         wall = _number((measured.get(stage) or {}).get("wall_s"))
         wall = wall if wall is not None else _number((read_summary(run_dir / stage) or {}).get("wall_time_s"))
         if wall is not None:
