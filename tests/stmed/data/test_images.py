@@ -20,9 +20,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_windowing
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from stmed.data.images import (
     DATA_URL_PREFIX,
@@ -34,6 +32,7 @@ from stmed.data.images import (
     load_image,
     pixel_digest,
 )
+from tests.malformed import PATIENT, malformed_dicoms, patient_dicom, with_length
 
 
 def dicom_file(name: str) -> Path:
@@ -313,59 +312,11 @@ def test_extreme_sides_and_aspect_ratios_are_refused_before_decoding(tmp_path):
 
 # ---------------------------------------------------------------- malformed DICOM: no patient data out
 
-PATIENT = {"PatientName": "Zyxwvut^Quorra", "PatientID": "PID-8675309-QX", "PatientBirthDate": "19470321",
-           "InstitutionName": "Sankt Quux Klinikum"}
-
-
-def _patient_dicom() -> bytes:
-    """A valid 4x4 DICOM whose patient tags hold values no other test data contains."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    for tag, value in PATIENT.items():
-        setattr(ds, tag, value)
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, "1.2.3.4"
-    ds.Rows = ds.Columns = 4
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = bytes(range(16))
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _with_length(data: bytes, element: bytes, length: int) -> bytes:
-    """``data`` with the 2-byte value length of an explicit-VR element (tag + VR bytes) replaced."""
-    at = data.index(element) + len(element)
-    return data[:at] + struct.pack("<H", length) + data[at + 2:]
-
-
-def _malformed_dicoms() -> dict[str, bytes]:
-    good = _patient_dicom()
-    transfer_syntax = b"\x02\x00\x10\x00UI"  # (0002,0010) TransferSyntaxUID
-    rest = len(good) - good.index(transfer_syntax) - 8
-    rows = good.index(b"\x28\x00\x10\x00US")  # (0028,0010) Rows
-    return {
-        # the value swallows the whole dataset: pydicom warns "Invalid value for VR UI: '...'" with all of it
-        "transfer syntax swallows the dataset": _with_length(good, transfer_syntax, rest),
-        "transfer syntax swallows 212 bytes": _with_length(good, transfer_syntax, 212),
-        # an odd-length US value holding patient text: BytesLengthException, which quotes the bytes
-        "Rows holds 13 bytes": good[:rows] + b"\x28\x00\x10\x00US" + struct.pack("<H", 13)
-        + PATIENT["PatientID"][:13].encode() + good[rows + 10:],
-        "cut inside the meta group length": good[:141],
-        "pixel data shorter than declared": good[:-6],
-    }
-
-
 def test_malformed_dicom_puts_no_patient_data_in_warnings_logs_or_errors(tmp_path, caplog, recwarn, capfd):
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="pydicom")
     texts = []
-    for label, data in _malformed_dicoms().items():
+    for label, data in malformed_dicoms().items():
         path = tmp_path / f"{label.replace(' ', '_')}.dcm"
         path.write_bytes(data)
         with pytest.raises(ImageLoadError) as info:
@@ -383,12 +334,12 @@ def test_malformed_dicom_puts_no_patient_data_in_warnings_logs_or_errors(tmp_pat
 
 def test_every_pydicom_failure_is_an_image_load_error():
     """Every cut and every length of the transfer syntax: an image or ImageLoadError, never pydicom's own."""
-    good = _patient_dicom()
+    good = patient_dicom()
     assert np.array_equal(pixels(decode_image(good, "ok.dcm"))[..., 0].ravel(), np.rint(np.arange(16) * 17))
     transfer_syntax = b"\x02\x00\x10\x00UI"
     cases = {f"cut at {n}": good[:n] for n in range(132, len(good))}
-    cases |= {f"length {n}": _with_length(good, transfer_syntax, n) for n in range(0, 400, 3)}
-    cases |= _malformed_dicoms()
+    cases |= {f"length {n}": with_length(good, transfer_syntax, n) for n in range(0, 400, 3)}
+    cases |= malformed_dicoms()
     reasons = set()
     for label, data in cases.items():
         try:
