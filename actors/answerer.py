@@ -122,6 +122,9 @@ def vllm_answer(ds: ray.data.Dataset, model_path: str, system: str = "sq", max_n
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from actors.vllm_generator import vllm_request
+    from stmed.model.build import checkpoint_chat
+
+    chat = checkpoint_chat(model_path)  # the checkpoint family's chat format (Vicuna, ChatML)
 
     config = vLLMEngineProcessorConfig(
         model_source=model_path, engine_kwargs={"max_model_len": 4096}, batch_size=batch_size,
@@ -133,8 +136,8 @@ def vllm_answer(ds: ray.data.Dataset, model_path: str, system: str = "sq", max_n
     sampling = dataclasses.replace(GREEDY, max_new_tokens=max_new_tokens)
 
     def request(row: dict[str, Any]) -> dict[str, Any]:  # the input columns ride along to the postprocess
-        prompt = prompts.answer_prompt(str(row["question"]), system=system_text)
-        return {**row, **vllm_request(row, prompt, sampling, seed=None)}
+        prompt = prompts.answer_prompt(str(row["question"]), system=system_text, chat=chat)
+        return {**row, **vllm_request(row, prompt, sampling, seed=None, chat=chat)}
 
     loaded = ds.map_batches(_with_image_url, batch_format="numpy")
     processor = build_processor(

@@ -1,4 +1,4 @@
-"""The judge as a Ray Data actor: an async OpenAI client that scores a batch of answer pairs at once.
+"""The judge as a Ray Data actor: an async chat-completions client that scores a batch of pairs at once.
 
     ds.map_batches(
         Judge,
@@ -12,7 +12,8 @@ UDF. Each actor builds ``Judge`` once, starts one asyncio event loop in a daemon
 loop up to ``RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY`` (default 4) batches at a time, handing
 the results back in input order. All batches of an actor therefore share this instance's client,
 semaphore and rate buckets, which is what makes ``max_in_flight`` a per-actor bound. ``__init__`` runs
-outside that loop: nothing here may need a running loop at construction (the semaphore binds lazily).
+outside that loop: nothing here may need a running loop at construction (the semaphore binds lazily,
+the direct transport opens its HTTP session on the first request).
 
 ``num_actors`` should be the pool's ``max_size``: the run-wide RPM/TPM budgets are split by it.
 The API key is read from ``settings.api_key_env`` inside the actor, so on a cluster that variable
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 from typing import Any
 
 import numpy as np
 
 from stmed.config import build_config
 from stmed.judge.cache import ReplyCache
-from stmed.judge.judging import JudgeSettings, JudgeVerdict, judge_pair, make_client, make_limiter
+from stmed.judge.judging import JudgeSettings, JudgeVerdict, judge_pair, make_limiter, make_transport
 
 INPUT_COLUMNS = ("pair_id", "question", "answer1", "answer2", "image_data_url")
 VERDICT_COLUMNS = tuple(f.name for f in dataclasses.fields(JudgeVerdict) if f.name != "pair_id")
@@ -46,11 +48,16 @@ class Judge:
 
     def __init__(self, settings: JudgeSettings | dict[str, Any], num_actors: int = 1,
                  http_client: Any = None):
-        """``http_client`` (an ``httpx.AsyncClient``) is for in-process use, e.g. a mock transport."""
+        """``http_client`` (an ``httpx.AsyncClient``, sent through the openai SDK) is for in-process use,
+        e.g. a mock transport."""
         self.settings = settings if isinstance(settings, JudgeSettings) else build_config(JudgeSettings, settings)
-        self.client = make_client(self.settings, http_client)
+        self.client = make_transport(self.settings, http_client)
         self.limiter = make_limiter(self.settings, num_actors)
         self.cache = ReplyCache(self.settings.cache_dir) if self.settings.cache_dir else None
+        # What the actor process has imported (Ray, torch, transformers: ~300k objects) lives as long as
+        # the process. Left in the collector, every full collection re-scans it for ~200 ms, a stall of
+        # the event loop that every request in flight waits out; frozen, it is never scanned again.
+        gc.freeze()
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [name for name in INPUT_COLUMNS if name not in batch]

@@ -48,7 +48,7 @@ from ray import serve
 from stmed.config import ConfigError, ModelConfig
 from stmed.log import get_logger
 from stmed.model import prompts
-from stmed.model.build import image_seq_len, load_model
+from stmed.model.build import checkpoint_chat, load_model
 from stmed.model.generate import HFEngine
 from stmed.serve.contract import (
     LimitsConfig,
@@ -160,7 +160,7 @@ class VQADeployment:
         self.engine = HFEngine(hf_model, processor, device=device, batch_size=batching.max_batch_size)
         self.model_name, self.limits, self.key_digest = model_name, limits, api_key_sha256
         self.specials = list(processor.tokenizer.all_special_tokens)
-        self.image_tokens = image_seq_len(processor)
+        self.image_tokens = None  # counted per image by the processor (Qwen2.5-VL: it depends on the size)
         self.batch_sizes: Counter[int] = Counter()
         self.failures = 0  # consecutive failed batches; a broken engine (lost GPU) makes the replica unhealthy
         # Requests past their body read: bounds the decoded images in memory, as max_ongoing_requests did.
@@ -270,19 +270,21 @@ def build_vllm_app(model_path: str, model_name: str, dtype: str, autoscaling: Au
                                    "target_ongoing_requests": autoscaling.target_ongoing_requests},
             "max_ongoing_requests": replica.max_ongoing_requests,
         },
-        engine_kwargs=vllm_engine_kwargs(dtype, replica),
+        engine_kwargs=vllm_engine_kwargs(dtype, replica, checkpoint_chat(model_path)),
     )
     return build_openai_app({"llm_configs": [llm_config]})
 
 
-def vllm_engine_kwargs(dtype: str, replica: ReplicaConfig) -> dict[str, Any]:
+def vllm_engine_kwargs(dtype: str, replica: ReplicaConfig,
+                       chat: prompts.ChatFormat = prompts.VICUNA) -> dict[str, Any]:  # fmt: skip
     """vLLM's engine and frontend arguments for the endpoint, the prompt renderer among them.
 
     vLLM renders chat messages with a chat template; the checkpoint's own would drop the system prompt
     the model was tuned with. ``prompts.serving_chat_template`` renders a request exactly as the HF
     endpoint's ``prompts.answer_prompt`` does, and the "openai" content format hands it the message
-    parts as they came (vLLM's own detection could flatten them and add a second ``<image>``).
+    parts as they came (vLLM's own detection could flatten them and add a second ``<image>``). ``chat``
+    is the checkpoint family's format (``stmed.model.build.checkpoint_chat``).
     """
     return {"dtype": dtype, "trust_remote_code": False, "limit_mm_per_prompt": {"image": 1},
             "max_num_seqs": replica.max_ongoing_requests,
-            "chat_template": prompts.serving_chat_template(), "chat_template_content_format": "openai"}
+            "chat_template": prompts.serving_chat_template(chat=chat), "chat_template_content_format": "openai"}

@@ -15,9 +15,10 @@ How it maps self-play onto processors (one engine pool each, one GPU per replica
 4. answer 1 then answer 2 as two chained stages on the same row (no shuffle, so pairs stream on into
    the judge), then the answer filters.
 
-Prompts are ``stmed.model.prompts``' Vicuna template rendered here (chat-template stage off); the OpenAI-style
-message only carries the image for the multimodal stage. The model must be a merged checkpoint: vLLM
-applies LoRA to the language model only. Four engine stages need four GPUs at ``vllm_concurrency=1``.
+Prompts are ``stmed.model.prompts``' template of the checkpoint's family (Vicuna, ChatML) rendered here
+(chat-template stage off); the OpenAI-style message only carries the image for the multimodal stage.
+The model must be a merged checkpoint: vLLM applies LoRA to the language model only. Four engine stages
+need four GPUs at ``vllm_concurrency=1``.
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ def load_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return to_columns(rows)
 
 
-def vllm_request(row: dict, prompt: str, sampling: Sampling, seed: int | None) -> dict[str, Any]:
+def vllm_request(row: dict, prompt: str, sampling: Sampling, seed: int | None,
+                 chat: prompts.ChatFormat = prompts.VICUNA) -> dict[str, Any]:  # fmt: skip
     """One engine request: our rendered prompt, the image as an OpenAI ``image_url`` part, and
-    per-row sampling parameters (``seed`` makes a slot reproducible)."""
+    per-row sampling parameters (``seed`` makes a slot reproducible); generation stops at the family's
+    end-of-turn token."""
     params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
-              "max_tokens": sampling.max_new_tokens, "stop": [prompts.EOS]}
+              "max_tokens": sampling.max_new_tokens, "stop": [chat.eos]}
     if seed is not None:
         params["seed"] = int(seed)
     image = {"type": "image_url", "image_url": {"url": str(row["image_data_url"])}}
@@ -117,24 +120,29 @@ def vllm_generate(ds: ray.data.Dataset, model_path: str, settings: GenerationSet
     def text(row: dict) -> str:
         return generation.clean_output(str(row["generated_text"]))
 
+    from stmed.model.build import checkpoint_chat  # deferred: torch and transformers load only here
+
+    chat = checkpoint_chat(model_path)  # the prompts are rendered here, in the checkpoint family's format
     loaded = ds.map_batches(load_images, batch_format="numpy")
     # A stream cannot fork: failed images come from a second, CPU-only pass of the (cheap) load.
     failed = loaded.filter(lambda r: r["status"] != OK)
-    described = stage(lambda r: vllm_request(r, prompts.describe_prompt(), settings.describe_sampling, None),
+    described = stage(lambda r: vllm_request(r, prompts.describe_prompt(chat=chat), settings.describe_sampling,
+                                             None, chat),
                       lambda r: carry(r) | {"description": text(r) or "An image."},
                       )(loaded.filter(lambda r: r["status"] == OK))
     expanded = described.flat_map(lambda r: [
         carry(r) | {"question_index": j, "question_seed": settings.question_seed(str(r["image_id"]), j)}
         for j in range(settings.questions_per_image)])
-    asked = stage(lambda r: vllm_request(r, prompts.question_prompt(str(r["description"])),
-                                         settings.question_sampling, int(r["question_seed"])),
+    asked = stage(lambda r: vllm_request(r, prompts.question_prompt(str(r["description"]), chat=chat),
+                                         settings.question_sampling, int(r["question_seed"]), chat),
                   lambda r: carry(r) | {"question": generation.clean_question(text(r))})(expanded)
     questions = asked.groupby("image_id").map_groups(questions_of_image, batch_format="numpy").materialize()
     pairs = questions.filter(lambda r: r["status"] == OK).map(lambda r: r | dict(zip(
         ("seed1", "seed2"), settings.answer_seeds(str(r["image_id"]), int(r["question_index"])))))
     for slot, seed_column in (("answer1", "seed1"), ("answer2", "seed2")):
-        pairs = stage(lambda r, c=seed_column: vllm_request(r, prompts.answer_prompt(str(r["question"])),
-                                                            settings.answer_sampling, int(r[c])),
+        pairs = stage(lambda r, c=seed_column: vllm_request(
+                          r, prompts.answer_prompt(str(r["question"]), chat=chat), settings.answer_sampling,
+                          int(r[c]), chat),
                       lambda r, s=slot: carry(r) | {s: text(r)})(pairs)
     dropped = questions.filter(lambda r: r["status"] != OK)
     return pairs.map(finish_pair).union(dropped, failed).filter(lambda r: r["pair_id"] not in skip_pair_ids)

@@ -1,15 +1,19 @@
 """Judge throughput against the offline reference judge with a fixed reply latency.
 
-    .venv/bin/python benchmarks/judge_throughput.py                     # 64 in flight, 200 ms, 640 pairs
-    .venv/bin/python benchmarks/judge_throughput.py --pairs 1280 --in-flight 64 --latency-ms 200
-    .venv/bin/python benchmarks/judge_throughput.py --ray --actors 4    # KeptPairJudge pool in Ray Data
+    .venv/bin/python benchmarks/judge_throughput.py --quick              # 16, 64, 256 in flight, both transports
+    .venv/bin/python benchmarks/judge_throughput.py                      # the same, 10 waves x 3 passes each
+    .venv/bin/python benchmarks/judge_throughput.py --in-flight 64 --transport direct --waves 20
+    .venv/bin/python benchmarks/judge_throughput.py --ray --actors 4     # KeptPairJudge pool in Ray Data
 
 With ``F`` requests in flight and a server that answers each after ``L`` seconds, no client can judge
 more than ``F / L`` pairs per second: that is the ideal the measured rate is compared with. The server
 runs in its own process (``python -m stmed.judge.reference``) so that it does not share this process's
-GIL with the client. Without ``--ray`` the client is one ``Judge`` actor called directly with
-``max_in_flight = F`` (the reply cache is off, every pair is a request); with ``--ray`` it is the job's
-``KeptPairJudge`` under ``ActorPoolStrategy(size=actors)``, ``F / actors`` in flight each, on a local Ray.
+GIL with the client; on a 2-core machine the two still share the cores, so a client's CPU per pair and
+the server's both show in the rate. Without ``--ray`` the client is one ``Judge`` actor called directly
+with ``max_in_flight = F`` (the reply cache is off, every pair is a request) over ``waves x F`` pairs;
+with ``--ray`` it is the job's ``KeptPairJudge`` under ``ActorPoolStrategy(size=actors)``, ``F / actors``
+in flight each, on a local Ray. ``--transport`` picks ``judge.transport``: ``direct`` (aiohttp),
+``openai`` (the SDK), or ``both``.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def direct(rows: list[dict], settings: JudgeSettings, repeats: int) -> tuple[flo
             failed = sum(e is not None for e in out["error"])
             if failed:
                 raise RuntimeError(f"{failed} of {len(rows)} judgements failed: {out['error'][0]}")
+        await judge.client.close()
         return best
 
     return asyncio.run(run())
@@ -119,45 +124,61 @@ def server_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def measure(rows: list[dict], url: str, in_flight: int, transport: str, args: argparse.Namespace,
+            server_pid: int) -> dict:
+    """One configuration's figures: rate, its share of the ideal, client and server CPU per pair."""
+    per_actor = in_flight // args.actors if args.ray else in_flight
+    settings = JudgeSettings(base_url=url, model="stmed-reference-judge", max_in_flight=per_actor,
+                             timeout_s=30, max_attempts=3, transport=transport)
+    rows = rows[: args.waves * in_flight]
+    server_before = server_cpu_seconds(server_pid)
+    if args.ray:
+        (seconds, pairs), client_cpu = with_ray(rows, settings, args.actors), None
+    else:
+        (seconds, client_cpu), pairs = direct(rows, settings, args.repeats), len(rows)
+    server_after = server_cpu_seconds(server_pid)
+    ideal = in_flight / (args.latency_ms / 1000) if args.latency_ms else float("inf")
+    judged = pairs if args.ray else pairs * args.repeats + in_flight  # every pass and the warm-up
+    server_cpu = None if server_before is None or server_after is None else (server_after - server_before) / judged
+    return {"transport": transport, "in_flight": in_flight, "rate": pairs / seconds, "ideal": ideal,
+            "seconds": seconds, "client_cpu": None if client_cpu is None else client_cpu / pairs,
+            "server_cpu": server_cpu}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=640)
-    parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--latency-ms", type=float, default=200.0)
+    parser.add_argument("--waves", type=int, default=10, help="pairs per pass = waves x in flight")
     parser.add_argument("--repeats", type=int, default=3, help="passes without --ray; the fastest counts")
+    parser.add_argument("--transport", choices=["direct", "openai", "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help="6 waves x 2 passes: well under 2 minutes")
     parser.add_argument("--ray", action="store_true", help="through a KeptPairJudge pool in Ray Data")
     parser.add_argument("--actors", type=int, default=4, help="judge actors with --ray")
     args = parser.parse_args()
-    per_actor = args.in_flight // args.actors if args.ray else args.in_flight
+    if args.quick:
+        args.waves, args.repeats = 6, 2
+    transports = ["direct", "openai"] if args.transport == "both" else [args.transport]
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data", num_images=40, seed=0)
         proc, url = start_judge(data.findings, args.latency_ms)
         try:
-            settings = JudgeSettings(base_url=url, model="stmed-reference-judge", max_in_flight=per_actor,
-                                     timeout_s=30, max_attempts=3)
-            rows = pair_rows(data.root, args.pairs)
-            server_before = server_cpu_seconds(proc.pid)
-            if args.ray:
-                (seconds, pairs), client_cpu = with_ray(rows, settings, args.actors), None
-            else:
-                (seconds, client_cpu), pairs = direct(rows, settings, args.repeats), args.pairs
-            server_after = server_cpu_seconds(proc.pid)
+            rows = pair_rows(data.root, args.waves * max(args.in_flight))
+            results = [measure(rows, url, f, t, args, proc.pid) for t in transports for f in args.in_flight]
         finally:
             proc.terminate()
             proc.wait(10)
-    ideal = args.in_flight / (args.latency_ms / 1000) if args.latency_ms else float("inf")
-    rate = pairs / seconds
-    how = f"Ray Data, {args.actors} actors x {per_actor}" if args.ray else "one Judge, called directly"
-    print(f"{pairs} pairs, {args.in_flight} in flight ({how}), server latency {args.latency_ms:g} ms, "
-          f"{os.cpu_count()} CPUs")
-    print(f"measured: {rate:8.1f} pairs/s  ({seconds:.2f} s)")
-    print(f"ideal:    {ideal:8.1f} pairs/s  (in flight / latency)")
-    print(f"ratio:    {rate / ideal:8.1%}")
-    if client_cpu is not None:
-        print(f"client CPU per pair: {1000 * client_cpu / pairs:.2f} ms")
-    if server_before is not None and server_after is not None and not args.ray:
-        judged = pairs * args.repeats + settings.max_in_flight  # every pass and the warm-up
-        print(f"server CPU per pair: {1000 * (server_after - server_before) / judged:.2f} ms")
+    how = f"Ray Data, {args.actors} actors" if args.ray else \
+        f"one Judge called directly, fastest of {args.repeats} passes of {args.waves} x in-flight pairs"
+    print(f"judge throughput: reference judge at {args.latency_ms:g} ms, {how}, {os.cpu_count()} CPUs")
+    print(f"{'transport':<10} {'in flight':>9} {'pairs/s':>9} {'ideal':>8} {'of ideal':>9} "
+          f"{'client CPU/pair':>16} {'server CPU/pair':>16}")
+    for r in results:
+        client = "-" if r["client_cpu"] is None else f"{1000 * r['client_cpu']:.2f} ms"
+        server = "-" if r["server_cpu"] is None else f"{1000 * r['server_cpu']:.2f} ms"
+        print(f"{r['transport']:<10} {r['in_flight']:>9} {r['rate']:>9.1f} {r['ideal']:>8.1f} "
+              f"{r['rate'] / r['ideal']:>9.1%} {client:>16} {server:>16}")
+
 
 if __name__ == "__main__":
     main()

@@ -79,7 +79,8 @@ class PipelineData:
 class WarmupGroup:
     enabled: bool = False
     """Start stage 1 from the general-alignment warm-up of the tiny preset (jobs.warmup) instead of
-    ``model``: what the paper's LLaVA base brings. Evaluation calls the warmed model ``base``."""
+    ``model``: what the paper's LLaVA base brings. Evaluation calls the warmed model ``base``. Only
+    for ``model.preset=tiny``: any other model starts stage 1 from its own weights."""
     dir: str | None = None
     """Where it is built once and reused; default ``<output_dir>/../warmup``, shared by the runs beside."""
 
@@ -138,8 +139,6 @@ class PipelineConfig:
         if self.gate.enabled and self.rounds and not self.data.synthetic and not self.gate.test_file:
             raise ConfigError("gate.enabled with real data needs gate.test_file: a held-out slice no training or "
                               "self-play sees (or gate.enabled=false)")
-        if self.warmup.enabled and self.model.preset != "tiny":
-            raise ConfigError("warmup.enabled builds the tiny preset's base; a real checkpoint is aligned already")
 
 
 # ----------------------------------------------------------------------------- wiring
@@ -147,8 +146,9 @@ class PipelineConfig:
 
 def _model_args(prefix: str, model: ModelConfig) -> list[str]:
     # Both of preset / name_or_path always: a stage file's preset must not survive next to a path.
+    bounds = [f"{prefix}.{k}={getattr(model, k)}" for k in ("min_pixels", "max_pixels") if getattr(model, k)]
     return [f"{prefix}.preset={model.preset or 'null'}", f"{prefix}.name_or_path={model.name_or_path or 'null'}",
-            f"{prefix}.dtype={model.dtype}", f"{prefix}.seed={model.seed}"]
+            f"{prefix}.dtype={model.dtype}", f"{prefix}.seed={model.seed}", *bounds]
 
 
 def kind_of(stage: str) -> str:
@@ -196,18 +196,30 @@ def stage_plan(cfg: PipelineConfig, run_dir: Path) -> list[str]:
     """This run's stages in order: warm-up, stage 1, each round's generate / dpo / gate, evaluate, serve."""
     rounds = [f"{kind}{r}" for r in range(1, trained_rounds(cfg, run_dir) + 1) for kind in ROUND_KINDS
               if kind != "gate" or cfg.gate.enabled]  # fmt: skip
-    return [*(["warmup"] if cfg.warmup.enabled else []), "sft", *rounds, "evaluate", "serve"]
+    return [*(["warmup"] if warming_up(cfg) else []), "sft", *rounds, "evaluate", "serve"]
+
+
+def warming_up(cfg: PipelineConfig) -> bool:
+    """The warm-up stands in for a LLaVA base: it is built for the tiny LLaVA preset only; a real
+    checkpoint is aligned already, and another family's preset starts stage 1 from its own weights."""
+    return cfg.warmup.enabled and cfg.model.preset == "tiny"
 
 
 def round_model(cfg: PipelineConfig, run_dir: Path, r: int) -> tuple[str, ModelConfig]:
     """Round ``r``'s model (``sft`` for r = 0): its evaluation name and where its merged export is."""
     name = "sft" if r == 0 else f"dpo{r}"
-    return name, ModelConfig(name_or_path=str(run_dir / name / "merged"), dtype=cfg.model.dtype)
+    return name, _exported(cfg, run_dir / name / "merged")
+
+
+def _exported(cfg: PipelineConfig, path: Path) -> ModelConfig:
+    """A merged export of this run's model: its dtype and image pixel bounds carry over."""
+    return ModelConfig(name_or_path=str(path), dtype=cfg.model.dtype, min_pixels=cfg.model.min_pixels,
+                       max_pixels=cfg.model.max_pixels)
 
 
 def base_model(cfg: PipelineConfig, run_dir: Path) -> ModelConfig:
-    if cfg.warmup.enabled:
-        return ModelConfig(name_or_path=str(warmup_dir(cfg, run_dir) / "merged"), dtype=cfg.model.dtype)
+    if warming_up(cfg):
+        return _exported(cfg, warmup_dir(cfg, run_dir) / "merged")
     return cfg.model
 
 

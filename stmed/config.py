@@ -49,10 +49,21 @@ class ModelConfig:
     """Weights dtype; bfloat16 on GPU."""
     seed: int = 0
     """Seed for the random weights of a preset model."""
+    min_pixels: int | None = None
+    """Families that resize each image within pixel bounds (Qwen2.5-VL): the fewest pixels an image is
+    resized to; None keeps the processor's. LLaVA crops every image to one size and refuses both."""
+    max_pixels: int | None = None
+    """The most pixels an image is resized to (Qwen2.5-VL: max_pixels / 28**2 image tokens at most)."""
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.name_or_path is None):
             raise ConfigError("model: set exactly one of model.preset (e.g. 'tiny') or model.name_or_path")
+        for key in ("min_pixels", "max_pixels"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"model.{key} must be a positive pixel count, got {getattr(self, key)}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ConfigError(f"model.min_pixels ({self.min_pixels}) must not exceed model.max_pixels "
+                              f"({self.max_pixels})")  # fmt: skip
         # Ray workers and submitted jobs run in another working directory: a relative path to a local
         # checkpoint is made absolute here, where it was written; a hub id is left as it is.
         if self.name_or_path and not os.path.isabs(self.name_or_path) and os.path.exists(self.name_or_path):

@@ -35,7 +35,7 @@ import os
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -273,7 +273,8 @@ class JudgeVerdict:
         return self.error is None
 
     def to_row(self) -> dict[str, Any]:
-        return asdict(self)
+        # Every field is a scalar or None: a plain dict, not ``asdict``'s deep copy (~40 µs a verdict).
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> JudgeVerdict:

@@ -187,12 +187,16 @@ class DirectTransport:
         loop = asyncio.get_running_loop()
         if self._session is not None and self._loop is loop and not self._session.closed:
             return self._session
-        await self.close()  # a session of a finished loop: its connections died with it
+        # A new session before any await, so that the requests arriving meanwhile share it; then the
+        # stale one (of a finished loop: its connections died with it) is closed.
+        stale = self._session
         connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
                                          ssl=ssl.create_default_context(cafile=certifi.where()))
         self._session = aiohttp.ClientSession(connector=connector,
                                               timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         self._loop = loop
+        if stale is not None and not stale.closed:
+            await stale.close()
         return self._session
 
     async def complete(self, body: dict[str, Any]) -> Completion:

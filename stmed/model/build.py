@@ -20,9 +20,11 @@ from stmed.config import ConfigError, ModelConfig
 from stmed.log import get_logger
 from stmed.model.families import FAMILIES, Family, family_for_preset, family_of, hf_model
 from stmed.model.families.llava import CLIP_MEAN, CLIP_STD, PROJECTOR, build_tiny
+from stmed.model.prompts import ChatFormat
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "PROJECTOR", "build_tiny", "check_checkpoint", "family_of", "hf_model", "image_inputs", "image_seq_len",
-           "image_tokens", "load_model", "load_processor", "pixel_values"]  # fmt: skip
+__all__ = ["CLIP_MEAN", "CLIP_STD", "PROJECTOR", "build_tiny", "check_checkpoint", "checkpoint_chat", "family_of",
+           "hf_model", "image_inputs", "image_seq_len", "image_tokens", "load_model", "load_processor",
+           "pixel_values"]  # fmt: skip
 
 log = get_logger(__name__)
 
@@ -72,6 +74,12 @@ def check_checkpoint(name_or_path: str) -> dict:
     return raw
 
 
+def checkpoint_chat(name_or_path: str) -> ChatFormat:
+    """The chat format of a checkpoint's family, from its ``config.json`` alone: for engines that are
+    handed a path and the rendered prompt (vLLM), never the processor."""
+    return family_of(check_checkpoint(name_or_path)).chat
+
+
 def load_processor(cfg: ModelConfig):
     """The processor named by ``cfg``, complete enough to count and expand image tokens: what a driver
     loads to check a length budget before any worker starts (no weights are read)."""
@@ -81,6 +89,7 @@ def load_processor(cfg: ModelConfig):
     family = family_of(raw)
     processor = family.load_processor(cfg.name_or_path)
     family.complete_processor(processor, raw, cfg.name_or_path)
+    family.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
     return processor
 
 
@@ -93,6 +102,7 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         model, processor = family.build_tiny(cfg.seed)
+        family.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
         return model.to(dtype), processor
     processor = load_processor(cfg)
     family = family_of(processor)

@@ -31,7 +31,15 @@ from typing import Literal
 import torch
 
 from stmed.model.prompts import (
-    ASSISTANT, EOS, IMAGE_TOKEN, QUESTIONER, ROLES, USER, VICUNA, ChatFormat, image_first,
+    ASSISTANT,
+    EOS,
+    IMAGE_TOKEN,
+    QUESTIONER,
+    ROLES,
+    USER,
+    VICUNA,
+    ChatFormat,
+    image_first,
 )  # fmt: skip
 
 IGNORE_INDEX = -100

@@ -58,3 +58,19 @@ def test_missing_column_and_bad_settings_are_named(answerer: Answerer):
     with pytest.raises(ValueError, match="system"):
         vllm_answer(None, "model", system="vicuna")  # refused before Ray Data LLM / vLLM is imported
     assert isinstance(answerer.engine, HFEngine) and answerer.engine.batch_size == 4
+
+
+def test_a_qwen2_5_vl_answerer_answers_images_of_different_sizes_like_a_direct_call(tmp_path: Path):
+    """Evaluation on the other family: one batch holds images of different sizes (different token counts)."""
+    qwen = Answerer({"preset": "tiny-qwen2.5-vl"}, system="sq", max_new_tokens=5, batch_size=4)
+    assert qwen.engine.chat.name == "chatml"
+    paths = []
+    for i, size in enumerate(((64, 64), (64, 32), (96, 48))):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    out = qwen(_batch(paths))
+    assert list(out["error"]) == ["", "", ""]
+    for i, path in enumerate(paths):
+        direct = answer(qwen.engine, [Image.open(path).convert("RGB")], ["Is there a lesion?"], Sampling(max_new_tokens=5))
+        assert out["text"][i] == direct[0]

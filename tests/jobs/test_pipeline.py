@@ -93,8 +93,9 @@ def test_the_warm_up_is_built_once_beside_the_runs_and_is_their_base(tmp_path: P
     assert f"models.base.name_or_path={tmp_path.resolve() / 'warmup' / 'merged'}" in args["evaluate"]
     write_summary(tmp_path / "warmup", {"stage": "warmup"})  # another run beside it built it
     assert pending(cfg, run)[0] == "sft"
-    with pytest.raises(ConfigError, match="warmup.enabled"):
-        _config(run, "warmup.enabled=true", "model.preset=null", "model.name_or_path=/ckpt")
+    for other in (["model.preset=null", "model.name_or_path=/ckpt"], ["model.preset=tiny-qwen2.5-vl"]):
+        plan = stage_plan(_config(run, "warmup.enabled=true", *other), run)  # aligned already, or no recipe
+        assert plan[0] == "sft" and "warmup" not in plan
 
 
 def test_main_stops_the_rounds_at_a_refused_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

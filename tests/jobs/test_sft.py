@@ -92,6 +92,32 @@ def test_adapter_and_merged_export_reload_and_agree(sft_run):
     assert not torch.equal(b, build_tiny(0)[0].eval()(**inputs).logits)  # training changed the model
 
 
+def test_the_qwen2_5_vl_preset_trains_on_two_ddp_workers_and_exports_what_it_trained(ray_session, tmp_path):
+    """The other family as a job: 2 Ray Train workers under DDP (every adapter receives a gradient), and
+    the merged folder is a Qwen2.5-VL checkpoint whose logits are those of base + the saved adapter."""
+    from stmed.model.families import QWEN2_5_VL, family_of, image_kwargs
+
+    cfg = build_config(SFTConfig, read_yaml(LOCAL), [
+        f"output_dir={tmp_path}", "model.preset=tiny-qwen2.5-vl", "data.synthetic_images=30", "train.max_steps=3",
+        "train.micro_batch_size=2", "train.grad_accum_steps=1", "train.global_batch_size=4",
+    ])  # fmt: skip
+    summary = main(cfg)
+    rows = MetricsLog(tmp_path / "metrics.jsonl").read()
+    assert summary["steps"] == 3 and all(math.isfinite(r["loss_vq"]) and r["n_vq_tokens"] > 0 for r in rows)
+    merged, processor = load_model(ModelConfig(name_or_path=summary["outputs"]["merged"]))
+    assert family_of(merged) is family_of(processor) is QWEN2_5_VL
+    peft_model = attach_lora(load_model(ModelConfig(preset="tiny-qwen2.5-vl"))[0], cfg.lora)
+    load_trainable(peft_model, tmp_path / "adapter")
+    peft_model.eval()
+    image = Image.open(next((tmp_path / "data" / "images").iterdir())).convert("RGB")
+    prompt = answer_prompt("Is there a lesion?", chat=QWEN2_5_VL.chat)
+    inputs = dict(processor(text=[prompt], images=[image], return_tensors="pt"))
+    with torch.no_grad():
+        a = merged(input_ids=inputs["input_ids"], **image_kwargs(inputs)).logits
+        b = peft_model(input_ids=inputs["input_ids"], **image_kwargs(inputs)).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- config (no Ray)
 
 

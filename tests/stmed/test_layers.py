@@ -1,10 +1,10 @@
 """The library's layers, read from its source: which packages exist and who may import whom.
 
-model ← data ← train / selfplay / judge / eval ← serve, with ``config``, ``log`` and ``runs`` below all
-of them and two commands above: ``score`` (the scorer) and ``convert`` (the checkpoint converter). A
-module may import its own package, the packages of lower layers and the top-level modules; within the
-middle layer only self-play may use the judge (its verdicts become preference pairs), never the other
-way round.
+model ← data ← train / selfplay / judge / eval ← serve, with ``config`` and ``runs`` below all of them
+(and ``log`` below those) and two commands above: ``score`` (the scorer) and ``convert`` (the checkpoint
+converter). A module may import its own package, the packages of lower layers and the top-level
+modules; within the middle layer only self-play may use the judge (its verdicts become preference
+pairs), never the other way round.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import stmed
 
 ROOT = Path(stmed.__file__).parent
 TOP_LEVEL = {"__init__", "config", "log", "runs", "score", "convert"}
-RANK = {"config": 0, "log": 0, "runs": 0, "model": 1, "data": 2, "train": 3, "selfplay": 3, "judge": 3,
+RANK = {"log": -1, "config": 0, "runs": 0, "model": 1, "data": 2, "train": 3, "selfplay": 3, "judge": 3,
         "eval": 3, "serve": 4, "score": 5, "convert": 5}
 SAME_LAYER_ALLOWED = {("selfplay", "judge")}
 

@@ -18,8 +18,19 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (LLAVA, Q
 """Every supported family by its ``model_type``."""
 PRESETS: dict[str, Family] = {family.preset: family for family in FAMILIES.values()}
 
-__all__ = ["FAMILIES", "IMAGE_KEYS", "LLAVA", "PRESETS", "QWEN2_5_VL", "Family", "collate_images", "family_of", "family_for_preset",
-           "hf_model", "image_kwargs"]  # fmt: skip
+__all__ = [
+    "FAMILIES",
+    "IMAGE_KEYS",
+    "LLAVA",
+    "PRESETS",
+    "QWEN2_5_VL",
+    "Family",
+    "collate_images",
+    "family_for_preset",
+    "family_of",
+    "hf_model",
+    "image_kwargs",
+]  # fmt: skip
 
 
 def family_for_preset(preset: str) -> Family:

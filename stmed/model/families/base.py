@@ -63,6 +63,9 @@ class Family:
     """Vision blocks whose output reaches the projector (adapters elsewhere would be dead weight)."""
     vit_targets: tuple[str, ...]
     """Default ViT LoRA target linears (``lora.vit_targets`` overrides)."""
+    set_pixel_bounds: Callable[[Any, int | None, int | None], None]
+    """Apply ``model.min_pixels`` / ``model.max_pixels`` to a processor (None: keep its own); a family
+    without pixel bounds raises ``ConfigError`` when either is set."""
 
     def is_vision(self, name: str) -> bool:
         """Whether module ``name`` lies in the vision encoder proper (not its projector / merger)."""

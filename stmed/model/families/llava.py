@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from stmed.config import ConfigError
 from stmed.log import get_logger
 from stmed.model.families.base import Family, hf_model
 from stmed.model.prompts import VICUNA
@@ -143,11 +144,17 @@ def vision_blocks_used(model: PreTrainedModel) -> range:
     return range(deepest)
 
 
+def set_pixel_bounds(processor: LlavaProcessor, min_pixels: int | None, max_pixels: int | None) -> None:
+    if min_pixels is not None or max_pixels is not None:
+        raise ConfigError("model.min_pixels / model.max_pixels: LLaVA-1.5 resizes and crops every image to one "
+                          "size, so it has no pixel bounds; leave both unset")  # fmt: skip
+
+
 LLAVA = Family(
     name="llava-1.5", model_type="llava", model_class=LlavaForConditionalGeneration,
     processor_class=LlavaProcessor, load_processor=load_processor, chat=VICUNA, preset="tiny", build_tiny=build_tiny,
     complete_processor=complete_processor, image_tokens=lambda processor, _image: max_image_tokens(processor),
     max_image_tokens=max_image_tokens, image_inputs=image_inputs, vision_tower="vision_tower",
     vision_blocks="layers", projector=PROJECTOR, vision_blocks_used=vision_blocks_used,
-    vit_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    vit_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), set_pixel_bounds=set_pixel_bounds,
 )  # fmt: skip

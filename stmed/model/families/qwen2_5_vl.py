@@ -27,7 +27,6 @@ import torch
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, processors
 from transformers import (
-    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -35,6 +34,7 @@ from transformers import (
 )
 from transformers import Qwen2_5_VLProcessor as HFQwen2_5_VLProcessor
 
+from stmed.config import ConfigError
 from stmed.log import get_logger
 from stmed.model.families.base import Family, hf_model
 from stmed.model.prompts import ASSISTANT, QUESTIONER, USER, ChatFormat
@@ -103,18 +103,19 @@ def build_tiny(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2
     """A sub-million-parameter Qwen2.5-VL with seeded random weights and the tiny ChatML tokenizer."""
     tokenizer = tiny_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    text = {
+        "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
         # M-RoPE splits each head's 32 rotary dims (16 frequencies) over time, height and width.
-        rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT],
-    )  # fmt: skip
-    vision = dict(
-        depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
-        patch_size=TINY_PATCH_SIZE, spatial_merge_size=TINY_MERGE_SIZE, temporal_patch_size=2,
-        window_size=4 * TINY_PATCH_SIZE * TINY_MERGE_SIZE, fullatt_block_indexes=[1], in_chans=3,
-    )  # fmt: skip
+        "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}, "tie_word_embeddings": False,
+        "bos_token_id": None, "eos_token_id": ids[IM_END], "pad_token_id": ids[ENDOFTEXT],
+    }  # fmt: skip
+    vision = {
+        "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": 128,
+        "patch_size": TINY_PATCH_SIZE, "spatial_merge_size": TINY_MERGE_SIZE, "temporal_patch_size": 2,
+        # Attention windows of 4x4 merged tokens; block 1 attends globally (the 7B: every 8th block).
+        "window_size": 4 * TINY_PATCH_SIZE * TINY_MERGE_SIZE, "fullatt_block_indexes": [1], "in_chans": 3,
+    }  # fmt: skip
     config = Qwen2_5_VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
         vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
@@ -168,12 +169,29 @@ def image_inputs(processor: Qwen2_5_VLProcessor, images: list[Image.Image]) -> d
     return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
+def set_pixel_bounds(processor: HFQwen2_5_VLProcessor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Resize every image to ``[min_pixels, max_pixels]`` pixels (the image processor's ``size``)."""
+    proc = processor.image_processor
+    size = {"shortest_edge": proc.size["shortest_edge"], "longest_edge": proc.size["longest_edge"]}
+    size["shortest_edge"] = min_pixels or size["shortest_edge"]
+    size["longest_edge"] = max_pixels or size["longest_edge"]
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise ConfigError(f"model.min_pixels / model.max_pixels: {size['shortest_edge']} > "
+                          f"{size['longest_edge']} once combined with the processor's own bounds")  # fmt: skip
+    factor = (proc.patch_size * proc.merge_size) ** 2
+    if size["longest_edge"] < factor:
+        raise ConfigError(f"model.max_pixels must be at least one merged patch ({factor} pixels), "
+                          f"got {size['longest_edge']}")  # fmt: skip
+    proc.size = size
+
+
 QWEN2_5_VL = Family(
     name="qwen2.5-vl", model_type="qwen2_5_vl", model_class=Qwen2_5_VLForConditionalGeneration,
-    processor_class=HFQwen2_5_VLProcessor, load_processor=load_processor, chat=CHATML, preset="tiny-qwen2.5-vl", build_tiny=build_tiny,
+    processor_class=HFQwen2_5_VLProcessor, load_processor=load_processor, chat=CHATML, preset="tiny-qwen2.5-vl",
+    build_tiny=build_tiny,
     complete_processor=complete_processor, image_tokens=image_tokens, max_image_tokens=max_image_tokens,
     image_inputs=image_inputs, vision_tower="visual", vision_blocks="blocks", projector="merger",
     # Every block feeds the merger (Qwen2.5-VL reads the tower's last layer).
     vision_blocks_used=lambda model: range(hf_model(model).config.vision_config.depth),
-    vit_targets=("qkv", "proj", "gate_proj", "up_proj", "down_proj"),
+    vit_targets=("qkv", "proj", "gate_proj", "up_proj", "down_proj"), set_pixel_bounds=set_pixel_bounds,
 )  # fmt: skip

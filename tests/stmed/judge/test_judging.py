@@ -618,3 +618,84 @@ def test_end_to_end_against_the_reference_judge(reference_judge, tmp_path: Path)
     assert server.stats.total - before == 2 * len(images) + 1
     assert all(v.cached and v.attempts == 0 for v in rerun)
     assert [(v.score1, v.score2) for v in rerun] == [(v.score1, v.score2) for v in verdicts]
+
+
+# ----------------------------------------------------------------------------- what a waiting pair costs
+
+
+BIG_IMAGE = "data:image/png;base64," + "A" * 7000  # the size of a phantom scan's data URL
+
+
+def test_no_hashing_without_a_cache_and_the_image_hashed_once_per_pair_with_one(tmp_path: Path, monkeypatch):
+    """The cache key is only computed with a cache, and from a digest of the image taken once per pair:
+    the 7 KB data URL is not hashed again with each request (both orders under swap)."""
+    import hashlib
+
+    hashed: list[int] = []
+    real_sha256 = hashlib.sha256
+
+    class CountingSha256:
+        def __init__(self, data: bytes = b"") -> None:
+            hashed.append(len(data))
+            self._hash = real_sha256(data)
+
+        def update(self, data: bytes) -> None:
+            hashed.append(len(data))
+            self._hash.update(data)
+
+        def hexdigest(self) -> str:
+            return self._hash.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", CountingSha256)
+    server = Server(lambda request, n: completion("7 3"))
+
+    def judge(settings: JudgeSettings, cache: ReplyCache | None) -> JudgeVerdict:
+        async def main() -> JudgeVerdict:
+            return await judge_pair(server.client(settings), settings, make_limiter(settings), cache,
+                                    "Is there a nodule?", "Yes.", "No.", BIG_IMAGE)
+        return asyncio.run(main())
+
+    assert judge(settings_for(swap_positions=True), None).ok
+    assert sum(hashed) == 0  # caching off: nothing hashed at all
+    settings = settings_for(tmp_path, swap_positions=True)
+    cache = ReplyCache(settings.cache_dir)
+    hashed.clear()
+    assert judge(settings, cache).ok and len(server.requests) == 4
+    assert len(BIG_IMAGE) <= sum(hashed) < len(BIG_IMAGE) + 8000  # the image once, two small keys
+    hashed.clear()
+    assert judge(settings, cache).cached and len(server.requests) == 4  # same keys: both orders cached
+    assert sum(hashed) < len(BIG_IMAGE) + 8000
+
+
+def test_request_bodies_exist_only_for_requests_in_flight(monkeypatch):
+    """With 3 in flight and 12 pairs waiting, at most 3 sets of messages (each carrying the base64
+    image) exist at once: a pair's messages are built when it gets a slot, not when it starts waiting."""
+    from stmed.judge import judging
+
+    live, peak = 0, 0
+    build = judging.build_judge_messages
+
+    def counting_build(*args):
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        return build(*args)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal live
+        await asyncio.sleep(0.01)
+        live -= 1  # answered: the request's body is done with
+        return completion("7 3")
+
+    monkeypatch.setattr(judging, "build_judge_messages", counting_build)
+    settings = settings_for(max_in_flight=3)
+
+    async def main() -> list[JudgeVerdict]:
+        client = make_client(settings, httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+        limiter = make_limiter(settings)
+        return await asyncio.gather(*(judge_pair(client, settings, limiter, None, f"q{i}", "a", "b", BIG_IMAGE)
+                                      for i in range(12)))
+
+    verdicts = asyncio.run(main())
+    assert all(v.ok for v in verdicts) and live == 0
+    assert peak <= 3

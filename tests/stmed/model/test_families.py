@@ -150,6 +150,17 @@ def test_image_token_count_follows_the_processor(tiny):
         assert grid.tolist() == [[1, 4, 8]]
 
 
+def test_pixel_bounds_set_the_image_token_budget():
+    _, processor = load_model(ModelConfig(preset="tiny-qwen2.5-vl", max_pixels=32 * 32))
+    assert image_seq_len(processor) == 4 == image_tokens(processor, _image(0, (96, 96)))
+    with pytest.raises(ConfigError, match="LLaVA-1.5 resizes and crops"):
+        load_model(ModelConfig(preset="tiny", max_pixels=64 * 64))
+    with pytest.raises(ConfigError, match="model.min_pixels"):
+        ModelConfig(preset="tiny-qwen2.5-vl", min_pixels=64 * 64, max_pixels=32 * 32)
+    with pytest.raises(ConfigError, match="one merged patch"):
+        load_model(ModelConfig(preset="tiny-qwen2.5-vl", min_pixels=8, max_pixels=8))
+
+
 def test_images_of_different_sizes_batch(tiny):
     """Two images of different sizes in one forward pass (per-image token counts, Qwen's grids)."""
     _, model, processor = tiny
