@@ -63,15 +63,26 @@ class Judge:
         missing = [name for name in INPUT_COLUMNS if name not in batch]
         if missing:
             raise ValueError(f"Judge needs the column(s) {missing}; the batch has {sorted(batch)}")
-        rows = range(len(batch["pair_id"]))
-        verdicts = await asyncio.gather(*(
-            judge_pair(self.client, self.settings, self.limiter, self.cache,
-                       str(batch["question"][i]), str(batch["answer1"][i]), str(batch["answer2"][i]),
-                       str(batch["image_data_url"][i]), pair_id=str(batch["pair_id"][i]))
-            for i in rows
-        ))
+        verdicts = await self._judge_rows(batch)
         out = {name: column for name, column in batch.items() if name != "image_data_url"}
-        verdict_rows = [v.to_row() for v in verdicts]
-        for name in VERDICT_COLUMNS:
-            out[name] = _column([row[name] for row in verdict_rows])
+        for name in VERDICT_COLUMNS:  # the fields ``JudgeVerdict.to_row`` holds, read column by column
+            out[name] = _column([getattr(v, name) for v in verdicts])
         return out
+
+    async def _judge_rows(self, batch: dict[str, np.ndarray]) -> list[JudgeVerdict]:
+        """A verdict per row, by a few workers that each take the next row: ``2 * max_in_flight`` of
+        them keep every slot busy (a worker waiting out a backoff holds none) without a task, a
+        semaphore waiter and a pair's state for each of the batch's thousands of rows."""
+        n = len(batch["pair_id"])
+        verdicts: list[JudgeVerdict | None] = [None] * n
+        todo = iter(range(n))
+
+        async def worker() -> None:
+            for i in todo:  # one iterator: each row goes to exactly one worker
+                verdicts[i] = await judge_pair(
+                    self.client, self.settings, self.limiter, self.cache, str(batch["question"][i]),
+                    str(batch["answer1"][i]), str(batch["answer2"][i]), str(batch["image_data_url"][i]),
+                    pair_id=str(batch["pair_id"][i]))
+
+        await asyncio.gather(*(worker() for _ in range(min(n, 2 * self.settings.max_in_flight))))
+        return verdicts

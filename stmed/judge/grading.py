@@ -14,6 +14,7 @@ gives the score and the reason its explanation line reports); ``score_answer`` i
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -136,8 +137,14 @@ class Verdict:
     reason: str
 
 
+@functools.cache
+def _cues_pattern(cues: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(r"\b(?:" + "|".join(re.escape(cue) for cue in cues) + ")")
+
+
 def _has(text: str, cues: tuple[str, ...]) -> bool:
-    return any(re.search(rf"\b{re.escape(cue)}", text) for cue in cues)
+    """Whether any cue starts at a word boundary in ``text`` (one compiled search for all of them)."""
+    return _cues_pattern(cues).search(text) is not None
 
 
 def _question_topics(q: str) -> list[str]:

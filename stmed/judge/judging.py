@@ -463,9 +463,9 @@ async def judge_pair(client: ChatTransport | openai.AsyncOpenAI, settings: Judge
     prompts = [_Prompt(question, answer1, answer2, image_data_url)]
     if settings.swap_positions:
         prompts.append(_Prompt(question, answer2, answer1, image_data_url))
-    outcomes = await asyncio.gather(*(
-        _judge_order(transport, settings, limiter, cache, prompt, image_key, sleep, rng) for prompt in prompts
-    ))
+    orders = [_judge_order(transport, settings, limiter, cache, prompt, image_key, sleep, rng) for prompt in prompts]
+    # One order is awaited in this task: a task per pair is enough, and a batch starts thousands of them.
+    outcomes = await asyncio.gather(*orders) if len(orders) > 1 else [await orders[0]]
     common: dict[str, Any] = {
         "pair_id": pair_id, "judge_model": settings.model, "reply": outcomes[0].reply,
         "attempts": sum(o.attempts for o in outcomes), "cached": all(o.cached for o in outcomes),

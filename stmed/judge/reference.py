@@ -32,11 +32,12 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from stmed.data.images import ImageLoadError, decode_data_url, pixel_digest
@@ -236,25 +237,42 @@ def _completion(body: dict[str, Any], content: str, prompt_chars: int) -> dict[s
     }
 
 
-def create_app(state: _State) -> FastAPI:
-    app = FastAPI(title="stmed reference judge")
+ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
-    @app.get("/v1/models")
+
+def create_app(state: _State) -> ASGIApp:
+    """The server's ASGI app. ``POST /v1/chat/completions``, the one route that takes load, is a plain
+    ASGI handler: FastAPI's middleware and request layers cost as much CPU per request as the judging
+    itself, and on a small machine the server shares the cores with the client it is measured against.
+    Everything else (``/v1/models``, 404s) is FastAPI's."""
+    api = FastAPI(title="stmed reference judge")
+
+    @api.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "stmed"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> JSONResponse:
+    async def chat_completions(scope: dict, receive: Callable[[], Awaitable[dict]],
+                               send: Callable[[dict], Awaitable[None]]) -> None:
+        raw, more = b"", True
+        while more:
+            message = await receive()
+            raw, more = raw + message.get("body", b""), message.get("more_body", False)
         try:
-            body = await request.json()
-        except json.JSONDecodeError:
+            body = json.loads(raw)
+        except ValueError:  # not JSON, not UTF-8
             body = None
         faults, fate = state.arrive(_request_key(body))
         if faults.latency_ms:
             await asyncio.sleep(faults.latency_ms / 1000)
         outcome, response = _respond(body, fate, faults, state.index)
         state.record(outcome)
-        return response
+        await response(scope, receive, send)
+
+    async def app(scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
+            await chat_completions(scope, receive, send)
+        else:
+            await api(scope, receive, send)
 
     return app
 
