@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jobs import dpo, evaluate, generate, serve
+from jobs import dpo, evaluate, generate, serve, sft
 from jobs.runtime import NothingProduced
 from stmed.config import ModelConfig, build_config, read_yaml
 from stmed.data.records import PreferencePair, read_predictions, write_preferences
@@ -40,8 +40,14 @@ def stage1(request, root) -> Path:
     """Stage 1's export: the preset saved as a checkpoint folder, or the shrunk real-layout
     Qwen2.5-VL-7B-Instruct (the release's tokenizer, processor and key names; skipped without fixtures)."""
     out = root / request.param / "stage1"
-    if request.param == "real-layout":
-        return build_qwen2_5_vl(out)
+    if request.param == "real-layout":  # stage 1 itself, on the published layout, as the README runs it
+        data = make_dataset(root / "real-layout" / "data", num_images=12, seed=0)
+        summary = sft.main(build_config(sft.SFTConfig, read_yaml(LOCAL / "sft.yaml"), [
+            f"output_dir={root / 'real-layout' / 'sft'}", *_model(build_qwen2_5_vl(root / "real-layout" / "release")),
+            f"data.instruct={data.instruct}", f"data.image_root={data.images}", "train.max_steps=2",
+            "train.micro_batch_size=2", "train.global_batch_size=4", "train.checkpoint_every=2"]))  # fmt: skip
+        assert summary["steps"] == 2 and summary["samples_used"] == 12 - 12 // 5
+        return Path(summary["outputs"]["merged"])
     model, processor = load_model(ModelConfig(preset="tiny-qwen2.5-vl"))
     model.save_pretrained(out)
     processor.save_pretrained(out)
