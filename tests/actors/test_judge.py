@@ -138,3 +138,33 @@ def test_judge_under_ray_data_actor_pool(ray_session, judge_url: str):
     assert (by_id["p1"]["score1"], by_id["p1"]["score2"]) == (4.0, 9.0)
     failed = [row for row in rows if row["pair_id"] == "p2"]
     assert all(row["score1"] is None and row["error"].startswith("parse:") for row in failed)
+
+
+def test_a_large_batch_holds_request_bodies_only_for_requests_in_flight(monkeypatch):
+    """40 rows, 2 in flight: the rows come back in order, and no more than 2 requests' messages (each
+    with the base64 image) exist at once, however many rows wait."""
+    from stmed.judge import judging
+
+    live, peak = 0, 0
+    build = judging.build_judge_messages
+
+    def counting_build(*args):
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        return build(*args)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal live
+        await asyncio.sleep(0.005)
+        live -= 1
+        return httpx.Response(200, json=completion_body(json.loads(request.content)))
+
+    monkeypatch.setattr(judging, "build_judge_messages", counting_build)
+    settings = JudgeSettings(base_url="http://127.0.0.1:9/v1", model="judge", max_in_flight=2)
+    judge = Judge(settings, http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    rows = [{**ROWS[i % 2], "pair_id": f"p{i}", "seed": i} for i in range(40)]
+    out = asyncio.run(judge(batch_of(rows)))
+    assert list(out["pair_id"]) == [f"p{i}" for i in range(40)] and list(out["seed"]) == list(range(40))
+    assert list(out["score1"]) == [9.0, 4.0] * 20 and all(e is None for e in out["error"])
+    assert peak <= 2 and live == 0
