@@ -131,6 +131,25 @@ def test_data_check_skips_with_reasons_and_refuses_an_empty_set(synthetic, tmp_p
 # ----------------------------------------------------------------------------- the loop
 
 
+def _groups_that_trained(model, fresh, vision_marker: str, projector_marker: str) -> dict[str, bool]:
+    """Which trainable groups moved from ``fresh`` (LoRA B is zero at init; the projector copy equals the
+    original), asserting that every frozen base weight is bit for bit ``fresh``'s."""
+    changed = {"llm": False, "vit": False, "projector": False}
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # zero at init: any non-zero value was learned
+            changed["vit" if vision_marker in name else "llm"] |= bool(param.abs().max() > 0)
+        elif "modules_to_save" in name:
+            assert projector_marker in name
+            original = fresh.get_parameter(name.replace("base_model.model.", "").replace(
+                ".modules_to_save.default", ""))  # fmt: skip
+            changed["projector"] |= not torch.equal(param.detach(), original)
+        elif "lora_A" not in name:
+            base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
+            base_name = base_name.replace(".original_module", "")
+            assert torch.equal(param.detach(), fresh.get_parameter(base_name)), f"base weight {name} changed"
+    return changed
+
+
 def test_overfitting_one_batch_trains_every_group_and_nothing_else(synthetic, tmp_path):
     instruct = _subset(synthetic, tmp_path / "two.json", 2)
     # sq_ratio=1: every later question is a target, so the batch (and its targets) is the same each step.
@@ -148,20 +167,7 @@ def test_overfitting_one_batch_trains_every_group_and_nothing_else(synthetic, tm
     assert all(rows[i + 5]["loss"] < rows[i]["loss"] for i in range(0, 25, 5))
     assert rows[-1]["loss_vq"] < rows[0]["loss_vq"] and rows[-1]["loss_qa"] < rows[0]["loss_qa"]
 
-    trained = dict(session.model.named_parameters())
-    fresh, _ = build_tiny(0)
-    changed = {"llm": False, "vit": False, "projector": False}
-    for name, param in trained.items():
-        if "lora_B" in name:  # zero at init: any non-zero value was learned
-            changed["vit" if "vision_tower" in name else "llm"] |= bool(param.abs().max() > 0)
-        elif "modules_to_save" in name:
-            original = fresh.get_parameter(name.replace("base_model.model.", "").replace(
-                ".modules_to_save.default", ""))  # fmt: skip
-            changed["projector"] |= not torch.equal(param.detach(), original)
-        elif "lora_A" not in name:
-            base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
-            base_name = base_name.replace(".original_module", "")
-            assert torch.equal(param.detach(), fresh.get_parameter(base_name)), f"base weight {name} changed"
+    changed = _groups_that_trained(session.model, build_tiny(0)[0], "vision_tower", "multi_modal_projector")
     assert changed == {"llm": True, "vit": True, "projector": True}
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -256,18 +262,6 @@ def test_qwen2_5_vl_preset_trains_every_group_and_nothing_else(synthetic, tmp_pa
     assert rows[-1]["loss_vq"] < rows[0]["loss_vq"] and rows[-1]["loss_qa"] < rows[0]["loss_qa"]
 
     fresh, _ = load_model(ModelConfig(preset="tiny-qwen2.5-vl"))
-    changed = {"llm": False, "vit": False, "projector": False}
-    for name, param in session.model.named_parameters():
-        if "lora_B" in name:
-            changed["vit" if ".visual." in name else "llm"] |= bool(param.abs().max() > 0)
-        elif "modules_to_save" in name:
-            assert ".merger." in name
-            original = fresh.get_parameter(name.replace("base_model.model.", "").replace(
-                ".modules_to_save.default", ""))  # fmt: skip
-            changed["projector"] |= not torch.equal(param.detach(), original)
-        elif "lora_A" not in name:
-            base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
-            base_name = base_name.replace(".original_module", "")
-            assert torch.equal(param.detach(), fresh.get_parameter(base_name)), f"base weight {name} changed"
+    changed = _groups_that_trained(session.model, fresh, ".visual.", ".merger.")
     assert changed == {"llm": True, "vit": True, "projector": True}
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
