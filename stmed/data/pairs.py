@@ -27,6 +27,7 @@ from stmed.data.records import DataError, Gather, PreferencePair, Skip, check_by
 from stmed.model.build import family_of, image_inputs, image_tokens
 from stmed.model.conversation import Encoded, collate, encode_prompt_answer
 from stmed.model.families import collate_images
+from stmed.model.packing import collate_packed, pack_pair
 from stmed.model.prompts import SYSTEM_PLAIN, VICUNA, ChatFormat, answer_prompt
 
 _MISSING_IMAGE = ("file not found", "is a directory")
@@ -144,9 +145,20 @@ class PreferenceDataset(Dataset):
 
 
 def collate_pairs(items: list[tuple[int, Encoded, Encoded, Images]], pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch of ``2B`` rows — the B chosen sequences, then the B rejected — plus each pair's index."""
+    """One batch of ``2B`` rows — the B chosen sequences, then the B rejected — plus each pair's index
+    (the unshared layout; :func:`collate_shared_pairs` packs each pair into one row)."""
     batch = collate([c for _, c, _, _ in items] + [r for _, _, r, _ in items], pad_id)
     images = [p for _, _, _, p in items]
     batch.update(collate_images(images + images))  # each image once per row that holds it
+    batch["index"] = torch.tensor([i for i, _, _, _ in items], dtype=torch.long)
+    return batch
+
+
+def collate_shared_pairs(items: list[tuple[int, Encoded, Encoded, Images]],
+                         pad_id: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One batch of ``B`` packed rows (``stmed.model.packing``): each pair's prompt and image once, its
+    chosen and rejected answers as two branches on top; plus each pair's index."""
+    batch = collate_packed([pack_pair(chosen, rejected) for _, chosen, rejected, _ in items], pad_id)
+    batch.update(collate_images([p for _, _, _, p in items]))  # one image per pair
     batch["index"] = torch.tensor([i for i, _, _, _ in items], dtype=torch.long)
     return batch

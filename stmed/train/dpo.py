@@ -45,11 +45,19 @@ import torch
 from peft import PeftModel
 
 from stmed.config import ConfigError, LoRAConfig, ModelConfig, build_config, config_to_dict
-from stmed.data.pairs import PreferenceDataset, collate_pairs, load_preference_data
+from stmed.data.pairs import PreferenceDataset, collate_pairs, collate_shared_pairs, load_preference_data
 from stmed.data.records import PreferencePair
 from stmed.log import get_logger
 from stmed.model.build import load_model
-from stmed.model.families import image_kwargs
+from stmed.model.families import family_of, hf_model, image_kwargs
+from stmed.model.packing import (
+    CHOSEN,
+    MASKABLE_ATTENTION,
+    SHARED,
+    block_attention_mask,
+    branch_positions,
+    first_scored_position,
+)
 from stmed.model.prompts import SYSTEM_PLAIN, SYSTEM_SQ
 from stmed.runs import MetricsLog, write_json
 from stmed.train.checkpoints import report_step, resume
@@ -99,6 +107,10 @@ class DPOSettings:
     system: str = "plain"
     """System prompt the pairs are rendered with: ``plain`` (METHOD §4's plain Vicuna) or ``sq`` (stage 1's
     and the default evaluation's, under which the pairs' answers were sampled)."""
+    shared_prefix: bool = True
+    """Run each pair's image and prompt once, with both answers packed on top (``stmed.model.packing``),
+    for the policy and the reference pass; the same log-probs as two separate sequences. Falls back to
+    separate sequences (with a warning) for a family or attention kernel that cannot take the mask."""
 
     @property
     def system_prompt(self) -> str:
@@ -148,11 +160,51 @@ class DPOLoopConfig:
 # ----------------------------------------------------------------------------- the reference policy
 
 
+def _attention(hf) -> str | None:
+    """The language model's attention implementation (where the packed mask goes)."""
+    return getattr(getattr(hf.config, "text_config", hf.config), "_attn_implementation", None)
+
+
+def can_share_prefix(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot run packed pairs (``dpo.shared_prefix``), or None when it can."""
+    hf = hf_model(model)
+    family, attention = family_of(hf), _attention(hf)
+    if not family.shares_prefix:
+        return f"the {family.name} family does not support packed pairs"
+    if attention not in MASKABLE_ATTENTION:
+        return f"attention {attention!r} takes no custom mask (packing needs one of {list(MASKABLE_ATTENTION)})"
+    return None
+
+
 def forward_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed answer log-probs of every row of a :func:`collate_pairs` batch, shape ``(2B,)``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   **image_kwargs(batch)).logits  # fmt: skip
-    return sequence_logps(logits, batch["labels"])
+    """Summed answer log-probs of a pair batch, shape ``(2B,)``: the B chosen answers, then the B rejected.
+
+    Takes both layouts: :func:`collate_pairs` (2B separate rows) and :func:`collate_shared_pairs` (B packed
+    rows with ``segments``). Positions are the family's own (M-RoPE for Qwen2.5-VL), passed explicitly;
+    logits are computed only from the batch's first answer position on (``logits_to_keep``), which leaves
+    out the image and prompt rows of the vocabulary projection.
+    """
+    hf = hf_model(model)
+    family, images, ids = family_of(hf), image_kwargs(batch), batch["input_ids"]
+    label_rows = [batch["labels"]] + ([batch["rejected_labels"]] if "segments" in batch else [])
+    start = min(first_scored_position(labels) for labels in label_rows)
+    if "segments" in batch:
+        segments = batch["segments"]
+        chosen_branch = ((segments == SHARED) | (segments == CHOSEN)).long()
+        positions = branch_positions(family.text_positions(hf, ids, chosen_branch, images), segments,
+                                     batch["branch_start"])  # fmt: skip
+        mask = block_attention_mask(segments, None if _attention(hf) == "sdpa" else hf.dtype)
+    else:
+        mask = batch["attention_mask"]
+        positions = family.text_positions(hf, ids, mask, images)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   logits_to_keep=ids.shape[1] - start, **images).logits  # fmt: skip
+    return torch.cat([sequence_logps(logits, labels[:, start:]) for labels in label_rows])
+
+
+def chosen_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The chosen answers' label rows of a pair batch, in either layout."""
+    return batch["labels"] if "segments" in batch else batch["labels"].chunk(2)[0]
 
 
 @contextlib.contextmanager
@@ -199,7 +251,8 @@ def _load_cache(path: Path, key: dict[str, Any]) -> torch.Tensor | None:
 
 
 def precompute_reference(cfg: DPOLoopConfig, peft_model: PeftModel, dataset: PreferenceDataset,
-                         session: TrainSession, autocast=contextlib.nullcontext) -> torch.Tensor:  # fmt: skip
+                         session: TrainSession, autocast=contextlib.nullcontext,
+                         collate_fn=None) -> torch.Tensor:  # fmt: skip
     """``(pairs, 2)`` reference log-probs (chosen, rejected) of every pair, on ``session.device``.
 
     Ranks split the pairs and share the results; rank 0 caches the table in ``output_dir`` so a resumed
@@ -212,7 +265,8 @@ def precompute_reference(cfg: DPOLoopConfig, peft_model: PeftModel, dataset: Pre
     if have == world:
         log.info("reference log-probs read from %s", cache)
         return table.to(device)
-    pad_id, size = dataset.processor.tokenizer.pad_token_id, cfg.train.micro_batch_size
+    size = cfg.train.micro_batch_size
+    collate_fn = collate_fn or partial(collate_pairs, pad_id=dataset.processor.tokenizer.pad_token_id)
     mine = list(range(rank, len(dataset), world))
     rows: dict[int, tuple[float, float]] = {}
     log.info("computing reference log-probs of %d pairs on %d workers", len(dataset), world)
@@ -220,7 +274,7 @@ def precompute_reference(cfg: DPOLoopConfig, peft_model: PeftModel, dataset: Pre
     for start in range(0, len(mine), size):
         if start and start % every == 0:
             log.info("reference log-probs: %d/%d pairs of this worker", start, len(mine))
-        batch = collate_pairs([dataset[(0, i)] for i in mine[start : start + size]], pad_id)
+        batch = collate_fn([dataset[(0, i)] for i in mine[start : start + size]])
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             logps = reference_logps(peft_model, batch).float().cpu()
@@ -259,6 +313,17 @@ def _prepare(cfg: DPOLoopConfig, session: TrainSession):
     return peft_model, processor, data
 
 
+def _collate_for(cfg: DPOLoopConfig, peft_model: PeftModel, pad_id: int, rank: int) -> partial:
+    """The batch layout of this run: packed pairs (``dpo.shared_prefix``) where the model allows it."""
+    if cfg.dpo.shared_prefix:
+        why_not = can_share_prefix(peft_model)
+        if why_not is None:
+            return partial(collate_shared_pairs, pad_id=pad_id)
+        if rank == 0:
+            log.warning("dpo.shared_prefix: %s; running chosen and rejected as separate sequences", why_not)
+    return partial(collate_pairs, pad_id=pad_id)
+
+
 def _reference_for(batch, peft_model, table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) reference log-probs of a batch: looked up when precomputed, else a forward pass."""
     if table is not None:
@@ -282,19 +347,20 @@ def train_dpo(config: dict[str, Any], session: TrainSession) -> None:
     autocast = autocast_context(train, device)
     dataset = PreferenceDataset(data.pairs, cfg.image_root, processor, train.max_length, cfg.dpo.system_prompt)
     started = time.perf_counter()
-    table = precompute_reference(cfg, peft_model, dataset, session, autocast) if cfg.dpo.precompute_reference \
-        else None  # fmt: skip
+    collate_fn = _collate_for(cfg, peft_model, processor.tokenizer.pad_token_id, rank)
+    table = precompute_reference(cfg, peft_model, dataset, session, autocast, collate_fn) \
+        if cfg.dpo.precompute_reference else None  # fmt: skip
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / DATA_REPORT_FILE, data.report())
         MetricsLog(out / ATTEMPTS_FILE).write({
             "start_step": start_step, "total_steps": total_steps, "world_size": world, "time": time.time(),
             "reference_precompute_s": time.perf_counter() - started if table is not None else None})
-        log.info("DPO %d steps from step %d: %d pairs (%d rejected), %d workers, reference %s",
+        log.info("DPO %d steps from step %d: %d pairs (%d rejected), %d workers, reference %s, %s",
                  total_steps, start_step, len(data.pairs), len(data.skips), world,
-                 "precomputed" if table is not None else "per step")  # fmt: skip
+                 "precomputed" if table is not None else "per step",
+                 "shared prefix" if collate_fn.func is collate_shared_pairs else "separate sequences")  # fmt: skip
 
-    collate_fn = partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id)
     batches = plan.batches(dataset, start_step, total_steps, collate_fn, train.loader_workers)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     pairs_per_rank = train.micro_batch_size * train.grad_accum_steps  # every step is full (StepPlan)
@@ -314,7 +380,7 @@ def train_dpo(config: dict[str, Any], session: TrainSession) -> None:
                     ref_chosen, ref_rejected = _reference_for(batch, peft_model, table)
                     policy_chosen, policy_rejected = forward_logps(model, batch).chunk(2)
                     result = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.dpo.beta)
-                    chosen_tokens = answer_token_counts(batch["labels"]).chunk(2)[0]
+                    chosen_tokens = answer_token_counts(chosen_labels(batch))
                     result = with_sft_term(result, policy_chosen, chosen_tokens, cfg.dpo.sft_weight)
                 # DDP averages over ranks, so this is the mean loss over the step's global pairs.
                 (result.losses.sum() / pairs_per_rank).backward()

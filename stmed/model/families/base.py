@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel
 from PIL import Image
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
 from stmed.model.prompts import ChatFormat
@@ -66,6 +67,13 @@ class Family:
     set_pixel_bounds: Callable[[Any, int | None, int | None], None]
     """Apply ``model.min_pixels`` / ``model.max_pixels`` to a processor (None: keep its own); a family
     without pixel bounds raises ``ConfigError`` when either is set."""
+    text_positions: Callable[[PreTrainedModel, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+    """``(model, input_ids, attention_mask, image inputs) -> position_ids`` of right-padded rows, as the
+    family's own forward pass would number them: ``(B, L)``, or ``(3, B, L)`` for M-RoPE. Training passes
+    them explicitly, so a packed row (``stmed.model.packing``) can renumber its second branch."""
+    shares_prefix: bool = True
+    """Whether a preference pair's answers can be packed on one copy of the prompt (``dpo.shared_prefix``):
+    the family's forward takes explicit positions and a 4D attention mask."""
 
     def is_vision(self, name: str) -> bool:
         """Whether module ``name`` lies in the vision encoder proper (not its projector / merger)."""
@@ -74,7 +82,9 @@ class Family:
 
 
 def hf_model(model: nn.Module) -> PreTrainedModel:
-    """The underlying Hugging Face model, whether or not a PEFT wrapper is around it."""
+    """The underlying Hugging Face model, whether or not DDP and PEFT wrappers are around it."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 

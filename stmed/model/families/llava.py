@@ -150,6 +150,12 @@ def set_pixel_bounds(processor: LlavaProcessor, min_pixels: int | None, max_pixe
                           "size, so it has no pixel bounds; leave both unset")  # fmt: skip
 
 
+def text_positions(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   images: dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """``(B, L)``: LLaVA numbers every token of a right-padded row 0, 1, 2, … (image tokens included)."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+
+
 LLAVA = Family(
     name="llava-1.5", model_type="llava", model_class=LlavaForConditionalGeneration,
     processor_class=LlavaProcessor, load_processor=load_processor, chat=VICUNA, preset="tiny", build_tiny=build_tiny,
@@ -157,4 +163,5 @@ LLAVA = Family(
     max_image_tokens=max_image_tokens, image_inputs=image_inputs, vision_tower="vision_tower",
     vision_blocks="layers", projector=PROJECTOR, vision_blocks_used=vision_blocks_used,
     vit_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), set_pixel_bounds=set_pixel_bounds,
+    text_positions=text_positions,
 )  # fmt: skip

@@ -185,6 +185,22 @@ def set_pixel_bounds(processor: HFQwen2_5_VLProcessor, min_pixels: int | None, m
     proc.size = size
 
 
+def text_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   images: dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """``(3, B, L)`` M-RoPE positions: text advances all three rows by one, an image's tokens take their
+    (time, height, width) grid coordinates.
+
+    Transformers computes these itself only when the batch carries ``mm_token_type_ids`` (its processor
+    adds them); a training batch built from our own encoding does not, and would silently fall back to
+    1D positions that no Qwen2.5-VL checkpoint was trained with. So training passes them explicitly.
+    """
+    inner = hf_model(model).model
+    token_types = (input_ids == inner.config.image_token_id).int()
+    positions, _ = inner.get_rope_index(input_ids, token_types, image_grid_thw=images.get("image_grid_thw"),
+                                        attention_mask=attention_mask)  # fmt: skip
+    return positions
+
+
 QWEN2_5_VL = Family(
     name="qwen2.5-vl", model_type="qwen2_5_vl", model_class=Qwen2_5_VLForConditionalGeneration,
     processor_class=HFQwen2_5_VLProcessor, load_processor=load_processor, chat=CHATML, preset="tiny-qwen2.5-vl",
@@ -194,4 +210,5 @@ QWEN2_5_VL = Family(
     # Every block feeds the merger (Qwen2.5-VL reads the tower's last layer).
     vision_blocks_used=lambda model: range(hf_model(model).config.vision_config.depth),
     vit_targets=("qkv", "proj", "gate_proj", "up_proj", "down_proj"), set_pixel_bounds=set_pixel_bounds,
+    text_positions=text_positions,
 )  # fmt: skip

@@ -224,3 +224,22 @@ def test_merged_export_loads_back_with_logits_of_base_plus_adapter(tiny, tmp_pat
     torch.testing.assert_close(_logits(merged, batch), peft_logits, atol=1e-5, rtol=1e-5)
     # The reloaded processor encodes exactly as the original one.
     assert _encoded(loaded_processor, _image(2, (64, 48)))[1] == _encoded(processor, _image(2, (64, 48)))[1]
+
+
+def test_training_positions_are_the_ones_the_processor_path_uses(tiny):
+    """A training batch built from our own encoding carries no ``mm_token_type_ids``; with the family's
+    explicit positions its logits equal those of the processor's inputs (M-RoPE for Qwen2.5-VL)."""
+    name, model, processor = tiny
+    image, prompt = _image(4, (64, 48)), answer_prompt(Q1, chat=family_of(processor).chat)
+    reference = processor(text=[prompt], images=[image], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        expected = model(**reference).logits
+        ids, mask = reference["input_ids"], reference["attention_mask"]
+        images = {k: reference[k] for k in ("pixel_values", "image_grid_thw") if k in reference}
+        positions = family_of(model).text_positions(model, ids, mask, images)
+        got = model(input_ids=ids, attention_mask=mask, position_ids=positions, **images).logits
+        implicit = model(input_ids=ids, attention_mask=mask, **images).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if name == "tiny-qwen2.5-vl":  # what training computed before positions were passed: 1D, not M-RoPE
+        assert not torch.allclose(implicit, expected, atol=1e-4)
