@@ -1,4 +1,4 @@
-"""DPO training throughput with and without precomputed reference log-probs: the tiny model on CPU, no Ray.
+"""DPO training throughput: precomputed or per-step reference, shared-prefix or separate sequences; CPU, no Ray.
 
     .venv/bin/python benchmarks/dpo_throughput.py
     .venv/bin/python benchmarks/dpo_throughput.py --pairs 64 --steps 24 --micro-batch-size 4 --threads 2
@@ -11,6 +11,8 @@ step. Reported per mode: training pairs/s (pairs over the summed wall-clock step
 second of this process's CPU time (steady on a shared, busy machine), the one-off precompute time,
 and pairs/s over steps + precompute — the figure that decides whether precomputing pays for a run
 of this many steps (it pays more the more epochs a run makes over its pairs).
+Each reference mode runs twice: with ``dpo.shared_prefix`` (each pair's image and prompt once, both
+answers packed on top) and with chosen and rejected as separate sequences.
 """
 
 from __future__ import annotations
@@ -62,14 +64,15 @@ class CPUTimedSession(LocalSession):
         super().report(metrics, checkpoint_dir)
 
 
-def run(out: Path, stage1: Path, prefs: Path, images: Path, precompute: bool, args) -> dict[str, float]:
+def run(out: Path, stage1: Path, prefs: Path, images: Path, precompute: bool, shared: bool,
+        args) -> dict[str, float]:  # fmt: skip
     """One training run; its per-step and precompute timings from metrics.jsonl / attempts.jsonl."""
     train = DPOTrainConfig(micro_batch_size=args.micro_batch_size, max_steps=args.steps, max_length=256,
                            log_every=1, checkpoint_every=10_000, lr_llm=1e-3)  # fmt: skip
     cfg = DPOLoopConfig(model=ModelConfig(name_or_path=str(stage1)), preferences_path=str(prefs),
                         image_root=str(images), output_dir=str(out), train=train, export_merged=False,
                         lora=DPOLoRAConfig(llm_r=8, llm_alpha=16, vit_r=4, vit_alpha=8),
-                        dpo=DPOSettings(precompute_reference=precompute))  # fmt: skip
+                        dpo=DPOSettings(precompute_reference=precompute, shared_prefix=shared))  # fmt: skip
     session = CPUTimedSession(out / "ckpt")
     start = time.perf_counter()
     train_dpo(config_to_dict(cfg, redact=False), session)
@@ -99,22 +102,28 @@ def main() -> None:
         processor.save_pretrained(root / "stage1")
         prefs = write_preferences(root / "prefs.parquet", _pairs(sorted(p.name for p in data.images.glob("*.png")),
                                                                  args.pairs))  # fmt: skip
-        runs: dict[str, list[dict[str, float]]] = {"per_step": [], "precomputed": []}
-        for repeat in range(args.repeats):  # interleaved, so a busy spell on a shared box hits both modes
+        runs: dict[str, list[dict[str, float]]] = {f"{ref}/{layout}": [] for ref in ("per_step", "precomputed")
+                                                   for layout in ("separate", "shared")}  # fmt: skip
+        for repeat in range(args.repeats):  # interleaved, so a busy spell on a shared box hits every mode
             for mode, done in runs.items():
-                out = root / f"{mode}{repeat}"
-                done.append(run(out, root / "stage1", prefs, data.images, mode == "precomputed", args))
+                out = root / f"{mode.replace('/', '-')}{repeat}"
+                done.append(run(out, root / "stage1", prefs, data.images, mode.startswith("precomputed"),
+                                mode.endswith("shared"), args))  # fmt: skip
     results = {mode: {key: statistics.median([r[key] for r in rs]) for key in rs[0]} for mode, rs in runs.items()}
     print(f"tiny LLaVA, CPU, {args.threads} thread(s), {args.pairs} pairs, {args.steps} steps x "
           f"{args.micro_batch_size} pairs (step 1 not timed), median of {args.repeats} runs per mode")
-    print(f"{'reference':<12} {'train pairs/s':>14} {'train pairs/CPU-s':>18} {'precompute s':>13} "
+    print(f"{'reference/layout':<22} {'train pairs/s':>14} {'train pairs/CPU-s':>18} {'precompute s':>13} "
           f"{'pairs/s incl. precompute':>25} {'run wall s':>11}")
     for mode, r in results.items():
-        print(f"{mode:<12} {r['train_pairs_per_s']:>14.2f} {r['train_pairs_per_cpu_s']:>18.2f} "
+        print(f"{mode:<22} {r['train_pairs_per_s']:>14.2f} {r['train_pairs_per_cpu_s']:>18.2f} "
               f"{r['precompute_s']:>13.2f} {r['pairs_per_s_with_precompute']:>25.2f} {r['wall_s']:>11.1f}")
     for key, label in (("train_pairs_per_s", "wall clock"), ("train_pairs_per_cpu_s", "CPU time")):
-        ratio = results["precomputed"][key] / results["per_step"][key]
-        print(f"precomputed / per-step training throughput ({label}): {ratio:.2f}x")
+        for layout in ("separate", "shared"):
+            ratio = results[f"precomputed/{layout}"][key] / results[f"per_step/{layout}"][key]
+            print(f"precomputed / per-step training throughput, {layout} ({label}): {ratio:.2f}x")
+        for ref in ("per_step", "precomputed"):
+            ratio = results[f"{ref}/shared"][key] / results[f"{ref}/separate"][key]
+            print(f"shared prefix / separate sequences, reference {ref} ({label}): {ratio:.2f}x")
 
 
 if __name__ == "__main__":
