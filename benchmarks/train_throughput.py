@@ -3,9 +3,13 @@
     python benchmarks/train_throughput.py                                   # tiny model, CPU, a few steps
     python benchmarks/train_throughput.py --device cuda --shape 7b          # 7B-shaped LLaVA, random weights
     python benchmarks/train_throughput.py --shape 7b --dry-run              # meta device: counts + FLOPs only
+    python benchmarks/train_throughput.py --padding                         # tiny: pad tokens, grouped or not
 
 ``--shape tiny`` runs the real loop (``stmed.train.sft.train_sft`` in a ``LocalSession``) on the synthetic
-dataset and reads its metrics. ``--shape 7b`` builds a LLaVA-1.5-7B-shaped model from configs with random
+dataset and reads its metrics. ``--padding`` runs it twice on conversations cut to 1-5 question-answer
+rounds (varied lengths), with and without ``train.group_by_length``, and sets the real tokens beside the
+pad tokens of the same steps (4 micro-batches a step unless ``--grad-accum-steps`` says otherwise).
+``--shape 7b`` builds a LLaVA-1.5-7B-shaped model from configs with random
 weights (CLIP ViT-L/14 at 336 px + a Llama-7B decoder; nothing is downloaded), attaches the paper's LoRA
 (METHOD §2: LLM r=128, ViT r=32, projector trainable), and times ``stmed.train.sft.sft_step`` on random
 batches in bf16 autocast with gradient checkpointing.
@@ -55,23 +59,58 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # ----------------------------------------------------------------------------- tiny: the real loop
 
 
+def run_tiny(
+    args: argparse.Namespace, instruct: Path, images: Path, group_by_length: bool = True
+) -> list[dict]:
+    """``train_sft`` on ``instruct`` in a LocalSession; its metrics rows after the warm-up steps."""
+    with tempfile.TemporaryDirectory(prefix="stmed-bench-") as tmp:
+        train = TrainConfig(micro_batch_size=args.micro_batch_size, grad_accum_steps=args.grad_accum_steps,
+                            max_steps=args.steps + args.warmup, max_length=args.seq_len,
+                            group_by_length=group_by_length, log_every=10**6, checkpoint_every=10**6)  # fmt: skip
+        cfg = SFTLoopConfig(model=ModelConfig(preset="tiny"), lora=LoRAConfig(llm_r=8, llm_alpha=16, vit_r=4,
+                            vit_alpha=8), train=train, instruct_path=str(instruct),
+                            image_root=str(images), output_dir=tmp, export_merged=False)  # fmt: skip
+        train_sft(config_to_dict(cfg, redact=False), LocalSession(Path(tmp) / "ckpt", device=args.device))
+        return MetricsLog(Path(tmp) / "metrics.jsonl").read()[args.warmup :]
+
+
+def throughput(rows: list[dict]) -> dict:
+    busy = sum(row["step_time_s"] for row in rows)
+    return {"step_time_s": statistics.median(r["step_time_s"] for r in rows),
+            "tokens_per_s": sum(r["tokens"] for r in rows) / busy,
+            "samples_per_s": sum(r["samples"] for r in rows) / busy}  # fmt: skip
+
+
 def bench_tiny(args: argparse.Namespace) -> dict:
-    """``train_sft`` on the synthetic data in a LocalSession; throughput from its metrics rows."""
+    """``train_sft`` on the synthetic data; throughput from its metrics rows."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="stmed-bench-") as tmp:
         paths = make_dataset(Path(tmp) / "data", num_images=60, seed=0)
-        train = TrainConfig(micro_batch_size=args.micro_batch_size, max_steps=args.steps + args.warmup,
-                            max_length=args.seq_len, log_every=10**6, checkpoint_every=10**6)  # fmt: skip
-        cfg = SFTLoopConfig(model=ModelConfig(preset="tiny"), lora=LoRAConfig(llm_r=8, llm_alpha=16, vit_r=4,
-                            vit_alpha=8), train=train, instruct_path=str(paths.instruct),
-                            image_root=str(paths.images), output_dir=tmp, export_merged=False)  # fmt: skip
-        train_sft(config_to_dict(cfg, redact=False), LocalSession(Path(tmp) / "ckpt", device=args.device))
-        rows = MetricsLog(Path(tmp) / "metrics.jsonl").read()[args.warmup :]
-    busy = sum(row["step_time_s"] for row in rows)
+        rows = run_tiny(args, paths.instruct, paths.images)
     return {"shape": "tiny", "device": args.device, "threads": torch.get_num_threads(), "steps": len(rows),
-            "micro_batch_size": args.micro_batch_size, "step_time_s": statistics.median(r["step_time_s"] for r in rows),
-            "tokens_per_s": sum(r["tokens"] for r in rows) / busy,
-            "samples_per_s": sum(r["samples"] for r in rows) / busy}  # fmt: skip
+            "micro_batch_size": args.micro_batch_size, "grad_accum_steps": args.grad_accum_steps,
+            **throughput(rows)}  # fmt: skip
+
+
+def bench_padding(args: argparse.Namespace) -> dict:
+    """The same steps with and without ``train.group_by_length`` on varied lengths: real and pad tokens."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    result = {"shape": "tiny", "device": args.device, "micro_batch_size": args.micro_batch_size,
+              "grad_accum_steps": args.grad_accum_steps}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="stmed-bench-") as tmp:
+        paths = make_dataset(Path(tmp) / "data", num_images=60, seed=0)
+        rows = json.loads(paths.instruct.read_text())
+        for i, row in enumerate(rows):  # 1 to 5 question-answer rounds: ~100 to ~260 tokens on the tiny model
+            row["conversations"] = row["conversations"][: 2 * (1 + i % 5)]
+        varied = Path(tmp) / "varied.json"
+        varied.write_text(json.dumps(rows))
+        for name, grouped in (("plain", False), ("grouped", True)):
+            steps = run_tiny(args, varied, paths.images, group_by_length=grouped)
+            real, pad = sum(r["tokens"] for r in steps), sum(r["pad_tokens"] for r in steps)
+            result.update({f"{name}_steps": len(steps), f"{name}_real_tokens": real, f"{name}_pad_tokens": pad,
+                           f"{name}_pad_fraction": pad / (real + pad),
+                           f"{name}_tokens_per_s": throughput(steps)["tokens_per_s"]})  # fmt: skip
+    return result
 
 
 # ----------------------------------------------------------------------------- 7B shape: the step alone
@@ -190,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (tiny: 10, 7b: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum-steps", type=int, default=None, help="tiny: 1 (--padding: 4)")
+    parser.add_argument("--padding", action="store_true", help="tiny: pad tokens with and without grouping")
     parser.add_argument("--seq-len", type=int, default=None, help="tiny: max_length (512); 7b: tokens (1024)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (tiny)")
     parser.add_argument("--no-checkpointing", action="store_true", help="7b: no gradient checkpointing")
@@ -198,9 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.steps = args.steps or (10 if args.shape == "tiny" else 5)
     args.seq_len = args.seq_len or (512 if args.shape == "tiny" else 1024)
+    args.grad_accum_steps = args.grad_accum_steps or (4 if args.padding else 1)
+    if args.padding and args.shape != "tiny":
+        parser.error("--padding runs the tiny loop; leave out --shape 7b")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
-    result = bench_tiny(args) if args.shape == "tiny" else bench_7b(args)
+    if args.padding:
+        result = bench_padding(args)
+    else:
+        result = bench_tiny(args) if args.shape == "tiny" else bench_7b(args)
     result["load_avg_1m"] = os.getloadavg()[0]  # CPU figures mean little on a busy shared machine
     for key, value in result.items():
         print(f"{key:>18}: {value:.4g}" if isinstance(value, float) else f"{key:>18}: {value}")

@@ -3,7 +3,8 @@
 Reading is strict but forgiving: a malformed conversation, an image that does not decode, or a sample
 whose image alone overflows ``max_length`` is skipped and counted with its reason (``SFTData.report``),
 never a crash hours into a run. Each image is decoded once for the check; on several ranks each checks
-a slice and the verdicts are gathered, so the check costs no more than one pass over the data.
+a slice and the verdicts are gathered, so the check costs no more than one pass over the data. The
+check also records each sample's token count (``SFTData.lengths``), which stage 1 groups batches by.
 
 An item is keyed by ``(epoch, index)``: the questioner relabelling (METHOD §2: each later user turn
 becomes a ``VUSER`` turn with probability ``sq_ratio``) is re-drawn at every load from a seed built
@@ -31,9 +32,14 @@ from stmed.model.prompts import SYSTEM_SQ
 
 @dataclass(frozen=True)
 class SFTData:
-    """The usable instruct samples, the skipped ones with reasons, and how many get truncated."""
+    """The usable instruct samples with their token counts, the skipped ones with reasons, and how many
+    get truncated."""
 
     samples: list[InstructSample]
+    lengths: list[int]
+    """Tokens of each sample (image tokens included, at most ``max_length``) as checked: every later
+    question as VUSER, the longest draw; a draw that keeps a question as USER is a token or two shorter
+    per such turn (LLaVA 1, Qwen2.5-VL 2), close enough to sort batches by (``train.group_by_length``)."""
     skips: list[Skip]
     read: int
     truncated: int
@@ -46,11 +52,12 @@ class SFTData:
 
 
 def _sample_problem(sample: InstructSample, image_root: Path, processor, max_length: int):
-    """``(reason, truncated)``: why a sample cannot be trained on (None if it can)."""
+    """``(reason, truncated, length)``: why a sample cannot be trained on (None if it can), whether it is
+    cut at ``max_length``, and its token count (0 when skipped)."""
     try:
         image = load_image(image_root / sample.image)
     except ImageLoadError as err:
-        return f"image: {err.reason}", False
+        return f"image: {err.reason}", False, 0
     family = family_of(processor)
     try:
         # Relabelling touches later turns only, so whether the image fits and the first answer keeps a
@@ -59,10 +66,10 @@ def _sample_problem(sample: InstructSample, image_root: Path, processor, max_len
         encoded = encode(render(turns, SYSTEM_SQ, family.chat), processor.tokenizer,
                          family.image_tokens(processor, image), max_length, family.chat)  # fmt: skip
     except ValueError as err:
-        return f"conversation: {err}", False
+        return f"conversation: {err}", False, 0
     if encoded.num_targets == 0:
-        return f"conversation: no target tokens within max_length={max_length}", False
-    return None, encoded.truncated
+        return f"conversation: no target tokens within max_length={max_length}", False, 0
+    return None, encoded.truncated, len(encoded)
 
 
 def load_sft_data(instruct_path: str | Path, image_root: str | Path, processor, max_length: int,
@@ -78,9 +85,11 @@ def load_sft_data(instruct_path: str | Path, image_root: str | Path, processor, 
     verdicts = check_by_rank(
         samples, lambda sample: _sample_problem(sample, root, processor, max_length),
         rank, world_size, gather, "samples")  # fmt: skip
-    kept = [s for i, s in enumerate(samples) if verdicts[i][0] is None]
+    usable = [i for i in range(len(samples)) if verdicts[i][0] is None]
     skips = skips + [Skip(s.id, verdicts[i][0]) for i, s in enumerate(samples) if verdicts[i][0]]
-    data = SFTData(kept, skips, read, truncated=sum(1 for v in verdicts.values() if v[0] is None and v[1]))
+    kept = [samples[i] for i in usable]
+    data = SFTData(kept, [verdicts[i][2] for i in usable], skips, read,
+                   truncated=sum(1 for i in usable if verdicts[i][1]))  # fmt: skip
     if not kept:
         top = ", ".join(f"{r} ({n})" for r, n in Counter(s.reason for s in skips).most_common(3))
         raise DataError(f"no usable training samples in {instruct_path} (images under {image_root}); "
@@ -112,7 +121,9 @@ class SFTDataset(Dataset):
         turns = to_turns(sample.conversations, self.sq_ratio, rng)
         image = load_image(self.image_root / sample.image)
         chat, seq_len = self.family.chat, self.family.image_tokens(self.processor, image)
-        encoded = encode(render(turns, SYSTEM_SQ, chat), self.processor.tokenizer, seq_len, self.max_length, chat)
+        encoded = encode(
+            render(turns, SYSTEM_SQ, chat), self.processor.tokenizer, seq_len, self.max_length, chat
+        )
         return encoded, image_inputs(self.processor, [image])
 
 
@@ -122,5 +133,3 @@ def collate_sft(items: list[tuple[Encoded, dict[str, torch.Tensor]]], pad_id: in
     batch = collate([encoded for encoded, _ in items], pad_id)
     batch.update(collate_images([images for _, images in items]))
     return batch
-
-

@@ -6,7 +6,9 @@ a plain process for profiling on one GPU box and unit tests).
 
 What one optimiser step computes. Each rank takes ``grad_accum_steps`` micro-batches of its shard; the
 loss is next-token cross-entropy summed over every target token of the *global* step and divided by the
-global target count, so the gradient is the same whatever the split into ranks and micro-batches. L_qa
+global target count, so the gradient is the same whatever the split into ranks and micro-batches. That
+is what lets the step plan order a step's samples by length before cutting micro-batches
+(``train.group_by_length``): each micro-batch pads less, and the step's loss is unchanged. L_qa
 and L_vq are the same mean over answer tokens and question tokens alone (``loss_kind``), reported beside
 the total: they are the only way to see that the model learns to ask (METHOD §2; ``stmed.train.losses``).
 Stage 2 (``stmed.train.dpo``) shares the config, schedule, step plan and export (``stmed.train.stage``).
@@ -93,13 +95,14 @@ def sft_step(model: nn.Module, micro: list[dict[str, torch.Tensor]], optimizer: 
     """One optimiser step over this rank's micro-batches; what the profiler and the benchmark time.
 
     Returns the step's statistics summed over ranks — ``[ce_sum, n, ce_sum_qa, n_qa, ce_sum_vq, n_vq,
-    tokens, samples]`` (float64, CPU) — and the gradient norm before clipping.
+    tokens, samples, positions]`` (float64, CPU; ``positions`` counts padding too) — and the gradient norm
+    before clipping.
     """
     # The global target count first, so every micro-batch's loss is scaled to the global token mean.
     n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
     n_global = all_reduce_sum(torch.tensor([float(n_local)], device=device)).item()
     autocast = autocast_context(train, device)
-    stats = torch.zeros(8, dtype=torch.float64, device=device)
+    stats = torch.zeros(9, dtype=torch.float64, device=device)
     for i, batch in enumerate(micro):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         last = i == len(micro) - 1
@@ -115,6 +118,7 @@ def sft_step(model: nn.Module, micro: list[dict[str, torch.Tensor]], optimizer: 
         stats[:6] += loss_stats(ce, kinds)
         stats[6] += batch["attention_mask"].sum()
         stats[7] += batch["input_ids"].shape[0]
+        stats[8] += batch["input_ids"].numel()
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
     optimizer.step()
@@ -129,7 +133,7 @@ def train_sft(config: dict[str, Any], session: TrainSession) -> None:
     train, out = cfg.train, Path(cfg.output_dir)
     rank, world, device = session.world_rank, session.world_size, session.device
     peft_model, processor, data = _prepare(cfg, session)
-    plan, total_steps = plan_steps(len(data.samples), train, rank, world)
+    plan, total_steps = plan_steps(len(data.samples), train, rank, world, lengths=data.lengths)
 
     model = session.prepare_model(peft_model)
     optimizer, scheduler = build_optimizer(peft_model, train, total_steps)
@@ -142,7 +146,9 @@ def train_sft(config: dict[str, Any], session: TrainSession) -> None:
         log.info("training %d steps from step %d: %d samples, %d steps/epoch, %d workers",
                  total_steps, start_step, len(data.samples), plan.steps_per_epoch, world)  # fmt: skip
 
-    dataset = SFTDataset(data.samples, cfg.image_root, processor, train.max_length, train.sq_ratio, train.seed)
+    dataset = SFTDataset(
+        data.samples, cfg.image_root, processor, train.max_length, train.sq_ratio, train.seed
+    )
     collate_fn = partial(collate_sft, pad_id=processor.tokenizer.pad_token_id)
     batches = plan.batches(dataset, start_step, total_steps, collate_fn, train.loader_workers)
     metrics_log = MetricsLog(out / METRICS_FILE)
@@ -158,7 +164,8 @@ def train_sft(config: dict[str, Any], session: TrainSession) -> None:
                "grad_norm": grad_norm, "tokens": int(stats[6]), "samples": int(stats[7]),
                "tokens_per_s": float(stats[6]) / elapsed,
                "samples_per_s": float(stats[7]) / elapsed, "step_time_s": elapsed,
-               "n_qa_tokens": int(stats[3]), "n_vq_tokens": int(stats[5]), **lrs}  # fmt: skip
+               "pad_tokens": int(stats[8] - stats[6]), "n_qa_tokens": int(stats[3]), "n_vq_tokens": int(stats[5]),
+               **lrs}  # fmt: skip
         if rank == 0:
             metrics_log.write(row)
             if step % train.log_every == 0 or step == total_steps:

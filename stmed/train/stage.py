@@ -4,15 +4,18 @@ Stage 1 (``stmed.train.sft``) and stage 2 (``stmed.train.dpo``) run the same out
 different losses. Optimisation (:class:`TrainConfig`) follows the paper's §C.1; the learning rate warms
 up linearly and decays on a cosine, per parameter group (LLM LoRA, ViT LoRA, projector). The order of
 samples is a seeded permutation per epoch, cut into rank shards (:class:`StepPlan`): the samples of step
-``s`` are a pure function of ``s``, so resuming needs only the step number.
+``s`` are a pure function of ``s``, so resuming needs only the step number. The plan is drawn lazily, one
+permutation per epoch, so starting at any step costs the same. Stage 1 orders each step's samples by
+length before cutting micro-batches (``train.group_by_length``), which pads less and leaves the step's
+samples, and so its loss, as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     loader_workers: int = 0
     """DataLoader worker processes per training worker (0: load in the training process)."""
+    group_by_length: bool = True
+    """Stage 1: cut each step's micro-batches from its samples sorted by token length (longest first), so a
+    micro-batch pads to a near length. The step's samples, and its loss (a mean over the step's target
+    tokens), do not change; it pays off with ``grad_accum_steps`` > 1. DPO ignores it."""
     fail_at_step: int | None = None
     """Testing only: raise once on rank 0 before this (1-based) step; a marker file makes it once."""
 
@@ -116,8 +123,10 @@ class Diverged(FloatingPointError):
 def check_finite(row: dict[str, Any], key: str = "loss") -> None:
     """Raise ``Diverged`` when ``row[key]`` (a step's loss, the same on every rank) is not finite."""
     if not math.isfinite(row[key]):
-        raise Diverged(f"step {row['step']}: {key} is {row[key]}; the run stops before saving it. Lower "
-                       "train.lr_* (or raise train.warmup_ratio) and start again")
+        raise Diverged(
+            f"step {row['step']}: {key} is {row[key]}; the run stops before saving it. Lower "
+            "train.lr_* (or raise train.warmup_ratio) and start again"
+        )
 
 
 MIN_TEXT_TOKENS = 64
@@ -135,7 +144,8 @@ def check_length_budget(train: TrainConfig, image_tokens: int) -> None:
         fits = -(-(image_tokens + 4 * MIN_TEXT_TOKENS) // 256) * 256  # image + a conversation, in 256s
         raise ConfigError(
             f"train.max_length={train.max_length} leaves no room for text: one image is {image_tokens} tokens "
-            f"for this model and a sample needs at least {need}; set train.max_length={fits} (or more)")
+            f"for this model and a sample needs at least {need}; set train.max_length={fits} (or more)"
+        )
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -157,7 +167,13 @@ def build_optimizer(model: nn.Module, train: TrainConfig, total_steps: int) -> t
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Which samples every rank sees at every step: a seeded permutation per epoch, cut into shards."""
+    """Which samples every rank sees at every step: a seeded permutation per epoch, cut into shards.
+
+    With ``lengths`` (each sample's token count), a step's samples on a rank are sorted longest first
+    before they are cut into micro-batches: each micro-batch then pads to a near length, and the longest
+    one comes first, so a step that runs out of memory does so at once. The step's set of samples is the
+    same with or without them.
+    """
 
     num_samples: int
     rank: int
@@ -165,39 +181,69 @@ class StepPlan:
     micro_batch_size: int
     grad_accum_steps: int
     seed: int
+    lengths: tuple[int, ...] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        assert self.lengths is None or len(self.lengths) == self.num_samples, "one length per sample"
 
     @property
     def steps_per_epoch(self) -> int:
         per_rank = self.num_samples // self.world_size
         return per_rank // self.micro_batch_size // self.grad_accum_steps
 
+    def shard(self, epoch: int) -> list[int]:
+        """This rank's sample indices in ``epoch``, in order; O(num_samples), so drawn once per epoch."""
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return order[self.rank :: self.world_size].tolist()
+
     def micro_batches(self, start_step: int, total_steps: int) -> Iterator[list[tuple[int, int]]]:
-        """Keys of this rank's micro-batches for steps ``start_step .. total_steps - 1``, in order."""
+        """Keys of this rank's micro-batches for steps ``start_step .. total_steps - 1``, in order, lazily.
+
+        The shard is drawn when its epoch is entered and kept until the next one, so each step costs
+        O(its samples) and the cost of a start does not depend on ``start_step`` or ``total_steps``.
+        """
         per_step = self.micro_batch_size * self.grad_accum_steps
+        shard_epoch, order = -1, []
         for step in range(start_step, total_steps):
             epoch, within = divmod(step, self.steps_per_epoch)
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
-            shard = order[self.rank :: self.world_size].tolist()
-            mine = shard[within * per_step : (within + 1) * per_step]
+            if epoch != shard_epoch:
+                shard_epoch, order = epoch, self.shard(epoch)
+            mine = order[within * per_step : (within + 1) * per_step]
+            if self.lengths is not None:
+                mine.sort(key=self.lengths.__getitem__, reverse=True)  # stable: ties keep the shard's order
             for i in range(0, per_step, self.micro_batch_size):
                 yield [(epoch, index) for index in mine[i : i + self.micro_batch_size]]
 
     def batches(self, dataset: Dataset, start_step: int, total_steps: int, collate_fn: Callable[[list], Any],
                 num_workers: int = 0) -> Iterator[Any]:  # fmt: skip
-        """This rank's collated micro-batches for the steps after ``start_step``, in order."""
-        loader = DataLoader(dataset, batch_sampler=list(self.micro_batches(start_step, total_steps)),
+        """This rank's collated micro-batches for the steps after ``start_step``, in order.
+
+        The keys go to the loader as a generator: a map-style dataset's loader only iterates its batch
+        sampler (``len`` is asked only of ``len(loader)``, which nothing calls). The shards' permutations
+        use their own generator, so drawing them mid-run leaves the global RNG (dropout) alone.
+        """
+        loader = DataLoader(dataset, batch_sampler=self.micro_batches(start_step, total_steps),
                             collate_fn=collate_fn, num_workers=num_workers)  # fmt: skip
         with torch.random.fork_rng(devices=[]):  # iter() draws a base seed; keep dropout's stream untouched
             return iter(loader)
 
 
-def plan_steps(num_samples: int, train: TrainConfig, rank: int, world_size: int) -> tuple[StepPlan, int]:
-    """The step plan and the total number of optimiser steps; ValueError if one step cannot be filled."""
-    plan = StepPlan(num_samples, rank, world_size, train.micro_batch_size, train.grad_accum_steps, train.seed)
+def plan_steps(num_samples: int, train: TrainConfig, rank: int, world_size: int,
+               lengths: Sequence[int] | None = None) -> tuple[StepPlan, int]:  # fmt: skip
+    """The step plan and the total number of optimiser steps; ValueError if one step cannot be filled.
+
+    ``lengths`` (each sample's token count; stage 1 passes them) group each step's micro-batches by
+    length when ``train.group_by_length`` is on.
+    """
+    grouped = tuple(lengths) if lengths is not None and train.group_by_length else None
+    plan = StepPlan(num_samples, rank, world_size, train.micro_batch_size, train.grad_accum_steps, train.seed,
+                    grouped)  # fmt: skip
     if plan.steps_per_epoch == 0:
         need = train.micro_batch_size * train.grad_accum_steps * world_size
-        raise ValueError(f"{num_samples} usable samples cannot fill one step of {need} "
-                         "(micro_batch_size x grad_accum_steps x workers); use more data or a smaller batch")
+        raise ValueError(
+            f"{num_samples} usable samples cannot fill one step of {need} "
+            "(micro_batch_size x grad_accum_steps x workers); use more data or a smaller batch"
+        )
     total = train.max_steps if train.max_steps > 0 else train.epochs * plan.steps_per_epoch
     return plan, total
 

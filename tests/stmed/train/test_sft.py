@@ -6,6 +6,8 @@ import itertools
 import json
 import math
 import random
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from stmed.config import ConfigError, LoRAConfig, ModelConfig, config_to_dict
-from stmed.data.sft import load_sft_data
+from stmed.data.sft import SFTDataset, collate_sft, load_sft_data
 from stmed.data.synthetic import make_dataset
 from stmed.model.build import build_tiny, image_seq_len, load_model
 from stmed.model.conversation import LOSS_NONE, LOSS_QA, LOSS_VQ, encode, render, to_turns
@@ -22,8 +24,15 @@ from stmed.model.prompts import SYSTEM_SQ
 from stmed.runs import MetricsLog
 from stmed.train.losses import token_losses
 from stmed.train.session import LocalSession, stored_checkpoints
-from stmed.train.sft import SFTLoopConfig, train_sft
-from stmed.train.stage import StepPlan, TrainConfig, build_optimizer, check_global_batch, lr_factor
+from stmed.train.sft import SFTLoopConfig, sft_step, train_sft
+from stmed.train.stage import (
+    TrainConfig,
+    build_optimizer,
+    check_global_batch,
+    lr_factor,
+    make_trainable,
+    plan_steps,
+)
 
 LORA = LoRAConfig(llm_r=4, llm_alpha=8, vit_r=2, vit_alpha=4)
 
@@ -41,7 +50,13 @@ def _subset(paths, out: Path, n: int) -> Path:
 
 
 def _loop_config(instruct: Path, images: Path, out: Path, preset: str = "tiny", **train) -> dict:
-    base = {"micro_batch_size": 2, "grad_accum_steps": 1, "max_length": 512, "log_every": 100, "checkpoint_every": 100}
+    base = {
+        "micro_batch_size": 2,
+        "grad_accum_steps": 1,
+        "max_length": 512,
+        "log_every": 100,
+        "checkpoint_every": 100,
+    }
     cfg = SFTLoopConfig(model=ModelConfig(preset=preset), lora=LORA, train=TrainConfig(**{**base, **train}),
                         instruct_path=str(instruct), image_root=str(images), output_dir=str(out),
                         export_merged=False)  # fmt: skip
@@ -93,14 +108,48 @@ def test_global_batch_mismatch_names_the_keys():
         TrainConfig(warmup_ratio=1.5)
 
 
-def test_step_plan_shards_are_disjoint_and_reproducible():
-    plans = [StepPlan(10, rank, 2, micro_batch_size=2, grad_accum_steps=1, seed=3) for rank in (0, 1)]
-    assert plans[0].steps_per_epoch == 2
-    epoch0 = [[key for batch in plan.micro_batches(0, 2) for key in batch] for plan in plans]
-    assert not set(epoch0[0]) & set(epoch0[1]) and all(e == 0 for e, _ in epoch0[0])
-    # Resuming at step 1 yields exactly the tail of the unbroken stream; step 2 starts epoch 1.
-    assert list(plans[0].micro_batches(1, 3)) == list(plans[0].micro_batches(0, 3))[1:]
-    assert {e for batch in plans[0].micro_batches(2, 3) for e, _ in batch} == {1}
+def test_a_length_grouped_step_has_the_ungrouped_loss_and_gradient_with_less_padding(synthetic, tmp_path):
+    """Grouping moves a step's samples between its micro-batches; the loss is a mean over the step's
+    target tokens (not a mean of micro-batch means), so the step's loss and gradient stay the same."""
+    rows = json.loads(synthetic.instruct.read_text())[:8]
+    for i, row in enumerate(rows):  # 1 to 5 question-answer rounds: ~100 to ~260 tokens
+        row["conversations"] = row["conversations"][: 2 * (1 + i % 5)]
+    (tmp_path / "varied.json").write_text(json.dumps(rows))
+    _, processor = build_tiny(0)
+    data = load_sft_data(tmp_path / "varied.json", synthetic.images, processor, max_length=512)
+    assert max(data.lengths) - min(data.lengths) > 100
+    dataset = SFTDataset(data.samples, synthetic.images, processor, 512, sq_ratio=0.5, seed=0)
+    collate_fn = partial(collate_sft, pad_id=processor.tokenizer.pad_token_id)
+    train = TrainConfig(micro_batch_size=2, grad_accum_steps=4, max_grad_norm=1e6)  # 8 samples: one step
+    keys, stats, norms, grads = {}, {}, {}, {}
+    for grouped in (False, True):
+        plan, _ = plan_steps(8, replace(train, group_by_length=grouped), 0, 1, lengths=data.lengths)
+        keys[grouped] = list(plan.micro_batches(0, 1))
+        micro = [collate_fn([dataset[key] for key in batch]) for batch in keys[grouped]]
+        torch.manual_seed(0)  # the same LoRA init for both
+        model = make_trainable(build_tiny(0)[0], LORA, gradient_checkpointing=False, upcast=False)
+        model.eval()  # no dropout, whose draws would follow the micro-batch shapes
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        # Plain SGD at lr 1, unclipped: the update is the gradient itself (Adam's first step, about
+        # lr x sign(g), would blow float noise in near-zero gradients up to lr).
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        stats[grouped], norms[grouped] = sft_step(
+            model, micro, optimizer, scheduler, train, 1, torch.device("cpu")
+        )
+        grads[grouped] = {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    flat = {grouped: sorted(itertools.chain.from_iterable(keys[grouped])) for grouped in keys}
+    assert keys[True] != keys[False] and flat[True] == flat[False]  # the same samples, other micro-batches
+    plain, grouped = stats[False].tolist(), stats[True].tolist()
+    assert grouped[1:8:2] == plain[1:8:2]  # target counts (all, qa, vq) and real tokens
+    assert grouped[0] / grouped[1] == pytest.approx(plain[0] / plain[1], rel=1e-6)
+    assert norms[True] == pytest.approx(norms[False], rel=1e-5) and norms[True] > 0
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], rtol=1e-5, atol=1e-6, msg=name)
+    # Positions less real tokens is the padding: grouped pads less than half as much on these lengths.
+    pad_plain, pad_grouped = plain[8] - plain[6], grouped[8] - grouped[6]
+    assert pad_grouped < 0.5 * pad_plain, (pad_grouped, pad_plain)
 
 
 # ----------------------------------------------------------------------------- data
@@ -175,7 +224,9 @@ def test_overfitting_one_batch_trains_every_group_and_nothing_else(synthetic, tm
 def test_resume_continues_at_the_saved_step_and_matches_an_unbroken_run(synthetic, tmp_path):
     instruct = _subset(synthetic, tmp_path / "eight.json", 8)
     common = {"max_steps": 6, "grad_accum_steps": 2, "checkpoint_every": 2, "lr_llm": 5e-3}
-    train_sft(_loop_config(instruct, synthetic.images, tmp_path / "a", **common), LocalSession(tmp_path / "ca"))
+    train_sft(
+        _loop_config(instruct, synthetic.images, tmp_path / "a", **common), LocalSession(tmp_path / "ca")
+    )
 
     broken = _loop_config(instruct, synthetic.images, tmp_path / "b", fail_at_step=5, **common)
     session = LocalSession(tmp_path / "cb")
@@ -197,7 +248,10 @@ def test_resume_continues_at_the_saved_step_and_matches_an_unbroken_run(syntheti
     rows_b = MetricsLog(tmp_path / "b" / "metrics.jsonl").read()
     assert rows_b[-1]["loss"] == pytest.approx(rows_a[-1]["loss"], rel=1e-6)
     # checkpoint_every=2 with num_to_keep=2: only the last two checkpoints stay.
-    assert [p.name for p in stored_checkpoints(session.checkpoint_root)] == ["checkpoint_000004", "checkpoint_000006"]
+    assert [p.name for p in stored_checkpoints(session.checkpoint_root)] == [
+        "checkpoint_000004",
+        "checkpoint_000006",
+    ]
 
 
 def test_gradient_checkpointing_changes_memory_not_results(synthetic, tmp_path):
@@ -205,7 +259,9 @@ def test_gradient_checkpointing_changes_memory_not_results(synthetic, tmp_path):
     adapters = []
     for flag in (False, True):
         out = tmp_path / f"gc{flag}"
-        config = _loop_config(instruct, synthetic.images, out, max_steps=3, lr_llm=5e-3, gradient_checkpointing=flag)
+        config = _loop_config(
+            instruct, synthetic.images, out, max_steps=3, lr_llm=5e-3, gradient_checkpointing=flag
+        )
         train_sft(config, LocalSession(tmp_path / f"c{flag}"))
         adapters.append(load_file(out / "adapter" / "adapter_model.safetensors"))
     # Recomputation replays dropout's RNG, so both runs take the same steps; the ViT LoRA is trained in both.
@@ -216,7 +272,7 @@ def test_gradient_checkpointing_changes_memory_not_results(synthetic, tmp_path):
 
 def test_a_diverged_loss_stops_the_run_before_a_checkpoint_or_export(synthetic, tmp_path, monkeypatch):
     """Hardening finding 9: a NaN loss from step 2 used to run to the end and export a NaN model."""
-    import stmed.train.sft as sft
+    from stmed.train import sft
     from stmed.train.stage import Diverged
 
     real_step = sft.sft_step
@@ -233,8 +289,10 @@ def test_a_diverged_loss_stops_the_run_before_a_checkpoint_or_export(synthetic, 
     instruct = _subset(synthetic, tmp_path / "instruct.json", 8)
     session = LocalSession(tmp_path / "ckpt")
     with pytest.raises(Diverged, match=r"step 2: loss is nan.*train.lr_"):
-        train_sft(_loop_config(instruct, synthetic.images, tmp_path / "out", max_steps=4, checkpoint_every=1),
-                  session)
+        train_sft(
+            _loop_config(instruct, synthetic.images, tmp_path / "out", max_steps=4, checkpoint_every=1),
+            session,
+        )
     assert [r["step"] for r in session.reports] == [1]  # step 1 reported (and checkpointed), step 2 not
     assert not (tmp_path / "out" / "adapter").exists()
 
@@ -244,8 +302,17 @@ def test_non_finite_learning_rates_are_refused(value):
     from stmed.config import ConfigError, build_config
 
     with pytest.raises(ConfigError, match=r"train.lr_llm: expected a finite number"):
-        build_config(SFTLoopConfig, {"model": {"preset": "tiny"}, "lora": {}, "instruct_path": "i", "image_root": "r",
-                                     "output_dir": "o"}, [f"train.lr_llm={value}"])
+        build_config(
+            SFTLoopConfig,
+            {
+                "model": {"preset": "tiny"},
+                "lora": {},
+                "instruct_path": "i",
+                "image_root": "r",
+                "output_dir": "o",
+            },
+            [f"train.lr_llm={value}"],
+        )
 
 
 def test_qwen2_5_vl_preset_trains_every_group_and_nothing_else(synthetic, tmp_path):
