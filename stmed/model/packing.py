@@ -142,8 +142,3 @@ def branch_positions(
             rows[:, b, rejected] = start[:, None] + steps[None, :]
     return out
 
-
-def first_scored_position(labels: torch.Tensor) -> int:
-    """The first position whose logits any row needs: one before the earliest target of the batch."""
-    targets = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    return max(0, int(targets[0]) - 1) if len(targets) else 0

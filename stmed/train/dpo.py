@@ -49,14 +49,13 @@ from stmed.data.pairs import PreferenceDataset, collate_pairs, collate_shared_pa
 from stmed.data.records import PreferencePair
 from stmed.log import get_logger
 from stmed.model.build import load_model
-from stmed.model.families import family_of, hf_model, image_kwargs
+from stmed.model.families import family_of, forward_inputs, hf_model, image_kwargs
 from stmed.model.packing import (
     CHOSEN,
     MASKABLE_ATTENTION,
     SHARED,
     block_attention_mask,
     branch_positions,
-    first_scored_position,
 )
 from stmed.model.prompts import SYSTEM_PLAIN, SYSTEM_SQ
 from stmed.runs import MetricsLog, write_json
@@ -67,6 +66,7 @@ from stmed.train.losses import (
     dpo_loss,
     dpo_metrics,
     dpo_stats,
+    first_scored_position,
     sequence_logps,
     with_sft_term,
 )
@@ -184,21 +184,19 @@ def forward_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     logits are computed only from the batch's first answer position on (``logits_to_keep``), which leaves
     out the image and prompt rows of the vocabulary projection.
     """
-    hf = hf_model(model)
-    family, images, ids = family_of(hf), image_kwargs(batch), batch["input_ids"]
     label_rows = [batch["labels"]] + ([batch["rejected_labels"]] if "segments" in batch else [])
     start = min(first_scored_position(labels) for labels in label_rows)
     if "segments" in batch:
-        segments = batch["segments"]
+        hf, segments = hf_model(model), batch["segments"]
+        images, ids = image_kwargs(batch), batch["input_ids"]
         chosen_branch = ((segments == SHARED) | (segments == CHOSEN)).long()
-        positions = branch_positions(family.text_positions(hf, ids, chosen_branch, images), segments,
+        positions = branch_positions(family_of(hf).text_positions(hf, ids, chosen_branch, images), segments,
                                      batch["branch_start"])  # fmt: skip
         mask = block_attention_mask(segments, None if _attention(hf) == "sdpa" else hf.dtype)
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **images}
     else:
-        mask = batch["attention_mask"]
-        positions = family.text_positions(hf, ids, mask, images)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   logits_to_keep=ids.shape[1] - start, **images).logits  # fmt: skip
+        inputs = forward_inputs(model, batch)
+    logits = model(**inputs, logits_to_keep=batch["input_ids"].shape[1] - start).logits
     return torch.cat([sequence_logps(logits, labels[:, start:]) for labels in label_rows])
 
 

@@ -15,6 +15,18 @@ import torch.nn.functional as F
 
 from stmed.model.conversation import IGNORE_INDEX, LOSS_QA, LOSS_VQ
 
+
+def first_scored_position(labels: torch.Tensor) -> int:
+    """The first position whose logits any row needs: one before the batch's earliest target.
+
+    A forward pass asked for logits from there on only (``logits_to_keep``) skips the vocabulary
+    projection of the image and the prompt, and the losses below read the same values off
+    ``labels[:, start:]``.
+    """
+    targets = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    return max(0, int(targets[0]) - 1) if len(targets) else 0
+
+
 # ----------------------------------------------------------------------------- stage 1: SFT
 
 

@@ -40,11 +40,11 @@ from stmed.data.sft import SFTDataset, collate_sft, load_sft_data
 from stmed.log import get_logger
 from stmed.model.build import load_model
 from stmed.model.conversation import IGNORE_INDEX
-from stmed.model.families import image_kwargs
+from stmed.model.families import forward_inputs
 from stmed.runs import MetricsLog, write_json
 from stmed.train.checkpoints import report_step, resume
 from stmed.train.distributed import all_reduce_sum, gather_dicts
-from stmed.train.losses import loss_means, loss_stats, token_losses
+from stmed.train.losses import first_scored_position, loss_means, loss_stats, token_losses
 from stmed.train.session import TrainSession
 from stmed.train.stage import (
     ATTEMPTS_FILE,
@@ -110,9 +110,11 @@ def sft_step(model: nn.Module, micro: list[dict[str, torch.Tensor]], optimizer: 
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               **image_kwargs(batch)).logits  # fmt: skip
-                ce, kinds = token_losses(logits, batch["labels"], batch["loss_kind"])
+                # Logits from the first target on: the image and first question need none.
+                start = first_scored_position(batch["labels"])
+                keep = batch["input_ids"].shape[1] - start
+                logits = model(**forward_inputs(model, batch), logits_to_keep=keep).logits
+                ce, kinds = token_losses(logits, batch["labels"][:, start:], batch["loss_kind"][:, start:])
             # DDP averages over ranks, hence x world_size: the result is sum(CE) / global target count.
             (ce.sum() * world_size / n_global).backward()
         stats[:6] += loss_stats(ce, kinds)

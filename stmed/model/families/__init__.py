@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
+
 from stmed.model.families.base import IMAGE_KEYS, Family, collate_images, hf_model, image_kwargs
 from stmed.model.families.llava import LLAVA
 from stmed.model.families.qwen2_5_vl import QWEN2_5_VL
@@ -28,6 +31,7 @@ __all__ = [
     "collate_images",
     "family_for_preset",
     "family_of",
+    "forward_inputs",
     "hf_model",
     "image_kwargs",
 ]  # fmt: skip
@@ -51,3 +55,13 @@ def family_of(obj: Any) -> Family:
     if model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r} is not a supported family; supported: {sorted(FAMILIES)}")
     return FAMILIES[model_type]
+
+
+def forward_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated training batch as the forward pass's keyword arguments: ids, mask, images and the family's
+    own positions (``Family.text_positions``; M-RoPE for Qwen2.5-VL, which our batches would otherwise
+    not get)."""
+    hf, images = hf_model(model), image_kwargs(batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = family_of(hf).text_positions(hf, ids, mask, images)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **images}

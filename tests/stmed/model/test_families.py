@@ -16,7 +16,7 @@ from PIL import Image
 from stmed.config import ConfigError, LoRAConfig, ModelConfig
 from stmed.model.build import image_inputs, image_seq_len, image_tokens, load_model
 from stmed.model.conversation import IGNORE_INDEX, LOSS_NONE, describe_targets, encode, render, to_turns
-from stmed.model.families import FAMILIES, PRESETS, collate_images, family_of, image_kwargs
+from stmed.model.families import FAMILIES, PRESETS, collate_images, family_of, forward_inputs, image_kwargs
 from stmed.model.lora import attach_lora, lora_targets, merge_and_export, param_groups
 from stmed.model.prompts import DESCRIBE_QUESTION, SYSTEM_SQ, answer_prompt, question_prompt
 from tests.helpers import perturb_trainable
@@ -235,11 +235,9 @@ def test_training_positions_are_the_ones_the_processor_path_uses(tiny):
     model.eval()
     with torch.no_grad():
         expected = model(**reference).logits
-        ids, mask = reference["input_ids"], reference["attention_mask"]
-        images = {k: reference[k] for k in ("pixel_values", "image_grid_thw") if k in reference}
-        positions = family_of(model).text_positions(model, ids, mask, images)
-        got = model(input_ids=ids, attention_mask=mask, position_ids=positions, **images).logits
-        implicit = model(input_ids=ids, attention_mask=mask, **images).logits
+        batch = {k: v for k, v in reference.items() if k != "mm_token_type_ids"}  # what collate() builds
+        got = model(**forward_inputs(model, batch)).logits
+        implicit = model(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     if name == "tiny-qwen2.5-vl":  # what training computed before positions were passed: 1D, not M-RoPE
         assert not torch.allclose(implicit, expected, atol=1e-4)
