@@ -92,6 +92,16 @@ def bench_tiny(args: argparse.Namespace) -> dict:
             **throughput(rows)}  # fmt: skip
 
 
+def varied_lengths(instruct: Path, dst: Path) -> Path:
+    """The synthetic conversations (5 question-answer rounds each) cut to 1-5 rounds in turn: ~100 to ~260
+    tokens on the tiny model, so that batches have something to pad."""
+    rows = json.loads(instruct.read_text())
+    for i, row in enumerate(rows):
+        row["conversations"] = row["conversations"][: 2 * (1 + i % 5)]
+    dst.write_text(json.dumps(rows))
+    return dst
+
+
 def bench_padding(args: argparse.Namespace) -> dict:
     """The same steps with and without ``train.group_by_length`` on varied lengths: real and pad tokens."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -99,11 +109,7 @@ def bench_padding(args: argparse.Namespace) -> dict:
               "grad_accum_steps": args.grad_accum_steps}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="stmed-bench-") as tmp:
         paths = make_dataset(Path(tmp) / "data", num_images=60, seed=0)
-        rows = json.loads(paths.instruct.read_text())
-        for i, row in enumerate(rows):  # 1 to 5 question-answer rounds: ~100 to ~260 tokens on the tiny model
-            row["conversations"] = row["conversations"][: 2 * (1 + i % 5)]
-        varied = Path(tmp) / "varied.json"
-        varied.write_text(json.dumps(rows))
+        varied = varied_lengths(paths.instruct, Path(tmp) / "varied.json")
         for name, grouped in (("plain", False), ("grouped", True)):
             steps = run_tiny(args, varied, paths.images, group_by_length=grouped)
             real, pad = sum(r["tokens"] for r in steps), sum(r["pad_tokens"] for r in steps)

@@ -39,7 +39,10 @@ exists (that helper needs pytest, a dev dependency), and otherwise from the same
 the tiny tokenizer (said in the output and in the JSON's ``model``).
 
 ``sft_vs_hf_trainer`` (the tiny preset): target tokens/s of ``stmed.train.sft.train_sft`` ÷
-``transformers.Trainer`` on the synthetic instruct conversations (varied lengths and turn counts). The
+``transformers.Trainer`` on the synthetic instruct conversations cut to 1-5 question-answer rounds
+(``train_throughput.varied_lengths``: ~100 to ~260 tokens), ``--batch`` conversations a micro-batch and
+4 micro-batches a step on both sides (stmed orders a step's samples by length before cutting its
+micro-batches, ``train.group_by_length``; the Trainer takes them as they come). The
 Trainer is given the PeftModel of ``stmed.train.stage.make_trainable`` and the very items stmed's loop
 trains on: ``SFTDataset`` items (questioner relabelling included) in stmed's step-plan order,
 collated by ``collate_sft``, so both compute next-token cross-entropy over the same target tokens
@@ -55,7 +58,8 @@ sides. Torch runs on ``--threads`` threads (1 by default) on both sides.
 
 ``judge_fraction_of_ideal_256``: ``benchmarks/judge_throughput.py``'s own measurement (imported, not
 copied): one ``Judge`` called directly with 256 requests in flight against the offline reference
-judge answering after 200 ms, the faster of two passes per round, ÷ the ideal 256 / 0.2 s. Its server
+judge answering after 200 ms, the faster of two passes of 30 round trips (``JUDGE_WAVES``) per round,
+÷ the ideal 256 / 0.2 s. Its server
 stays up through all rounds.
 
 Everything runs on the CPU. The JSON (``--out``) holds per figure ``median``, ``min``, ``max`` (wall
@@ -85,6 +89,7 @@ sys.path.insert(0, str(REPO))  # runnable as a plain script from anywhere
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch
+from train_throughput import varied_lengths
 
 from stmed.config import ConfigError, ModelConfig, build_config, config_to_dict
 from stmed.data.images import load_image
@@ -102,6 +107,11 @@ from stmed.train.stage import StepPlan, TrainConfig, make_trainable
 
 SHAPES = ("tiny", "llava-1.5")
 DPO_LORA = DPOLoRAConfig(llm_r=8, llm_alpha=16, vit_r=4, vit_alpha=8, llm_dropout=0.05, vit_dropout=0.05)
+JUDGE_WAVES = 30
+"""Judge pass length in round trips: a self-play run judges thousands of pairs (10k images x 5 questions
+is 200 round trips at 256 in flight), so the figure is the client's sustained rate; a pass of a few
+round trips mostly measures the first burst of 256 queueing at the 2-core server."""
+SFT_ACCUM = 4  # stage-1 micro-batches per optimiser step (the paper's global batch is reached this way)
 SFT_LORA = DPO_LORA  # a LoRAConfig all the same (DPOLoRAConfig only changes a default)
 DPO_LR, SFT_LR = 5e-6, 2e-4  # the LLM LoRA's rate (stmed's projector and ViT groups keep their own)
 MAX_LENGTH = {"tiny": 256, "llava-1.5": 1024}
@@ -200,9 +210,10 @@ def trainable_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def plan_order(num: int, batch: int, steps: int, seed: int = 0) -> list[tuple[int, int]]:
-    """The ``(epoch, index)`` keys stmed's loop trains on, in order (one worker, no accumulation)."""
-    plan = StepPlan(num, rank=0, world_size=1, micro_batch_size=batch, grad_accum_steps=1, seed=seed)
+def plan_order(num: int, batch: int, steps: int, seed: int = 0, accum: int = 1) -> list[tuple[int, int]]:
+    """The ``(epoch, index)`` keys of stmed's step plan, in order (one worker, ungrouped): the same samples
+    in every step as stmed's loop, which only reorders a step's samples among its micro-batches."""
+    plan = StepPlan(num, rank=0, world_size=1, micro_batch_size=batch, grad_accum_steps=accum, seed=seed)
     return [key for micro in plan.micro_batches(0, steps) for key in micro]
 
 
@@ -224,6 +235,8 @@ class Setup:
     sft_steps: int
     """Steps per stage-1 run, likewise."""
     overrides: list[str]
+    sft_accum: int = SFT_ACCUM
+    """Stage-1 micro-batches per step (of ``batch`` conversations each), on both sides."""
 
 
 def build_llava15(dst: Path) -> str:
@@ -374,7 +387,8 @@ def trl_dpo(setup: Setup, shape: str, out: Path, pairs: list[PreferencePair]) ->
 
 
 def sft_train_config(setup: Setup) -> TrainConfig:
-    return TrainConfig(micro_batch_size=setup.batch, max_steps=setup.sft_steps, max_length=512, log_every=1,
+    return TrainConfig(micro_batch_size=setup.batch, grad_accum_steps=setup.sft_accum, max_steps=setup.sft_steps,
+                       max_length=512, log_every=1,
                        checkpoint_every=10**6, lr_llm=SFT_LR)  # fmt: skip
 
 
@@ -416,17 +430,20 @@ def hf_sft(setup: Setup, out: Path) -> Run:
     )
     args = TrainingArguments(output_dir=str(out), max_steps=setup.sft_steps, learning_rate=SFT_LR,
                              per_device_train_batch_size=setup.batch, lr_scheduler_type="cosine",
+                             gradient_accumulation_steps=setup.sft_accum,
                              warmup_steps=math.ceil(train.warmup_ratio * setup.sft_steps), weight_decay=0.0,
                              max_grad_norm=1.0, optim="adamw_torch", use_cpu=True, bf16=False, fp16=False,
                              train_sampling_strategy="sequential", dataloader_num_workers=0,
                              remove_unused_columns=False, label_names=["labels"], report_to=[],
                              save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0)  # fmt: skip
     clock = Clock()
-    items = OrderedItems(dataset, plan_order(len(data.samples), setup.batch, setup.sft_steps, train.seed))
+    keys = plan_order(len(data.samples), setup.batch, setup.sft_steps, train.seed, setup.sft_accum)
+    items = OrderedItems(dataset, keys)
     trainer = Trainer(model=model, args=args, train_dataset=items, data_collator=counter,
                       callbacks=[clock_callback(clock)])  # fmt: skip
     trainer.train()
-    wall, cpu = steady_rate(clock.ticks, counter.targets)
+    per_step = [sum(counter.targets[i : i + setup.sft_accum]) for i in range(0, len(counter.targets), setup.sft_accum)]
+    wall, cpu = steady_rate(clock.ticks, per_step)
     return Run(wall, cpu, {"target_tokens": sum(counter.targets), "trainable_params": trainable_count(model)})
 
 
@@ -480,9 +497,8 @@ def prepare(root: Path, shapes: list[str], args: argparse.Namespace) -> Setup:
     images = sorted(p.name for p in data.images.glob("*.png"))[:8]
     steps, sft_steps = args.steps + 2, args.sft_steps + 2  # + the untimed first and last
     write_preferences(root / "prefs.parquet", preference_pairs(images, args.batch * steps))
-    return Setup(
-        root, data.images, data.instruct, models, notes, args.batch, steps, sft_steps, args.stmed_set
-    )
+    instruct = varied_lengths(data.instruct, root / "varied.json")
+    return Setup(root, data.images, instruct, models, notes, args.batch, steps, sft_steps, args.stmed_set)
 
 
 def in_turn(r: int, ours, peer) -> tuple[Run, Run]:
@@ -583,7 +599,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds x 3 timed steps, fewer judge waves")
+    parser.add_argument("--quick", action="store_true", help="2 rounds x 3 timed steps")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick 2)")
     parser.add_argument(
         "--steps", type=int, default=None, help="timed DPO steps per run (default 8; --quick 3)"
@@ -620,7 +636,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         setup = prepare(Path(tmp), shapes, args)
         for shape, note in setup.notes.items():
             print(f"{shape}: {note}", flush=True)
-        judge = JudgeBench(Path(tmp), waves=4 if args.quick else 10)
+        judge = JudgeBench(Path(tmp), waves=JUDGE_WAVES)
         try:
             result = run_rounds(setup, shapes, args.rounds, judge)
         finally:
