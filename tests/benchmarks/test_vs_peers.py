@@ -60,3 +60,17 @@ def test_plan_order_gives_each_pair_once_per_epoch_in_the_loops_order() -> None:
     assert keys == [key for micro in plan.micro_batches(0, 4) for key in micro]
     assert sorted(index for _, index in keys) == list(range(8))
     assert {epoch for epoch, _ in keys} == {0}
+
+
+def test_the_llava_shape_is_built_in_code_without_the_fixtures(tmp_path, monkeypatch) -> None:
+    """Without ../shared the llava-1.5 shape comes from a config in code: still 576 image tokens."""
+    import tests.checkpoints
+    from stmed.config import ModelConfig
+    from stmed.model.build import image_seq_len, load_model
+
+    monkeypatch.setattr(tests.checkpoints, "LLAVA_HF", tmp_path / "absent")
+    note = vp.build_llava15(tmp_path / "model")
+    assert "tiny tokenizer" in note
+    model, processor = load_model(ModelConfig(name_or_path=str(tmp_path / "model")))
+    assert image_seq_len(processor) == 576
+    assert model.config.text_config.vocab_size == 32064
