@@ -31,11 +31,12 @@ from PIL import Image
 from stmed.config import ModelConfig, build_config
 from stmed.data.images import ImageLoadError, image_to_data_url, load_image
 from stmed.model import prompts
-from stmed.model.build import load_model
-from stmed.model.generate import GREEDY, HFEngine, answer, clean_output
 
 if TYPE_CHECKING:
     import ray.data
+
+# stmed.model.build / .generate (torch, transformers: seconds) are imported where a model is built or
+# used: the evaluation job's driver only names ``Answerer``, its actors import them.
 
 INPUT_COLUMNS = ("question_id", "image_path", "question", "answer_type")
 SYSTEMS = {"sq": prompts.SYSTEM_SQ, "plain": prompts.SYSTEM_PLAIN}
@@ -52,6 +53,9 @@ class Answerer:
 
     def __init__(self, model: ModelConfig | dict[str, Any], system: str = "sq", max_new_tokens: int = 128,
                  device: str = "cpu", batch_size: int = 8):
+        from stmed.model.build import load_model
+        from stmed.model.generate import GREEDY, HFEngine
+
         cfg = model if isinstance(model, ModelConfig) else build_config(ModelConfig, model)
         self.system = system_prompt(system)
         self.sampling = dataclasses.replace(GREEDY, max_new_tokens=max_new_tokens)
@@ -70,6 +74,8 @@ class Answerer:
                 images[i] = load_image(str(path))
             except ImageLoadError as err:
                 errors[i] = str(err)
+        from stmed.model.generate import answer
+
         start = time.perf_counter()
         if images:
             rows = sorted(images)
@@ -132,6 +138,8 @@ def vllm_answer(ds: ray.data.Dataset, model_path: str, system: str = "sq", max_n
         chat_template_stage={"enabled": False}, tokenize_stage={"enabled": False},
         detokenize_stage={"enabled": False},
     )
+
+    from stmed.model.generate import GREEDY, clean_output
 
     sampling = dataclasses.replace(GREEDY, max_new_tokens=max_new_tokens)
 

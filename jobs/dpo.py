@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from actors.training import run_training
-from jobs.runtime import init_ray, run_job
+from jobs.runtime import init_ray, run_job, stage_clock, training_timings
 from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, write_config
 from stmed.data.records import DataError, read_preferences
 from stmed.log import get_logger
 from stmed.model.build import image_seq_len, load_processor
-from stmed.runs import MetricsLog, training_run_name, write_summary
+from stmed.runs import TIMINGS, MetricsLog, training_run_name, write_summary
 from stmed.train.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
 from stmed.train.stage import (
     ATTEMPTS_FILE,
@@ -86,6 +86,7 @@ def _summarise(out: Path, run_name: str, checkpoint: str | None, wall_s: float) 
 
 
 def main(cfg: DPOConfig) -> dict[str, Any]:
+    clock = stage_clock()
     started = time.time()
     out = Path(cfg.output_dir).resolve()  # workers resolve paths from their own working directory
     preferences = Path(cfg.preferences).resolve()
@@ -97,14 +98,20 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     if not read_preferences(preferences):  # a parse here, before any worker: a bad file fails fast
         raise DataError(f"preferences: {preferences} holds no pairs (did jobs.generate finish?)")
     write_config(cfg, out)
-    check_length_budget(cfg.train, image_seq_len(load_processor(cfg.model)))  # before any worker starts
-    init_ray(cfg.ray)
+    with clock.phase("model_load"):
+        processor = load_processor(cfg.model)
+    check_length_budget(cfg.train, image_seq_len(processor))  # before any worker starts
+    with clock.phase("ray_init"):
+        init_ray(cfg.ray)
     loop = DPOLoopConfig(model=cfg.model, preferences_path=str(preferences), image_root=str(image_root),
                          output_dir=str(out), lora=cfg.lora, train=cfg.train, dpo=cfg.dpo)  # fmt: skip
     name = training_run_name(out, "dpo", cfg.run_name, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
-    result = run_training(train_dpo, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    summary = _summarise(out, name, checkpoint, time.time() - started)
+    run = run_training(train_dpo, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
+    clock.add_all(training_timings(run, out))
+    with clock.phase("writing"):
+        checkpoint = run.checkpoint.path if run.checkpoint else None
+        summary = _summarise(out, name, checkpoint, time.time() - started)
+    summary[TIMINGS] = clock.block()
     write_summary(out, summary)
     final = summary["final"]
     log.info("dpo done: %d pairs (%d rejected), %d steps, loss %.4f, margin %.4f, accuracy %.2f; merged model in %s",

@@ -12,6 +12,7 @@ as wrong, as the official scorer would) and is counted in ``missing_images``.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from actors.answerer import Answerer, vllm_answer
-from jobs.runtime import init_ray, run_job
+from jobs.runtime import init_ray, pass_timings, run_job, stage_clock
 from stmed.config import ConfigError, ModelConfig, RayConfig, write_config
 from stmed.data.records import (
     DataError,
@@ -35,7 +36,7 @@ from stmed.eval.metrics import CLOSED, score, yes_no_split
 from stmed.judge.grading import preference, score_answer
 from stmed.log import get_logger
 from stmed.model.prompts import CLOSED_SUFFIX
-from stmed.runs import write_json, write_summary
+from stmed.runs import TIMINGS, write_json, write_summary
 
 if TYPE_CHECKING:
     import ray.data
@@ -236,7 +237,7 @@ def effect_pairs(cfg: EvaluateConfig) -> list[tuple[str, str]]:
     """(from, to): each model against the one before it in ``models``, the first against the last (the
     whole self-training, base to the last round), and every ``compare`` pair."""
     names = list(cfg.models)
-    pairs = list(zip(names, names[1:])) + ([(names[0], names[-1])] if len(names) > 2 else [])
+    pairs = list(itertools.pairwise(names)) + ([(names[0], names[-1])] if len(names) > 2 else [])
     pairs += [(b, a) for a, b in cfg.compare.items() if a in cfg.models and b in cfg.models]
     return list(dict.fromkeys(pairs))
 
@@ -293,32 +294,42 @@ def results_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
+    clock = stage_clock()
     out = Path(cfg.output_dir)
     write_config(cfg, out)
-    benchmarks = resolve_benchmarks(cfg)
-    init_ray(cfg.ray)
+    with clock.phase("data"):
+        benchmarks = resolve_benchmarks(cfg)
+    with clock.phase("ray_init"):
+        init_ray(cfg.ray)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     timing: dict[str, dict[str, float]] = {}
+    passes: list[tuple[float, float]] = []
     for model_name, model in cfg.models.items():
         log.info("evaluating %s on %s", model_name,
                  ", ".join(f"{b.name} ({len(b.examples)})" for b in benchmarks))
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         rows = answer_plan(cfg, model, benchmarks).take_all()
         wall = time.perf_counter() - start
+        passes.append((started_at, time.time()))
+        scoring = time.perf_counter()
         results[model_name] = {
             b.name: _score_benchmark(out / model_name / b.name, model_name, b,
                                      [r for r in rows if r["benchmark"] == b.name])
             for b in benchmarks}
         timing[model_name] = {"wall_s": wall, "questions": len(rows),
                               "questions_per_s_wall": len(rows) / wall}
-    prefs = judge_preferences(cfg, benchmarks, out)
-    found = stage_effects(cfg, benchmarks, out)
-    (out / "results.md").write_text(results_table(results) + ("\n" + preference_table(prefs) if prefs else "")
-                                    + "\n" + effects_table(found))
+        clock.add("writing", time.perf_counter() - scoring)
+    if cfg.engine == "hf":  # vLLM's engine actors are Ray Data LLM's own
+        clock.add_all(pass_timings(passes, Answerer.__name__))
+    with clock.phase("writing"):
+        prefs = judge_preferences(cfg, benchmarks, out)
+        found = stage_effects(cfg, benchmarks, out)
+        tables = [results_table(results), *([preference_table(prefs)] if prefs else []), effects_table(found)]
+        (out / "results.md").write_text("\n".join(tables))
     summary = {"stage": "evaluate", "results": results, "effects": found, "judge_preference": prefs,
                "timing": timing,
                "benchmarks": {b.name: {"test_file": str(b.test_file), "questions": len(b.examples)}
-                              for b in benchmarks}}
+                              for b in benchmarks}, TIMINGS: clock.block()}
     write_summary(out, summary)
     log.info("results:\n%s", results_table(results))
     return summary

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from actors.generator import Generator, KeptPairJudge
-from jobs.runtime import NothingProduced, init_ray, run_job
+from jobs.runtime import NothingProduced, init_ray, pass_timings, run_job, stage_clock
 from stmed.config import ConfigError, ModelConfig, RayConfig, write_config
 from stmed.data.records import DataError, export_dpo_json, list_images, sample_images, write_preferences
 from stmed.judge.judging import JudgeSettings
 from stmed.log import get_logger
-from stmed.runs import write_summary
+from stmed.runs import TIMINGS, StageClock, write_summary
 from stmed.selfplay.generation import GenerationSettings
 from stmed.selfplay.preferences import assemble, plan_resume, read_parts, summarize_rows, write_part
 
@@ -145,11 +145,14 @@ def build_dataset(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], j
 
 
 def run_pipeline(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], judge: JudgeSettings,
-                 parts: Path) -> None:
+                 parts: Path, clock: StageClock | None = None) -> None:
     """Stream the pipeline, writing each finished block as it arrives (parts sort by run, then block)."""
-    init_ray(cfg.ray)
+    clock = clock or StageClock()
+    with clock.phase("ray_init"):
+        init_ray(cfg.ray)
     run = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
     rows = 0
+    started = time.time()
     dataset = build_dataset(cfg, todo, skip, judge)
     blocks = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:
@@ -160,11 +163,14 @@ def run_pipeline(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], ju
                 log.info("wrote %d rows (%d this run)", block.num_rows, rows)
     finally:  # on an interrupt, stop the streaming executor (and its actors) now, not at GC
         getattr(blocks, "close", lambda: None)()
+    if cfg.generation.engine == "hf":  # the pool start is the generators' (the judges' build takes no model)
+        clock.add_all(pass_timings([(started, time.time())], Generator.__name__))
 
 
 def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list[dict], judge: JudgeSettings,
-                  extra: dict[str, Any]) -> dict[str, Any]:
+                  extra: dict[str, Any], clock: StageClock | None = None) -> dict[str, Any]:
     """preferences.parquet, dpo.json, failures.jsonl and summary.json from every row written."""
+    started = time.perf_counter()
     pairs, failures = assemble(rows, judge)
     write_preferences(out / "preferences.parquet", pairs)
     export_dpo_json(pairs, out / "dpo.json", image_root=image_root(cfg))
@@ -179,11 +185,15 @@ def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list
             f"{summary['questions']} questions kept, {summary['answer_pairs_judged']} answer pairs sent to "
             f"the judge at {judge.base_url}, failures {summary['failures'] or 'none'} "
             f"(details in {out / 'failures.jsonl'})")
+    if clock is not None:
+        clock.add("writing", time.perf_counter() - started)
+        summary[TIMINGS] = clock.block()
     write_summary(out, summary)
     return summary
 
 
 def main(cfg: GenerateConfig) -> GenerateResult:
+    clock = stage_clock()
     start = time.monotonic()
     out = Path(cfg.output_dir)
     parts = out / "parts"
@@ -199,13 +209,14 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     if cfg.judge.reference_findings:
         from stmed.judge.reference import start_server
 
-        server = start_server(cfg.judge.reference_findings)
+        with clock.phase("judge_start"):
+            server = start_server(cfg.judge.reference_findings)
     judge_fields = {f.name: getattr(cfg.judge, f.name) for f in dataclasses.fields(JudgeSettings)}
     judge = JudgeSettings(**{**judge_fields, "base_url": server.url if server else cfg.judge.base_url,
                              "cache_dir": cfg.judge.cache_dir or str(out / "judge_cache")})
     try:
         if todo:
-            run_pipeline(cfg, todo, skip, judge, parts)
+            run_pipeline(cfg, todo, skip, judge, parts, clock)
     finally:
         if server is not None:
             server.stop()
@@ -216,7 +227,7 @@ def main(cfg: GenerateConfig) -> GenerateResult:
         stats = server.stats
         extra["reference_judge"] = {"requests": stats.total, "resent": stats.resent,
                                     "outcomes": stats.outcomes}
-    summary = write_outputs(cfg, out, images, rows, judge, extra)
+    summary = write_outputs(cfg, out, images, rows, judge, extra, clock)
     log.info("%d preference pairs from %d images in %s", summary["pairs"], len(images), out)
     return GenerateResult(out, summary)
 

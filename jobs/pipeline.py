@@ -30,9 +30,17 @@ from jobs.submit import LocalHead, free_port, start_local_head, submit_job
 from stmed.config import ConfigError, ModelConfig, load_config, write_config
 from stmed.data.synthetic import SyntheticPaths, dataset_stats, make_dataset
 from stmed.eval.gate import GateConfig, decide
-from stmed.eval.report import ENDPOINT_REQUEST, PIPELINE_RECORD, write_report
+from stmed.eval.report import ENDPOINT_REQUEST, PIPELINE_RECORD, overhead_table, write_report
 from stmed.log import get_logger
-from stmed.runs import MetricsLog, read_summary, write_json, write_summary
+from stmed.runs import (
+    SUBMITTED_AT_ENV,
+    TIMINGS,
+    MetricsLog,
+    read_summary,
+    submitted_timings,
+    write_json,
+    write_summary,
+)
 from stmed.serve.client import Request, ask, first_benchmark_request, snippets
 
 log = get_logger("stmed.jobs.pipeline")
@@ -310,8 +318,9 @@ def _heartbeat(stage: str, out: Path, every_s: float, stop: threading.Event) -> 
 
 
 def run_stage(cfg: PipelineConfig, stage: str, args: list[str], out: Path, address: str, python: str,
-              fresh: bool = False) -> float:
-    """Submit one stage as a Ray job and wait for it; its whole log goes to ``out/job.log``.
+              fresh: bool = False) -> dict[str, Any]:
+    """Submit one stage as a Ray job and wait for it; its whole log goes to ``out/job.log``. Returns its
+    record: ``wall_s`` and ``timings`` (the job's own, from submission to the pipeline seeing it end).
 
     ``fresh``: an earlier stage ran in this pipeline, so whatever ``out`` holds (finished outputs, or a
     half-done run that the stage would resume) was made from old inputs and is moved aside.
@@ -324,10 +333,13 @@ def run_stage(cfg: PipelineConfig, stage: str, args: list[str], out: Path, addre
     log.info("%s: started", stage)
     start, stop = time.monotonic(), threading.Event()
     threading.Thread(target=_heartbeat, args=(stage, out, cfg.ray.progress_every_s, stop), daemon=True).start()
+    submitted = time.time()  # the job measures its start-up from this (wall clock: another process reads it)
     try:
-        status, logs = submit_job(address, entrypoint, working_dir=REPO, timeout=cfg.ray.stage_timeout_s)
+        status, logs = submit_job(address, entrypoint, working_dir=REPO, timeout=cfg.ray.stage_timeout_s,
+                                  env_vars={SUBMITTED_AT_ENV: repr(submitted)})
     finally:
         stop.set()
+    seen = time.time()
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.log").write_text(logs)
     wall = time.monotonic() - start
@@ -335,8 +347,10 @@ def run_stage(cfg: PipelineConfig, stage: str, args: list[str], out: Path, addre
     log.info("%s log, last lines (all in %s):\n    %s", stage, out / "job.log", "\n    ".join(tail))
     if status != "SUCCEEDED":
         raise StageFailed(f"stage {stage}: job {status} after {wall:.0f}s; see {out / 'job.log'}")
-    log.info("%s: done in %.1fs", stage, wall)
-    return wall
+    timings = submitted_timings((read_summary(out) or {}).get(TIMINGS), submitted, seen)
+    log.info("%s: done in %.1fs (fixed overhead %.1fs, work %.1fs)", stage, wall, timings["overhead_s"],
+             timings["work_s"])  # fmt: skip
+    return {"wall_s": wall, TIMINGS: timings}
 
 
 def endpoint_request(cfg: EndpointConfig, run_dir: Path) -> Request:
@@ -365,9 +379,11 @@ def usage(cfg: PipelineConfig, run_dir: Path, report: Path, endpoint: dict[str, 
     up = endpoint is not None and cfg.serve.keep_running
     if not up:
         name, model_cfg = round_model(cfg, run_dir, promoted_round(cfg, run_dir))
-        lines += [f"The endpoint is shut down. Serve the {name} model on http://127.0.0.1:8000 (it runs until "
-                  "Ctrl-C):", (f"  python -m jobs.serve --config {cfg.configs.serve} model.preset=null "
-                               f"model.name_or_path={model_cfg.name_or_path} model_name=stmed-{name}")]
+        shut = (f"The endpoint is shut down. Serve the {name} model on http://127.0.0.1:8000 (it runs "
+                "until Ctrl-C):")
+        serve = (f"  python -m jobs.serve --config {cfg.configs.serve} model.preset=null "
+                 f"model.name_or_path={model_cfg.name_or_path} model_name=stmed-{name}")
+        lines += [shut, serve]
     url, model = (endpoint["url"], endpoint["model"]) if up else ("http://127.0.0.1:8000",
                                                                   f"stmed-{round_model(cfg, run_dir, promoted_round(cfg, run_dir))[0]}")
     try:
@@ -405,8 +421,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             stage = todo[0]
             args = stage_args(cfg, run_dir, port)[stage]
             out = stage_dir(cfg, run_dir, stage)
-            wall = run_stage(cfg, stage, args, out, address, python, fresh=bool(ran))
-            record["stages"][stage] = {"wall_s": wall}
+            record["stages"][stage] = run_stage(cfg, stage, args, out, address, python, fresh=bool(ran))
             write_json(record_path, record)
             ran.append(stage)
             if kind_of(stage) == "gate":
@@ -424,6 +439,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         shutdown = "import ray; from ray import serve; ray.init(); serve.shutdown()"
         submit_job(cfg.ray.address, shlex.join(["python", "-c", shutdown]), REPO, cfg.ray.stage_timeout_s)
     report = write_report(run_dir)
+    if ran:
+        log.info("where each stage's time went (also in %s):\n%s", report, overhead_table(run_dir))
     print(usage(cfg, run_dir, report, endpoint, head), flush=True)
     return {"report": str(report), "ran": ran, "endpoint": endpoint}
 

@@ -30,7 +30,7 @@ from actors.serve import (
     build_vllm_app,
     controller_options,
 )
-from jobs.runtime import init_ray, run_job
+from jobs.runtime import init_ray, run_job, stage_clock
 from stmed.config import (
     ConfigError,
     ModelConfig,
@@ -40,7 +40,7 @@ from stmed.config import (
     write_config,
 )
 from stmed.log import get_logger
-from stmed.runs import write_summary
+from stmed.runs import TIMINGS, write_summary
 from stmed.serve.contract import LimitsConfig, api_key_digest
 
 log = get_logger("stmed.jobs.serve")
@@ -143,14 +143,18 @@ def app_builder(args: dict[str, Any]):
 
 
 def main(cfg: ServeConfig) -> ServeResult:
+    clock = stage_clock()
     key_digest = read_api_key(cfg)  # before anything starts: a missing key is a config mistake
-    init_ray(cfg.ray)
+    with clock.phase("ray_init"):
+        init_ray(cfg.ray)
     from ray import serve
 
-    # controller_options: the proxies answer a dead replica's in-flight requests in the JSON error shape.
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port},
-                controller_options=controller_options())
-    serve.run(_build(cfg, key_digest), name="vqa", route_prefix="/")
+    with clock.phase("serve_start"):
+        # controller_options: the proxies answer a dead replica's in-flight requests in the JSON error shape.
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port},
+                    controller_options=controller_options())
+    with clock.phase("deploy"):
+        serve.run(_build(cfg, key_digest), name="vqa", route_prefix="/")
     url = f"http://{cfg.http.host}:{cfg.http.port}"
     out = Path(cfg.output_dir)
     write_config(cfg, out)
@@ -158,7 +162,7 @@ def main(cfg: ServeConfig) -> ServeResult:
     write_summary(out, {"url": url, "routes": routes, "model": cfg.served_name, "engine": cfg.engine,
                         "model_source": cfg.model.name_or_path or f"preset:{cfg.model.preset}",
                         "auth": bool(key_digest), "max_batch_size": cfg.batching.max_batch_size,
-                        "started_at": time.time()})
+                        "started_at": time.time(), TIMINGS: clock.block()})
     log.info("VQA endpoint for %s at %s (%s)", cfg.served_name, url, ", ".join(routes))
     result = ServeResult(url, cfg.served_name, routes, out)
     if cfg.blocking:

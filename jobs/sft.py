@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.training import run_training
-from jobs.runtime import init_ray, run_job
+from jobs.runtime import init_ray, run_job, stage_clock, training_timings
 from stmed.config import (
     ConfigError,
     LoRAConfig,
@@ -31,7 +31,7 @@ from stmed.data.records import DataError, read_instruct
 from stmed.data.synthetic import make_dataset
 from stmed.log import get_logger
 from stmed.model.build import image_seq_len, load_processor
-from stmed.runs import MetricsLog, training_run_name, write_summary
+from stmed.runs import TIMINGS, MetricsLog, training_run_name, write_summary
 from stmed.train.sft import SFTLoopConfig, train_sft
 from stmed.train.stage import (
     ATTEMPTS_FILE,
@@ -118,18 +118,26 @@ def _summarise(out: Path, run_name: str, checkpoint: str | None, wall_s: float) 
 
 
 def main(cfg: SFTConfig) -> dict[str, Any]:
+    clock = stage_clock()
     started = time.time()
     out = Path(cfg.output_dir).resolve()  # workers resolve paths from their own working directory
     write_config(cfg, out)
-    instruct, image_root = _resolve_data(cfg, out)
-    check_length_budget(cfg.train, image_seq_len(load_processor(cfg.model)))  # before any worker starts
-    init_ray(cfg.ray)
+    with clock.phase("data"):
+        instruct, image_root = _resolve_data(cfg, out)
+    with clock.phase("model_load"):
+        processor = load_processor(cfg.model)
+    check_length_budget(cfg.train, image_seq_len(processor))  # before any worker starts
+    with clock.phase("ray_init"):
+        init_ray(cfg.ray)
     loop = SFTLoopConfig(model=cfg.model, lora=cfg.lora, train=cfg.train, instruct_path=str(instruct),
                          image_root=str(image_root), output_dir=str(out))  # fmt: skip
     name = training_run_name(out, "sft", cfg.run_name, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
-    result = run_training(train_sft, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    summary = _summarise(out, name, checkpoint, time.time() - started)
+    run = run_training(train_sft, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
+    clock.add_all(training_timings(run, out))
+    with clock.phase("writing"):
+        checkpoint = run.checkpoint.path if run.checkpoint else None
+        summary = _summarise(out, name, checkpoint, time.time() - started)
+    summary[TIMINGS] = clock.block()
     write_summary(out, summary)
     log.info("sft done: %d steps, loss %.4f (qa %.4f, vq %.4f); merged model in %s", summary["steps"],
              summary["final"]["loss"], summary["final"]["loss_qa"], summary["final"]["loss_vq"],

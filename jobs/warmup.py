@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from actors.training import run_training
-from jobs.runtime import init_ray, run_job
+from jobs.runtime import init_ray, run_job, stage_clock, training_timings
 from stmed.config import ConfigError, RayConfig, write_config
 from stmed.log import get_logger
-from stmed.runs import MetricsLog, training_run_name, write_summary
+from stmed.runs import TIMINGS, MetricsLog, training_run_name, write_summary
 from stmed.train.sft import train_sft
 from stmed.train.stage import ATTEMPTS_FILE, DATA_REPORT_FILE, METRICS_FILE
 from stmed.train.warmup import WARMUP_SEED, make_warmup_data, warmup_train_config
@@ -53,19 +53,23 @@ class WarmupConfig:
 
 
 def main(cfg: WarmupConfig) -> dict[str, Any]:
+    clock = stage_clock()
     started = time.time()
     out = Path(cfg.output_dir).resolve()
     write_config(cfg, out)
-    conversations = make_warmup_data(out / "data", num_images=cfg.images, seed=cfg.data_seed)
+    with clock.phase("data"):
+        conversations = make_warmup_data(out / "data", num_images=cfg.images, seed=cfg.data_seed)
     loop = warmup_train_config(conversations, out, steps=cfg.steps, seed=cfg.seed)
-    init_ray(cfg.ray)
+    with clock.phase("ray_init"):
+        init_ray(cfg.ray)
     name = training_run_name(out, "warmup", cfg.run_name, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
-    run_training(train_sft, loop, cfg.ray, name, out / "checkpoints")
+    clock.add_all(training_timings(run_training(train_sft, loop, cfg.ray, name, out / "checkpoints"), out))
     rows = MetricsLog(out / METRICS_FILE).read_steps()
     data = json.loads((out / DATA_REPORT_FILE).read_text())
     summary = {"stage": "warmup", "run_name": name, "images": cfg.images, "steps": rows[-1]["step"],
                "samples_used": data["samples_used"], "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"],
                "wall_time_s": time.time() - started, "outputs": {"merged": str(out / "merged")}}  # fmt: skip
+    summary[TIMINGS] = clock.block()
     write_summary(out, summary)
     log.info(
         "warm-up done: %d steps, loss %.3f -> %.3f; base in %s",

@@ -1,4 +1,5 @@
-"""A run's output directory: the summary that marks a stage finished, and per-step metrics."""
+"""A run's output directory: the summary that marks a stage finished, per-step metrics, and where a
+stage's wall time went (the summary's ``timings`` block)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +111,174 @@ def training_run_name(output_dir: str | os.PathLike, stage: str, requested: str 
         clear_run_logs(out, logs)
     write_json(record, {"run_name": name})
     return name
+
+
+# ----------------------------------------------------------------------------- where the time goes
+
+TIMINGS = "timings"
+SUBMITTED_AT_ENV = "STMED_SUBMITTED_AT"
+"""Set by the submitter on a stage's job (``jobs.pipeline``): when it called submit, as ``time.time()``."""
+OVERHEAD, WORK, WRITING = "overhead", "work", "writing"
+PHASES: dict[str, tuple[str, str]] = {
+    "submit_to_start": (OVERHEAD, ("the submitter's submit call (working-dir packaging and upload, the job's "
+                                  "runtime env) until the job's process started")),
+    "imports": (OVERHEAD, "the job's process start until its main(): interpreter start-up, imports, config"),
+    "ray_init": (OVERHEAD, "connecting to Ray"),
+    "model_load": (OVERHEAD, "a model or processor loaded in the job's own process"),
+    "worker_start": (OVERHEAD, ("Ray Train: trainer.fit() until rank 0's training loop started (a failed "
+                               "attempt before the last included)")),
+    "worker_setup": (OVERHEAD, ("Ray Train, rank 0: the loop's start until its first step: model, processor "
+                               "and data load, optimiser, resume")),
+    "worker_stop": (OVERHEAD, "Ray Train: the loop's end until trainer.fit() returned"),
+    "pool_start": (OVERHEAD, ("Ray Data: each pass's start until the first model actor of its pool was built "
+                             "(actor process start, imports, model load); the other actors' builds overlap "
+                             "the work")),
+    "judge_start": (OVERHEAD, "starting the offline reference judge's server"),
+    "serve_start": (OVERHEAD, "Serve's controller and HTTP proxy started"),
+    "deploy": (OVERHEAD, "the application deployed until healthy: replica start and its model load"),
+    "exit": (OVERHEAD, ("the job's summary written until the submitter saw the job end and fetched its log "
+                       "(process exit, Ray disconnect, status polling)")),
+    "data": (WORK, "making or reading the stage's own data in the job's process (warm-up phantoms, checks)"),
+    "work": (WORK, ("Ray Train: the steps (and DPO's reference pass); Ray Data: the rest of each pass "
+                   "(generation, judging, answering)")),
+    "checkpoints": (WRITING, ("Ray Train, rank 0: ready to step until the last report, outside the steps "
+                             "(checkpoints, reports and their wait for the controller's poll, metrics)")),
+    "export": (WRITING, ("Ray Train, rank 0: the last report until the loop returned (adapter and merged "
+                         "export)")),
+    "writing": (WRITING, "the job's output files and scores after the work"),
+}
+"""Every phase a ``timings`` block may hold: its kind (fixed overhead, work, writing) and what it measures.
+The rest of a stage's wall time (config and data checks, anything unnamed) is the block's ``other_s``."""
+
+
+def process_start_time() -> float | None:
+    """When this process started (``time.time()`` scale), or None where that cannot be read."""
+    try:
+        import psutil  # with Ray; stmed itself does not need it
+    except ImportError:
+        return None
+    return psutil.Process().create_time()
+
+
+def submitted_at() -> float | None:
+    """When the submitter submitted this process's job (``SUBMITTED_AT_ENV``), or None."""
+    value = os.environ.get(SUBMITTED_AT_ENV)
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def timing_block(phases: dict[str, float], total_s: float, since: str, ended_at: float) -> dict[str, Any]:
+    """A summary's ``timings``: ``total_s`` (wall time since ``since``), each phase's seconds, their sums by
+    kind, ``other_s`` (the rest), and ``overhead_share`` (fixed overhead / total).
+
+    Phases stamped in several processes may overlap the total by a clock's disagreement; then every phase
+    is scaled down to fit, and ``scaled_by`` says by how much."""
+    unknown = sorted(set(phases) - set(PHASES))
+    assert not unknown, f"timing phases {unknown} are not in PHASES"
+    phases = {name: max(0.0, seconds) for name, seconds in phases.items()}
+    total_s = max(0.0, total_s)
+    # Stamps from several processes (or clocks) can disagree a little: phases never add up past the total.
+    scale = min(1.0, total_s / sum(phases.values())) if sum(phases.values()) > 0 else 1.0
+    # Milliseconds, phases rounded down: their sum stays within the (rounded) total.
+    phases = {name: math.floor(seconds * scale * 1000) / 1000 for name, seconds in phases.items()}
+    by_kind = {kind: round(sum(s for name, s in phases.items() if PHASES[name][0] == kind), 3)
+               for kind in (OVERHEAD, WORK, WRITING)}  # fmt: skip
+    total_s = round(total_s, 3)
+    block = {
+        "since": since, "ended_at": ended_at, "total_s": total_s, "phases_s": phases,
+        "overhead_s": by_kind[OVERHEAD], "work_s": by_kind[WORK], "writing_s": by_kind[WRITING],
+        "other_s": round(max(0.0, total_s - sum(by_kind.values())), 3),
+        "overhead_share": round(by_kind[OVERHEAD] / total_s, 4) if total_s > 0 else None,
+    }  # fmt: skip
+    return {**block, "scaled_by": round(scale, 4)} if scale < 0.9999 else block
+
+
+class StageClock:
+    """A stage's phases as it runs, for its summary's ``timings`` block.
+
+    ``job=True`` (the process is the stage's job, started by ``jobs.runtime.run_job``): the block starts at
+    the job's submission (``SUBMITTED_AT_ENV``) or else at the process's start, and holds the submission
+    and import phases. Otherwise (a test calling ``main`` directly) it starts when the clock was made.
+    """
+
+    def __init__(self, job: bool = False) -> None:
+        self.created_at = time.time()
+        self.process_start = process_start_time() if job else None
+        self.submitted_at = submitted_at() if job else None
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as ``name`` (added to what that phase already holds)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        if name not in PHASES:
+            raise ValueError(f"unknown timing phase {name!r}; phases are {sorted(PHASES)}")
+        self.phases[name] = self.phases.get(name, 0.0) + max(0.0, seconds)
+
+    def add_all(self, phases: dict[str, float]) -> None:
+        for name, seconds in phases.items():
+            self.add(name, seconds)
+
+    def block(self) -> dict[str, Any]:
+        """The ``timings`` block, as of now."""
+        now = time.time()
+        started = {}
+        if self.process_start is not None:
+            if self.submitted_at is not None:
+                started["submit_to_start"] = self.process_start - self.submitted_at
+            started["imports"] = self.created_at - self.process_start
+        since = ("submit" if self.submitted_at is not None else
+                 "process_start" if self.process_start is not None else "main")  # fmt: skip
+        start = {"submit": self.submitted_at, "process_start": self.process_start}.get(since)
+        start = start if start is not None else self.created_at
+        return timing_block({**started, **self.phases}, now - start, since, now)
+
+
+def training_phases(fit_start: float, fit_end: float, worker: dict[str, float], ready_at: float,
+                    step_s: float, precompute_s: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """A Ray Train run's phases, from wall-clock stamps (``time.time()``) of the driver and of rank 0.
+
+    ``fit_start`` / ``fit_end``: around ``trainer.fit()``. ``worker``: rank 0's ``loop_start``,
+    ``last_report`` and ``loop_end`` in its last attempt. ``ready_at``: when that attempt's loop was ready
+    to step (its ``attempts.jsonl`` row), ``step_s`` the summed time of its steps and ``precompute_s`` the
+    reference pass before them (DPO), both counted as work.
+    """
+    loop_start, last_report, loop_end = (worker[k] for k in ("loop_start", "last_report", "loop_end"))
+    return {
+        "worker_start": loop_start - fit_start,
+        "worker_setup": ready_at - precompute_s - loop_start,
+        "work": step_s + precompute_s,
+        "checkpoints": last_report - ready_at - step_s,
+        "export": loop_end - last_report,
+        "worker_stop": fit_end - loop_end,
+    }
+
+
+def pool_start_s(passes: list[tuple[float, float]], actors: list[tuple[float, float]]) -> float:
+    """Ray Data's pool start, summed over ``passes`` (each ``(start, end)``): from a pass's start until the
+    first of the ``actors`` (each ``(created, built)``) created during it was built, at most the pass's end.
+    The first, because from then on the pass works: the time is overhead that no work overlaps."""
+    total = 0.0
+    for start, end in passes:
+        built = [b for created, b in actors if start <= created <= end]
+        if built:
+            total += min(min(built), end) - start
+    return total
+
+
+def submitted_timings(stage: dict[str, Any] | None, submitted: float, seen: float) -> dict[str, Any]:
+    """The submitter's ``timings`` of a job it submitted at ``submitted`` and saw finished at ``seen``
+    (``time.time()`` both): the job's own phases (``stage``, its summary's block, if it wrote one) plus
+    ``exit``, from the job's summary until ``seen``; the total is ``seen - submitted``."""
+    phases = dict((stage or {}).get("phases_s") or {})
+    if stage and stage.get("ended_at"):
+        phases["exit"] = seen - stage["ended_at"]
+    return timing_block(phases, seen - submitted, "submit", seen)

@@ -12,6 +12,7 @@ a section; the report of a half-finished run is still a valid page.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stmed.log import get_logger
-from stmed.runs import MetricsLog, read_summary
+from stmed.runs import OVERHEAD, PHASES, TIMINGS, MetricsLog, read_summary
 
 log = get_logger(__name__)
 
@@ -240,7 +241,7 @@ def _ordered_models(results: dict[str, Any]) -> list[str]:
 def _self_training_pairs(results: dict[str, Any]) -> list[tuple[str, str]]:
     """Each round against the one before it (stage 1 first), then the base against the last round."""
     chain = [m for m in _ordered_models(results) if m == "sft" or m == "dpo" or re.fullmatch(r"dpo\d+", m)]
-    pairs = list(zip(chain, chain[1:]))
+    pairs = list(itertools.pairwise(chain))
     if "base" in results and len(chain) > 1:
         pairs.append(("base", chain[-1]))
     return pairs
@@ -316,8 +317,9 @@ def gate_section(run_dir: Path) -> Section:
     found = sorted(run_dir.glob("gate*/decision.json"), key=lambda p: int(p.parent.name[4:] or 0))
     if not found:
         return Section("")
-    lines = ["## Regression gate", "", "Each round against the one before, on a held-out slice no training or "
-             "self-play saw:", "", "| round | closed accuracy | judge W/T/L | judge win rate | promoted | why |",
+    lines = ["## Regression gate", "",
+             "Each round against the one before, on a held-out slice no training or self-play saw:", "",
+             "| round | closed accuracy | judge W/T/L | judge win rate | promoted | why |",
              "|---|---|---|---|---|---|"]
     for path in found:
         d = json.loads(path.read_text())
@@ -328,20 +330,68 @@ def gate_section(run_dir: Path) -> Section:
     return Section("\n".join(lines) + "\n")
 
 
-def timing_section(run_dir: Path) -> Section:
-    """Each stage's wall time as the pipeline measured it (job start-up included), else the stage's own."""
+def stage_times(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each stage's wall time, in the order the stages ran: the pipeline's record of it (submission to the
+    job's end, with its ``timings``), else the stage's own ``wall_time_s``."""
     path = run_dir / PIPELINE_RECORD
     measured = json.loads(path.read_text()).get("stages", {}) if path.is_file() else {}
-    walls = {}
+    found = {}
     for stage in dict.fromkeys(["data", *measured, *STAGE_NAMES]):  # the order they ran in
+        timings = (measured.get(stage) or {}).get(TIMINGS)
         wall = _number((measured.get(stage) or {}).get("wall_s"))
         wall = wall if wall is not None else _number((read_summary(run_dir / stage) or {}).get("wall_time_s"))
-        if wall is not None:
-            walls[stage] = wall
-    if not walls:
-        return Section("")
-    rows = [f"| {stage} | {wall:.1f} |" for stage, wall in {**walls, "total": sum(walls.values())}.items()]
-    return Section("\n".join(["## Wall time per stage", "", "| stage | seconds |", "|---|---|", *rows]) + "\n")
+        if timings:
+            found[stage] = timings
+        elif wall is not None:
+            found[stage] = {"total_s": wall}
+    return found
+
+
+def _s(value: Any) -> str:
+    number = _number(value)
+    return "–" if number is None else f"{number:.1f}"
+
+
+def overhead_table(run_dir: Path) -> str:
+    """Where each stage's wall time went: total, fixed overhead, work, the rest, and the overhead phases."""
+    times = stage_times(Path(run_dir))
+    if not times:
+        return ""
+    split = {stage: t for stage, t in times.items() if "overhead_s" in t}
+    totals = {key: sum(t.get(key) or 0.0 for t in times.values())
+              for key in ("total_s", "overhead_s", "work_s")}  # fmt: skip
+    lines = ["| stage | total s | fixed overhead s | work s | writing and other s | overhead share |",
+             "|---|---|---|---|---|---|"]
+    for stage, t in [*times.items(), ("total", totals)]:
+        split_known = stage == "total" or stage in split
+        rest = t["total_s"] - t.get("overhead_s", 0.0) - t.get("work_s", 0.0)
+        share = t.get("overhead_s", 0.0) / t["total_s"] if t["total_s"] > 0 else None
+        cells = [_s(t.get("overhead_s")), _s(t.get("work_s")), _s(rest), f"{_f(share and 100 * share, 0)}%"]
+        cells = cells if split_known else ["–"] * 4
+        lines.append(f"| {stage} | {_s(t['total_s'])} | " + " | ".join(cells) + " |")
+    if totals["total_s"] > sum(t["total_s"] for t in split.values()):
+        lines += ["", "The total's overhead and work count only the stages whose time is split."]
+    phases = [name for name, (kind, _) in PHASES.items()
+              if kind == OVERHEAD and any(name in t.get("phases_s", {}) for t in split.values())]
+    if phases:
+        lines += ["", "Fixed overhead by phase, in seconds:", "",
+                  "| stage | " + " | ".join(phases) + " |", "|---" * (len(phases) + 1) + "|"]
+        lines += [f"| {stage} | " + " | ".join(_s(t["phases_s"].get(name)) for name in phases) + " |"
+                  for stage, t in split.items()]
+        lines += ["", ("What each number measures (wall-clock time; a stage's total runs from the pipeline's "
+                  "submit call until it saw the job end and had its log):"), ""]
+        lines += [f"- `{name}` ({kind}): {what}" for name, (kind, what) in PHASES.items()
+                  if any(name in t.get("phases_s", {}) for t in split.values())]
+        lines += [("- writing and other: the output files and exports, and whatever no phase names (config "
+                  "and input checks in the job)")]
+    return "\n".join(lines) + "\n"
+
+
+def timing_section(run_dir: Path) -> Section:
+    """Each stage's wall time as the pipeline measured it (job start-up included), else the stage's own,
+    split into fixed overhead and work where the stage's summary has its ``timings``."""
+    table = overhead_table(run_dir)
+    return Section("## Wall time per stage\n\n" + table) if table else Section("")
 
 
 def endpoint_section(run_dir: Path) -> Section:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from jobs import pipeline
 from jobs.pipeline import PipelineConfig, pending, stage_args, stage_plan
 from jobs.submit import LocalHead
 from stmed.config import ConfigError, build_config, read_yaml
-from stmed.runs import write_json, write_summary
+from stmed.runs import SUBMITTED_AT_ENV, TIMINGS, timing_block, write_json, write_summary
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "jobs" / "configs" / "local" / "pipeline.yaml"
@@ -21,6 +22,8 @@ RESULTS = {m: {"synthetic": {"open_recall": r, "open_f1": 1.0, "closed_accuracy"
            for m, r, c in (("base", 0.0, 40.0), ("sft", 20.0, 50.0), ("dpo1", 25.0, 55.0))}
 ONE_ROUND = ("rounds=1", "warmup.enabled=false")
 PLAN = ["sft", "generate1", "dpo1", "gate1", "evaluate", "serve"]
+PHASES = {"submit_to_start": 0.03, "imports": 0.05, "work": 0.1, "writing": 0.02}
+"""A stage job's timings, in seconds, as a fake job writes them."""
 
 
 def _config(run_dir: Path, *overrides: str) -> PipelineConfig:
@@ -104,7 +107,7 @@ def test_main_stops_the_rounds_at_a_refused_gate(tmp_path: Path, monkeypatch: py
     run = tmp_path.resolve()
     submitted = []
 
-    def fake_submit(address, entrypoint, working_dir, timeout):
+    def fake_submit(address, entrypoint, working_dir, timeout, env_vars=None):
         argv = shlex.split(entrypoint)
         if argv[1] == "-c":  # the Serve shutdown at the end
             return "SUCCEEDED", ""
@@ -168,14 +171,26 @@ def test_run_stage_submits_the_entrypoint_and_keeps_the_log(tmp_path: Path, monk
     _finish(tmp_path, "dpo1")  # a stage after one that ran: its old outputs are moved aside
     seen = {}
 
-    def fake_submit(address, entrypoint, working_dir, timeout):
+    def fake_submit(address, entrypoint, working_dir, timeout, env_vars=None):
         seen.update(address=address, argv=shlex.split(entrypoint), working_dir=working_dir)
+        # The job's side: its clock runs from the submission the pipeline passed it.
+        time.sleep(0.2)
+        submitted, now = float(env_vars[SUBMITTED_AT_ENV]), time.time()
+        out = Path(next(a for a in seen["argv"] if a.startswith("output_dir=")).split("=", 1)[1])
+        write_summary(out, {"stage": "dpo", TIMINGS: timing_block(PHASES, now - submitted, "submit", now)})
         return "SUCCEEDED", "line 1\nline 2\n"
 
     monkeypatch.setattr(pipeline, "submit_job", fake_submit)
     args = stage_args(cfg, tmp_path, 8000)["dpo1"]
-    wall = pipeline.run_stage(cfg, "dpo1", args, tmp_path / "dpo1", "http://127.0.0.1:1", "/usr/bin/python3", fresh=True)
-    assert wall >= 0 and seen["address"] == "http://127.0.0.1:1" and seen["working_dir"] == REPO
+    head, python = "http://127.0.0.1:1", "/usr/bin/python3"
+    record = pipeline.run_stage(cfg, "dpo1", args, tmp_path / "dpo1", head, python, fresh=True)
+    assert record["wall_s"] >= 0 and seen["address"] == "http://127.0.0.1:1" and seen["working_dir"] == REPO
+    timings = record[TIMINGS]  # the job's phases, and its exit until the pipeline saw it end
+    assert PHASES.items() <= timings["phases_s"].items() and timings["phases_s"]["exit"] >= 0
+    assert timings["overhead_s"] == pytest.approx(0.08 + timings["phases_s"]["exit"], abs=0.002)
+    assert timings["work_s"] == 0.1 and timings["total_s"] >= 0.2
+    phases = sum(timings["phases_s"].values())
+    assert timings["total_s"] == pytest.approx(phases + timings["other_s"], abs=0.002)
     assert seen["argv"] == ["/usr/bin/python3", "-m", "jobs.dpo", "--config", "jobs/configs/local/dpo.yaml", *args]
     assert (tmp_path / "dpo1" / "job.log").read_text() == "line 1\nline 2\n"
     assert [p.name.startswith("dpo1.stale-") for p in tmp_path.iterdir()].count(True) == 1

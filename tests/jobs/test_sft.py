@@ -50,6 +50,12 @@ def test_run_resumed_from_its_checkpoint_after_a_worker_failure(sft_run):
     # Steps 1-4 ran once before the failure, 5-6 after the restart; nothing ran again from step 0.
     assert [row["step"] for row in MetricsLog(out / "metrics.jsonl").read()] == list(range(1, STEPS + 1))
     assert summary["steps"] == summary["total_steps"] == STEPS
+    # Timings split the last attempt: its steps are the work, the failed attempt is in the worker start.
+    timings = summary["timings"]
+    resumed = [r for r in MetricsLog(out / "metrics.jsonl").read_steps() if r["step"] > 4]
+    assert timings["phases_s"]["work"] == pytest.approx(sum(r["step_time_s"] for r in resumed), abs=0.002)
+    assert all(v >= 0 for v in timings["phases_s"].values()) and timings["phases_s"]["worker_start"] > 0
+    assert sum(timings["phases_s"].values()) <= timings["total_s"]
 
 
 def test_metrics_report_both_losses_every_step(sft_run):

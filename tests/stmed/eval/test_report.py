@@ -10,7 +10,7 @@ from PIL import Image
 
 from stmed.data.records import PreferencePair, write_preferences
 from stmed.eval.report import evaluation_table, judge_counts, read_judge_scores, write_report
-from stmed.runs import MetricsLog, write_json, write_summary
+from stmed.runs import PHASES, MetricsLog, timing_block, write_json, write_summary
 
 SFT_ROWS = [{"step": s, "loss": 3.0 - 0.25 * s, "loss_qa": 2.5 - 0.2 * s, "loss_vq": 4.0 - 0.3 * s}
             for s in range(1, 6)]
@@ -159,3 +159,25 @@ def test_rounds_their_effects_with_intervals_and_the_gate(tmp_path: Path) -> Non
     assert "| synthetic | base → dpo2 |" in text
     assert "| dpo1 → dpo2 | 60.00 → 55.00 (-5.00) | 4/10/6 | 0.40 | **no** | closed accuracy 60.00" in text
     assert text.index("| base |") < text.index("| sft |") < text.index("| dpo1 |") < text.index("| dpo2 |")
+
+
+def test_wall_times_split_into_fixed_overhead_and_work_with_what_each_phase_measures(tmp_path: Path) -> None:
+    phases = {"submit_to_start": 1.0, "imports": 8.0, "worker_start": 15.0, "work": 60.0, "export": 2.0,
+              "exit": 4.0}  # fmt: skip
+    sft = timing_block(phases, 100.0, "submit", ended_at=0.0)
+    evaluate = timing_block({"imports": 5.0, "pool_start": 20.0, "work": 20.0}, 50.0, "submit", ended_at=0.0)
+    write_summary(tmp_path / "data", {"stage": "data", "wall_time_s": 2.0})  # made in the pipeline: unsplit
+    write_json(tmp_path / "pipeline.json", {"stages": {"sft": {"wall_s": 100.5, "timings": sft},
+                                                       "evaluate": {"wall_s": 50.5, "timings": evaluate}}})
+    text = write_report(tmp_path).read_text()
+    assert "| stage | total s | fixed overhead s | work s | writing and other s | overhead share |" in text
+    assert "| data | 2.0 | – | – | – | – |" in text
+    assert "| sft | 100.0 | 28.0 | 60.0 | 12.0 | 28% |" in text
+    assert "| evaluate | 50.0 | 25.0 | 20.0 | 5.0 | 50% |" in text
+    assert "| total | 152.0 | 53.0 | 80.0 | 19.0 | 35% |" in text
+    assert text.index("| data |") < text.index("| sft |") < text.index("| evaluate |")  # the order they ran
+    # The overhead phases any stage had, per stage; and what each number measures.
+    assert "| stage | submit_to_start | imports | worker_start | pool_start | exit |" in text
+    assert "| sft | 1.0 | 8.0 | 15.0 | – | 4.0 |" in text
+    assert "| evaluate | – | 5.0 | – | 20.0 | – |" in text
+    assert f"- `pool_start` (overhead): {PHASES['pool_start'][1]}" in text and "`deploy`" not in text

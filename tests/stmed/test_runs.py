@@ -1,0 +1,89 @@
+"""stmed.runs: where a stage's wall time goes, from stamps given by hand (no Ray, no clock waits)."""
+
+from __future__ import annotations
+
+import pytest
+
+from stmed.runs import (
+    PHASES,
+    SUBMITTED_AT_ENV,
+    StageClock,
+    pool_start_s,
+    submitted_timings,
+    timing_block,
+    training_phases,
+)
+
+
+def test_a_block_sums_phases_by_kind_and_names_the_rest() -> None:
+    phases = {"submit_to_start": 2.0, "imports": 5.0, "ray_init": 1.0, "work": 30.0, "export": 2.0}
+    block = timing_block(phases, 50.0, "submit", ended_at=1000.0)
+    assert block["phases_s"] == phases and block["total_s"] == 50.0 and block["since"] == "submit"
+    kinds = (block["overhead_s"], block["work_s"], block["writing_s"], block["other_s"])
+    assert kinds == (8.0, 30.0, 2.0, 10.0)
+    assert block["overhead_share"] == 0.16 and "scaled_by" not in block
+
+
+def test_phases_from_disagreeing_clocks_are_scaled_to_fit_the_total() -> None:
+    block = timing_block({"worker_start": 6.0, "work": 6.0, "worker_stop": -1.0}, 10.0, "main", ended_at=0.0)
+    assert block["phases_s"] == {"worker_start": 5.0, "work": 5.0, "worker_stop": 0.0}  # a negative span is 0
+    assert block["scaled_by"] == pytest.approx(10 / 12, abs=1e-4) and block["other_s"] == 0.0
+    assert block["overhead_s"] + block["work_s"] + block["writing_s"] + block["other_s"] <= block["total_s"]
+
+
+def test_every_phase_has_a_kind_and_a_description() -> None:
+    assert all(kind in ("overhead", "work", "writing") and len(what) > 10 for kind, what in PHASES.values())
+    with pytest.raises(AssertionError, match="not in PHASES"):
+        timing_block({"sleeping": 1.0}, 2.0, "main", ended_at=0.0)
+    with pytest.raises(ValueError, match="unknown timing phase 'sleeping'"):
+        StageClock().add("sleeping", 1.0)
+
+
+def test_a_job_clock_starts_at_the_submission_and_splits_off_start_up(monkeypatch: pytest.MonkeyPatch):
+    import psutil
+
+    started = psutil.Process().create_time()
+    monkeypatch.setenv(SUBMITTED_AT_ENV, repr(started - 3.0))
+    clock = StageClock(job=True)
+    with clock.phase("ray_init"):
+        pass
+    block = clock.block()
+    assert block["since"] == "submit" and block["phases_s"]["submit_to_start"] == pytest.approx(3.0, abs=0.01)
+    assert block["phases_s"]["imports"] == pytest.approx(clock.created_at - started, abs=0.01)
+    assert 0 <= block["phases_s"]["ray_init"] < 1 and "scaled_by" not in block
+    assert block["total_s"] >= sum(block["phases_s"].values())
+    clock.add("work", 0.5)
+    clock.add("work", 0.25)  # a phase adds up over its occurrences
+    assert clock.phases["work"] == 0.75
+
+
+def test_a_clock_outside_a_job_starts_at_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SUBMITTED_AT_ENV, "12.5")  # inherited from a job this process is not
+    block = StageClock().block()
+    assert block["since"] == "main" and block["phases_s"] == {} and block["total_s"] < 60
+
+
+def test_a_training_run_splits_at_rank_0s_stamps() -> None:
+    # fit() at 100; rank 0's loop starts at 130, steps from 145 (5 s of them a DPO reference pass), the
+    # steps take 20 s, the last report returns at 170, the export ends at 178 and fit() returns at 180.
+    worker = {"loop_start": 130.0, "last_report": 170.0, "loop_end": 178.0}
+    phases = training_phases(100.0, 180.0, worker, ready_at=145.0, step_s=20.0, precompute_s=5.0)
+    assert phases == {"worker_start": 30.0, "worker_setup": 10.0, "work": 25.0, "checkpoints": 5.0,
+                      "export": 8.0, "worker_stop": 2.0}  # fmt: skip
+    assert sum(phases.values()) == 80.0
+
+
+def test_the_pool_start_runs_until_the_first_actor_of_each_pass_is_built() -> None:
+    passes = [(0.0, 50.0), (60.0, 70.0)]
+    actors = [(1.5, 20.0), (1.0, 12.0), (61.0, 75.0), (200.0, 210.0)]  # the last one belongs to no pass
+    assert pool_start_s(passes, actors) == 12.0 + 10.0  # the second pass's actor outlived it: its end
+    assert pool_start_s(passes, []) == 0.0
+
+
+def test_the_submitter_adds_the_jobs_exit_and_counts_from_its_submit_call() -> None:
+    job = timing_block({"submit_to_start": 1.0, "imports": 4.0, "work": 10.0}, 16.0, "submit", ended_at=116.0)
+    block = submitted_timings(job, submitted=100.0, seen=119.0)
+    assert block["total_s"] == 19.0 and block["phases_s"]["exit"] == 3.0
+    assert block["overhead_s"] == 8.0 and block["work_s"] == 10.0 and block["other_s"] == 1.0
+    unknown = submitted_timings(None, submitted=100.0, seen=119.0)  # a job that wrote no timings
+    assert unknown["phases_s"] == {} and unknown["other_s"] == 19.0
