@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, agg in summary.items():
         ci = agg["closed_delta"]
         text = "–" if ci is None else f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]"
+        win = "–" if agg["win_rate"] is None else f"{agg['win_rate']:.2f}"
         print(
-            f"{name}: closed Δ over {agg['seeds']} seeds {text}; judge win rate {agg['win_rate']}; beat the "
+            f"{name}: closed Δ over {agg['seeds']} seeds {text}; judge win rate {win}; beat the "
             f"round before on {agg['beat_previous']}, stopped by the gate on {agg['stopped_by_gate']}"
         )
     if args.out:
