@@ -21,9 +21,10 @@ chat template, which would bypass our Vicuna rendering and offset-based label ma
 second checkpoint/resume/reporting mechanism (HF ``Trainer`` + ``RayTrainReportCallback``, which reports
 only when HF saves). The loop below reuses stage 1's schedule, optimiser groups, step plan, sessions
 (``stmed.train.sft``) and checkpoints (``stmed.train.checkpoints``); it only swaps the data
-(``stmed.data.pairs``), the loss and the reference pass. Chosen and rejected go through the model as
-one concatenated batch, so DDP sees one forward per backward in which every trainable parameter takes
-part; the reference pass runs on the unwrapped model without a graph. That is why Ray's default
+(``stmed.data.pairs``), the loss and the reference pass. Chosen and rejected go through the model
+together — by default packed, each pair one row with its image and prompt once and both answers on top
+(``dpo.shared_prefix``, ``stmed.model.packing``), else as one concatenated batch of 2B rows — so DDP
+sees one forward per backward in which every trainable parameter takes part; the reference pass runs on the unwrapped model without a graph. That is why Ray's default
 ``find_unused_parameters=False`` works here (the trap ARCHITECTURE.md records for TRL under DDP does not
 arise).
 """
