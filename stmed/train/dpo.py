@@ -24,7 +24,8 @@ only when HF saves). The loop below reuses stage 1's schedule, optimiser groups,
 (``stmed.data.pairs``), the loss and the reference pass. Chosen and rejected go through the model
 together — by default packed, each pair one row with its image and prompt once and both answers on top
 (``dpo.shared_prefix``, ``stmed.model.packing``), else as one concatenated batch of 2B rows — so DDP
-sees one forward per backward in which every trainable parameter takes part; the reference pass runs on the unwrapped model without a graph. That is why Ray's default
+sees one forward per backward in which every trainable parameter takes part; the reference pass runs on
+the unwrapped model without a graph. That is why Ray's default
 ``find_unused_parameters=False`` works here (the trap ARCHITECTURE.md records for TRL under DDP does not
 arise).
 """
@@ -173,7 +174,8 @@ def can_share_prefix(model: torch.nn.Module) -> str | None:
     if not family.shares_prefix:
         return f"the {family.name} family does not support packed pairs"
     if attention not in MASKABLE_ATTENTION:
-        return f"attention {attention!r} takes no custom mask (packing needs one of {list(MASKABLE_ATTENTION)})"
+        return (f"attention {attention!r} takes no custom mask "
+                f"(packing needs one of {list(MASKABLE_ATTENTION)})")
     return None
 
 
