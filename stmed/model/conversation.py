@@ -252,20 +252,21 @@ def encode_prompt_answer(prompt: str, answer: str, tokenizer, image_seq_len: int
     return encode(rendered, tokenizer, image_seq_len, max_length, chat)
 
 
+def right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """``(len(rows), longest)`` long tensor: each row followed by ``value`` up to the longest."""
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids`` with ``pad_id``, labels with -100, loss kinds with 0."""
     if not batch:
         raise ValueError("collate: empty batch")
-    width = max(len(item) for item in batch)
-
-    def padded(rows: list[list[int]], value: int) -> torch.Tensor:
-        return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
-
     return {
-        "input_ids": padded([item.input_ids for item in batch], pad_id),
-        "attention_mask": padded([[1] * len(item) for item in batch], 0),
-        "labels": padded([item.labels for item in batch], IGNORE_INDEX),
-        "loss_kind": padded([item.loss_kind for item in batch], LOSS_NONE),
+        "input_ids": right_pad([item.input_ids for item in batch], pad_id),
+        "attention_mask": right_pad([[1] * len(item) for item in batch], 0),
+        "labels": right_pad([item.labels for item in batch], IGNORE_INDEX),
+        "loss_kind": right_pad([item.loss_kind for item in batch], LOSS_NONE),
     }
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stmed.model.conversation import IGNORE_INDEX, Encoded
+from stmed.model.conversation import IGNORE_INDEX, Encoded, right_pad
 
 PAD, SHARED, CHOSEN, REJECTED = 0, 1, 2, 3
 """Segment ids of a packed row."""
@@ -89,17 +89,12 @@ def collate_packed(rows: list[PackedPair], pad_id: int) -> dict[str, torch.Tenso
     ``attention_mask`` (1 on every real token; the block structure lives in ``segments``)."""
     if not rows:
         raise ValueError("collate_packed: empty batch")
-    width = max(len(row) for row in rows)
-
-    def padded(values: list[list[int]], fill: int) -> torch.Tensor:
-        return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
-
     return {
-        "input_ids": padded([r.input_ids for r in rows], pad_id),
-        "attention_mask": padded([[1] * len(r) for r in rows], 0),
-        "labels": padded([r.chosen_labels for r in rows], IGNORE_INDEX),
-        "rejected_labels": padded([r.rejected_labels for r in rows], IGNORE_INDEX),
-        "segments": padded([r.segments for r in rows], PAD),
+        "input_ids": right_pad([r.input_ids for r in rows], pad_id),
+        "attention_mask": right_pad([[1] * len(r) for r in rows], 0),
+        "labels": right_pad([r.chosen_labels for r in rows], IGNORE_INDEX),
+        "rejected_labels": right_pad([r.rejected_labels for r in rows], IGNORE_INDEX),
+        "segments": right_pad([r.segments for r in rows], PAD),
         "branch_start": torch.tensor([r.branch_start for r in rows], dtype=torch.long),
     }
 
