@@ -8,15 +8,16 @@
     )
 
 One input row is one image (``image_id``, ``image_path``). For each image the model describes it,
-asks k questions (METHOD §3), and answers every kept question twice under two seeds. Every seed
+asks k questions (METHOD §3), and answers every kept question twice under two seeds (or
+``answers_per_question`` times, in sub-pairs). Every seed
 derives from the global seed and the image id (``GenerationSettings.question_seed``), and the HF
 engine samples each row from its own generator, so a rerun gives the same rows whatever the batching.
 
-Output: one row per sampled question (k per image) and one per unreadable image, all with the same
-columns (the row schema of ``stmed.selfplay.preferences``). ``status`` is ``ok`` for a pair to judge, else
-``image_error``, ``question_filtered`` or ``answer_filtered`` with the ``reason``; so counting the
-stream's statuses counts every filter. ``pair_id`` identifies a row across reruns (resume skips
-finished ones).
+Output: one row per sampled question and sub-pair (k per image with two answers each) and one per
+unreadable image, all with the same columns (the row schema of ``stmed.selfplay.preferences``).
+``status`` is ``ok`` for a pair to judge, else ``image_error``, ``question_filtered`` or
+``answer_filtered`` with the ``reason``; so counting the stream's statuses counts every filter.
+``pair_id`` identifies a row across reruns (resume skips finished ones).
 
 Two engines, one row schema: ``Generator`` here (HF ``generate``, CPU or GPU) and
 ``actors.vllm_generator.vllm_generate`` (Ray Data LLM processors, GPU only). ``KeptPairJudge`` is the
@@ -46,7 +47,7 @@ from stmed.selfplay.preferences import (
     make_row,
 )
 
-_INT_COLUMNS = {"question_index", "question_seed", "seed1", "seed2"}
+_INT_COLUMNS = {"question_index", "question_seed", "pair_slot", "seed1", "seed2"}
 
 log = get_logger(__name__)
 
@@ -65,29 +66,31 @@ def to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def self_play(engine: HFEngine, images: list[tuple[str, str, Any]],
               settings: GenerationSettings) -> list[dict]:
-    """Describe → ask k → filter/dedupe → answer twice → filter, for ``(image_id, path, PIL image)``s.
-    Three engine calls for the whole batch, so the engine batches across images."""
+    """Describe → ask k → filter/dedupe (→ closed suffix) → answer in sub-pairs → filter, for
+    ``(image_id, path, PIL image)``s. Three engine calls for the whole batch, so the engine batches
+    across images."""
     ids, paths, pictures = (list(column) for column in zip(*images))
     descriptions = generation.describe(engine, pictures, settings.describe_sampling)
     q_seeds = [[settings.question_seed(i, j) for j in range(settings.questions_per_image)] for i in ids]
     questions = generation.ask_seeded(engine, pictures, descriptions, q_seeds, settings.question_sampling)
-    rows, kept = [], []  # kept: (image number, question index)
+    rows, kept = [], []  # kept: (image number, question index, sub-pair slot)
     for n in range(len(images)):
         for j, reason in enumerate(generation.question_reasons(questions[n])):
             if reason is None:
-                kept.append((n, j))
+                questions[n][j] = settings.closed_suffixed(questions[n][j], ids[n], j)
+                kept += [(n, j, slot) for slot in range(settings.pair_slots)]
             else:
                 rows.append(make_row(ids[n], paths[n], QUESTION_FILTERED, reason, j, questions[n][j],
                                      q_seeds[n][j]))
-    a_seeds = [settings.answer_seeds(ids[n], j) for n, j in kept]
-    answers = generation.answer_twice_seeded(engine, [pictures[n] for n, _ in kept],
-                                             [questions[n][j] for n, j in kept], a_seeds,
+    a_seeds = [settings.answer_seeds(ids[n], j, slot) for n, j, slot in kept]
+    answers = generation.answer_twice_seeded(engine, [pictures[n] for n, _, _ in kept],
+                                             [questions[n][j] for n, j, _ in kept], a_seeds,
                                              settings.answer_sampling)
-    urls = {n: image_to_data_url(pictures[n]) for n, _ in kept}  # re-encoded pixels for the judge
-    for (n, j), pair, seeds in zip(kept, answers, a_seeds):
-        reason = generation.answer_pair_reason(*pair)
+    urls = {n: image_to_data_url(pictures[n]) for n, _, _ in kept}  # re-encoded pixels for the judge
+    for (n, j, slot), pair, seeds in zip(kept, answers, a_seeds):
+        reason = generation.answer_pair_reason(*pair, identical_ok=settings.pair_slots > 1)
         rows.append(make_row(ids[n], paths[n], OK if reason is None else ANSWER_FILTERED, reason or "", j,
-                             questions[n][j], q_seeds[n][j], pair, seeds, urls[n]))
+                             questions[n][j], q_seeds[n][j], pair, seeds, urls[n], slot))
     return rows
 
 

@@ -12,7 +12,8 @@ How it maps self-play onto processors (one engine pool each, one GPU per replica
    first completion; prefix caching shares the image prefill) → ask;
 3. ``groupby(image_id)``: de-duplicating needs all k questions of an image, so this is a barrier; its
    result is materialised once so the dropped questions can leave the stream;
-4. answer 1 then answer 2 as two chained stages on the same row (no shuffle, so pairs stream on into
+4. each kept question becomes ``answers_per_question / 2`` sub-pair rows (seeds and ids per slot);
+   answer 1 then answer 2 as two chained stages on the same row (no shuffle, so pairs stream on into
    the judge), then the answer filters.
 
 Prompts are ``stmed.model.prompts``' template of the checkpoint's family (Vicuna, ChatML) rendered here
@@ -23,6 +24,7 @@ need four GPUs at ``vllm_concurrency=1``.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,6 +41,7 @@ from stmed.selfplay.preferences import (
     OK,
     OUTPUT_COLUMNS,
     QUESTION_FILTERED,
+    make_pair_id,
     make_row,
 )
 
@@ -77,21 +80,35 @@ def carry(row: dict) -> dict[str, Any]:
     return kept | ({"description": row["description"]} if "description" in row else {})
 
 
-def questions_of_image(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """All k questions of one image → rows, filtered and de-duplicated as the HF path does."""
+def questions_of_image(group: dict[str, np.ndarray], settings: GenerationSettings) -> dict[str, np.ndarray]:
+    """All k questions of one image → rows, filtered, de-duplicated and suffixed as the HF path does."""
     order = np.argsort(group["question_index"])
     reasons = generation.question_reasons([str(group["question"][i]) for i in order])
-    rows = [make_row(str(group["image_id"][i]), str(group["image_path"][i]),
-                     OK if reason is None else QUESTION_FILTERED, reason or "",
-                     int(group["question_index"][i]), str(group["question"][i]),
-                     int(group["question_seed"][i]), image_data_url=str(group["image_data_url"][i]))
-            for i, reason in zip(order, reasons)]
+    rows = []
+    for i, reason in zip(order, reasons):
+        image_id, index = str(group["image_id"][i]), int(group["question_index"][i])
+        question = str(group["question"][i])
+        if reason is None:
+            question = settings.closed_suffixed(question, image_id, index)
+        status = OK if reason is None else QUESTION_FILTERED
+        rows.append(make_row(image_id, str(group["image_path"][i]), status, reason or "", index, question,
+                             int(group["question_seed"][i]),
+                             image_data_url=str(group["image_data_url"][i])))
     return to_columns(rows)
 
 
-def finish_pair(row: dict) -> dict[str, Any]:
+def sub_pairs(row: dict, settings: GenerationSettings) -> list[dict[str, Any]]:
+    """A kept question → one row per sub-pair of its answers, with the slot's id and seeds."""
+    image_id, index = str(row["image_id"]), int(row["question_index"])
+    question_seed = int(row["question_seed"])
+    return [row | {"pair_slot": slot, "pair_id": make_pair_id(image_id, index, question_seed, slot),
+                   **dict(zip(("seed1", "seed2"), settings.answer_seeds(image_id, index, slot)))}
+            for slot in range(settings.pair_slots)]
+
+
+def finish_pair(row: dict, identical_ok: bool = False) -> dict[str, Any]:
     """A row with both answers → ``ok`` or ``answer_filtered`` (the image leaves with a dropped pair)."""
-    reason = generation.answer_pair_reason(str(row["answer1"]), str(row["answer2"]))
+    reason = generation.answer_pair_reason(str(row["answer1"]), str(row["answer2"]), identical_ok)
     out = carry(row) | {"status": OK if reason is None else ANSWER_FILTERED, "reason": reason or ""}
     if reason is not None:
         out["image_data_url"] = ""
@@ -136,13 +153,14 @@ def vllm_generate(ds: ray.data.Dataset, model_path: str, settings: GenerationSet
     asked = stage(lambda r: vllm_request(r, prompts.question_prompt(str(r["description"]), chat=chat),
                                          settings.question_sampling, int(r["question_seed"]), chat),
                   lambda r: carry(r) | {"question": generation.clean_question(text(r))})(expanded)
-    questions = asked.groupby("image_id").map_groups(questions_of_image, batch_format="numpy").materialize()
-    pairs = questions.filter(lambda r: r["status"] == OK).map(lambda r: r | dict(zip(
-        ("seed1", "seed2"), settings.answer_seeds(str(r["image_id"]), int(r["question_index"])))))
+    questions = asked.groupby("image_id").map_groups(
+        questions_of_image, fn_kwargs={"settings": settings}, batch_format="numpy").materialize()
+    pairs = questions.filter(lambda r: r["status"] == OK).flat_map(lambda r: sub_pairs(r, settings))
     for slot, seed_column in (("answer1", "seed1"), ("answer2", "seed2")):
         pairs = stage(lambda r, c=seed_column: vllm_request(
                           r, prompts.answer_prompt(str(r["question"]), chat=chat), settings.answer_sampling,
                           int(r[c]), chat),
                       lambda r, s=slot: carry(r) | {s: text(r)})(pairs)
     dropped = questions.filter(lambda r: r["status"] != OK)
-    return pairs.map(finish_pair).union(dropped, failed).filter(lambda r: r["pair_id"] not in skip_pair_ids)
+    finish = functools.partial(finish_pair, identical_ok=settings.pair_slots > 1)
+    return pairs.map(finish).union(dropped, failed).filter(lambda r: r["pair_id"] not in skip_pair_ids)

@@ -35,13 +35,16 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def run_seed(workdir: Path, seed: int, extra: list[str]) -> Path:
-    """One pipeline run for ``seed`` (skipped stages on a rerun: the pipeline resumes)."""
+    """One pipeline run for ``seed`` (skipped stages on a rerun: the pipeline resumes). The seed goes to
+    the data, the model, stage 1 and self-play, added to the config's own ``overrides``."""
     run = workdir / f"seed{seed}"
-    cfg = build_config(pipeline.PipelineConfig, read_yaml(CONFIG), [
+    raw = read_yaml(CONFIG)
+    overrides = {kind: list(values) for kind, values in (raw.get("overrides") or {}).items()}
+    overrides.setdefault("sft", []).append(f"train.seed={seed}")
+    overrides.setdefault("generate", []).append(f"generation.seed={seed}")
+    cfg = build_config(pipeline.PipelineConfig, {**raw, "overrides": overrides}, [
         f"output_dir={run}", f"warmup.dir={workdir / 'warmup'}", f"data.synthetic_seed={seed}",
-        f"model.seed={seed}", "serve.port=0",
-        f"overrides.sft=[train.lr_llm=1.0e-3,train.lr_projector=1.0e-3,train.lr_vit=1.0e-3,train.seed={seed}]",
-        f"overrides.generate=[num_images=96,generation.answer_temperature=2.0,generation.seed={seed}]", *extra,
+        f"model.seed={seed}", "serve.port=0", *extra,
     ])  # fmt: skip
     pipeline.main(cfg)
     return run

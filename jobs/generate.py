@@ -203,7 +203,7 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     if not images:
         raise DataError(f"images: the manifest {cfg.images} lists no images")
     done = read_parts(parts)
-    todo, skip = plan_resume(images, done, cfg.generation.questions_per_image)
+    todo, skip = plan_resume(images, done, cfg.generation.questions_per_image, cfg.generation.pair_slots)
     log.info("%d images sampled, %d to generate (%d rows already written)", len(images), len(todo), len(done))
     server = None
     if cfg.judge.reference_findings:

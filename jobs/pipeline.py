@@ -81,6 +81,9 @@ class PipelineData:
     synthetic_seed: int = 0
     test_images: int | None = None
     """Held-out benchmark images of the synthetic dataset (5 questions each); None: a fifth of them."""
+    pool_images: int = 0
+    """Unlabelled phantoms for self-play alone (no conversation, not in the benchmark); 0: self-play on
+    stage 1's training images."""
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,7 @@ def make_data(cfg: PipelineConfig, run_dir: Path) -> None:
     if read_summary(out) is None:
         start = time.monotonic()
         paths = make_dataset(out, num_images=cfg.data.synthetic_images, seed=cfg.data.synthetic_seed,
-                             test_images=cfg.data.test_images)  # fmt: skip
+                             test_images=cfg.data.test_images, pool_images=cfg.data.pool_images)  # fmt: skip
         write_summary(out, {"stage": "data", **dataset_stats(paths), "wall_time_s": time.monotonic() - start})
     gate = SyntheticPaths.under(out / GATE_BENCHMARK)
     if cfg.gate.enabled and not gate.test_w_options.is_file():

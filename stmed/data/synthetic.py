@@ -18,9 +18,10 @@ and combined questions harder, which leaves room for DPO to improve closed accur
   and 2 OPEN one-word questions per image), the second with the closed-question suffix;
 - ``findings.json``: per image file name, its findings, split and ``pixel_digest`` (how the offline
   reference judge recognises an image it is sent);
-- ``unlabelled.json``: the training images as paths relative to the dataset folder
-  (``images/synth_NNNNN.png``, so ``stmed.data.records.list_images`` resolves them against the manifest's own
-  folder), the pool that self-training generates questions for; never a test image.
+- ``unlabelled.json``: the training images (or, with ``pool_images``, images of their own that no
+  conversation mentions) as paths relative to the dataset folder (``images/synth_NNNNN.png``, so
+  ``stmed.data.records.list_images`` resolves them against the manifest's own folder), the pool that
+  self-training generates questions for; never a test image.
 """
 
 from __future__ import annotations
@@ -505,11 +506,13 @@ def _benchmark_row(qid: int, image: str, f: Findings, item: tuple[str, str, str,
 
 
 def make_dataset(out_dir: str | os.PathLike, num_images: int = 300, seed: int = 0, image_size: int = 64,
-                 test_images: int | None = None) -> SyntheticPaths:
+                 test_images: int | None = None, pool_images: int = 0) -> SyntheticPaths:
     """Write the synthetic dataset under ``out_dir`` (see the module docstring); same arguments, same bytes.
 
     ``test_images`` held-out images (default a fifth of ``num_images``) get benchmark questions; the
-    rest get instruction conversations and form the unlabelled pool.
+    rest get instruction conversations and form the unlabelled pool. ``pool_images`` > 0 adds that many
+    images with findings but no text (split ``pool``) and makes *them* the unlabelled pool, so self-play
+    never sees an image stage 1 was told about; the other images are the same bytes either way.
     """
     test_images = max(1, num_images // 5) if test_images is None else test_images
     if num_images < 2 or not 0 < test_images < num_images:
@@ -517,6 +520,8 @@ def make_dataset(out_dir: str | os.PathLike, num_images: int = 300, seed: int = 
                          f"got num_images={num_images}, test_images={test_images}")
     if image_size < 32:
         raise ValueError(f"make_dataset: image_size={image_size} is too small to draw lesions; use at least 32")
+    if pool_images < 0:
+        raise ValueError(f"make_dataset: pool_images must be >= 0, got {pool_images}")
     paths = SyntheticPaths.under(out_dir)
     paths.images.mkdir(parents=True, exist_ok=True)
     for stale in paths.images.glob("synth_*.png"):  # a previous, larger run must not leave extras
@@ -541,11 +546,21 @@ def make_dataset(out_dir: str | os.PathLike, num_images: int = 300, seed: int = 
         for item in _test_questions(f, targets, text_rng):
             test.append(_benchmark_row(len(test), name, f, item, ""))
             test_opts.append(_benchmark_row(len(test_opts), name, f, item, CLOSED_SUFFIX))
+    if pool_images:
+        unlabelled = []
+        pool_findings = _sample_findings(pool_images, random.Random(f"stmed-synthetic-pool:{seed}"))
+        for index, f in enumerate(pool_findings, start=num_images):
+            name = f"synth_{index:05d}.png"
+            img = render_phantom(f, np.random.default_rng([seed, index]), image_size)
+            img.save(paths.images / name, format="PNG")
+            records[name] = {**f.to_dict(), "split": "pool", "pixel_digest": pixel_digest(img)}
+            unlabelled.append(f"{paths.images.name}/{name}")
     for path, data in ((paths.findings, records), (paths.instruct, instruct), (paths.test, test),
                        (paths.test_w_options, test_opts), (paths.unlabelled, unlabelled)):
         write_json(path, data)
-    log.info("synthetic dataset: %d images (%d test), %d instruct conversations, %d test questions in %s",
-             num_images, test_images, len(instruct), len(test), paths.root)
+    log.info("synthetic dataset: %d images (%d test), %d instruct conversations, %d test questions, "
+             "%d unlabelled images in %s", num_images + pool_images, test_images, len(instruct), len(test),
+             len(unlabelled), paths.root)
     return paths
 
 

@@ -6,7 +6,9 @@ Self-play is three calls of one engine (``stmed.model.generate.HFEngine``) over 
 2. ``ask`` — an open questioner (``VUSER:``) turn after that description, sampled k times per image
    (temperature 1.2, top_k 300, top_p 0.95);
 3. ``answer_twice`` — two sampled answers per question (temperature 1.2, top_k 100, top_p 0.95), each
-   slot drawn under its own seed so the two differ and a rerun reproduces both.
+   slot drawn under its own seed so the two differ and a rerun reproduces both. With
+   ``answers_per_question: n`` (even) a question gets n answers, sampled and judged two at a time
+   (``n / 2`` sub-pairs); its preference pair is then its best- against its worst-scored answer.
 
 Outputs are judged degenerate (empty, a single repeated word, …) here, so that every engine filters the
 same way (``question_reasons`` also drops a question already asked about the image; ``answer_pair_reason``
@@ -44,6 +46,12 @@ class GenerationSettings:
     LLM processors on GPUs (merged weights only)."""
     questions_per_image: int = 5
     """k questions sampled per image (paper: 3–5)."""
+    answers_per_question: int = 2
+    """Answers sampled per question (even; paper: 2). Above 2 the judge scores them two at a time and
+    the pair is the best- against the worst-scored answer: more pairs that disagree on the facts."""
+    closed_suffix_fraction: float = 0.0
+    """Share of the sampled yes/no questions asked with the benchmark's closed-question suffix
+    (``prompts.CLOSED_SUFFIX``), so that pairs also teach the bare yes/no answer format. 0: as asked."""
     seed: int = 0
     """Global seed; every sampling seed derives from it and the image id, so batching never matters."""
     batch_size: int = 8
@@ -65,8 +73,8 @@ class GenerationSettings:
     """Engine replicas per vLLM stage (each stage's pool autoscales 1..n; one GPU per replica)."""
 
     def __post_init__(self) -> None:
-        positive = ("questions_per_image", "batch_size", "describe_max_tokens", "question_max_tokens",
-                    "answer_max_tokens", "vllm_concurrency")
+        positive = ("questions_per_image", "answers_per_question", "batch_size", "describe_max_tokens",
+                    "question_max_tokens", "answer_max_tokens", "vllm_concurrency")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"generation.{name} must be >= 1, got {getattr(self, name)}")
@@ -74,6 +82,12 @@ class GenerationSettings:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"generation.{name} must be > 0 (self-play samples), "
                                   f"got {getattr(self, name)}")
+        if self.answers_per_question % 2:
+            raise ConfigError(f"generation.answers_per_question must be even (answers are judged two at a "
+                              f"time), got {self.answers_per_question}")
+        if not 0.0 <= self.closed_suffix_fraction <= 1.0:
+            raise ConfigError(f"generation.closed_suffix_fraction must be in [0, 1], "
+                              f"got {self.closed_suffix_fraction}")
         for name in ("question_top_p", "answer_top_p"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"generation.{name} must be in (0, 1], got {getattr(self, name)}")
@@ -94,9 +108,24 @@ class GenerationSettings:
     def question_seed(self, image_id: str, index: int) -> int:
         return derive_seed(self.seed, image_id, "question", index)
 
-    def answer_seeds(self, image_id: str, index: int) -> tuple[int, int]:
-        return (derive_seed(self.seed, image_id, "answer", index, 0),
-                derive_seed(self.seed, image_id, "answer", index, 1))
+    @property
+    def pair_slots(self) -> int:
+        """Sub-pairs per question: the answers are sampled and judged two at a time."""
+        return self.answers_per_question // 2
+
+    def answer_seeds(self, image_id: str, index: int, slot: int = 0) -> tuple[int, int]:
+        """The seeds of sub-pair ``slot``'s two answers: answers ``2 slot`` and ``2 slot + 1``."""
+        return (derive_seed(self.seed, image_id, "answer", index, 2 * slot),
+                derive_seed(self.seed, image_id, "answer", index, 2 * slot + 1))
+
+    def closed_suffixed(self, question: str, image_id: str, index: int) -> str:
+        """``question``, asked with the closed suffix if it is a yes/no one and its seeded draw falls
+        within ``closed_suffix_fraction`` (a fixed function of the seed, image and slot)."""
+        suffix = prompts.CLOSED_SUFFIX
+        if self.closed_suffix_fraction <= 0 or not is_yes_no(question) or suffix.strip() in question:
+            return question
+        draw = derive_seed(self.seed, image_id, "closed_suffix", index) / 0x80000000
+        return question.rstrip() + suffix if draw < self.closed_suffix_fraction else question
 
 
 def derive_seed(base: int, *keys: object) -> int:
@@ -158,14 +187,23 @@ def question_reasons(questions: Sequence[str]) -> list[str | None]:
     return reasons
 
 
-def answer_pair_reason(answer1: str, answer2: str) -> str | None:
-    """Why a pair of sampled answers cannot become a preference pair, or None: either answer
-    degenerate, or both the same (nothing for the judge to prefer)."""
+_YES_NO_OPENERS = ("is ", "are ", "does ", "do ", "was ", "were ", "can ", "has ", "have ")
+
+
+def is_yes_no(question: str) -> bool:
+    """A question a bare yes or no answers (by its opening word)."""
+    return question.strip().lower().startswith(_YES_NO_OPENERS)
+
+
+def answer_pair_reason(answer1: str, answer2: str, identical_ok: bool = False) -> str | None:
+    """Why a pair of sampled answers cannot be judged, or None: either answer degenerate, or both the
+    same (nothing for the judge to prefer) unless ``identical_ok`` (a sub-pair of a question with more
+    answers, whose scores are compared with the other sub-pairs')."""
     for slot, text in (("answer1", answer1), ("answer2", answer2)):
         reason = degenerate_reason(text)
         if reason:
             return f"{slot}_{reason}"
-    if normalize_text(answer1) == normalize_text(answer2):
+    if not identical_ok and normalize_text(answer1) == normalize_text(answer2):
         return "identical_answers"
     return None
 

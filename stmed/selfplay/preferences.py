@@ -1,21 +1,24 @@
 """From self-play rows to preference pairs (METHOD §3): the row schema, resume bookkeeping, assembly.
 
 A generation stream (``actors.generator``, ``actors.vllm_generator``) emits one row per sampled question
-(k per image) and one per unreadable image, all with ``OUTPUT_COLUMNS``. ``status`` is ``ok`` for a pair
-to judge, else ``image_error``, ``question_filtered`` or ``answer_filtered`` with the ``reason``; the
-judge adds its verdict columns to ``ok`` rows. ``pair_id`` identifies a row across reruns.
+and sub-pair of its answers (k questions per image, ``answers_per_question / 2`` sub-pairs each, told
+apart by ``pair_slot``; a filtered question is one row), and one per unreadable image, all with
+``OUTPUT_COLUMNS``. ``status`` is ``ok`` for a pair to judge, else ``image_error``, ``question_filtered``
+or ``answer_filtered`` with the ``reason``; the judge adds its verdict columns to ``ok`` rows. ``pair_id``
+identifies a row across reruns.
 
 ``jobs.generate`` writes finished rows to ``parts/`` as they arrive (:func:`write_part`); a rerun reads
 them back (:func:`read_parts`) and regenerates only what is missing (:func:`plan_resume`). At the end
-:func:`assemble` turns the judged rows into ``PreferencePair`` records by the tie policy and every other
-row into a failure record with its reason; :func:`summarize_rows` counts both for ``summary.json``.
+:func:`assemble` turns each question's judged rows into one ``PreferencePair`` (its best- against its
+worst-scored answer, by the tie policy) and every other row into a failure record with its reason;
+:func:`summarize_rows` counts both for ``summary.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +27,33 @@ import pyarrow.parquet as pq
 
 from stmed.data.records import PreferencePair
 from stmed.judge.judging import JudgeSettings, JudgeVerdict, decide, summarize
+from stmed.selfplay.generation import normalize_text
 
 OK, IMAGE_ERROR = "ok", "image_error"
 QUESTION_FILTERED, ANSWER_FILTERED = "question_filtered", "answer_filtered"
 INPUT_COLUMNS = ("image_id", "image_path")
 OUTPUT_COLUMNS = ("pair_id", "image_id", "image_path", "question_index", "question", "question_seed",
-                  "answer1", "answer2", "seed1", "seed2", "image_data_url", "status", "reason")
+                  "pair_slot", "answer1", "answer2", "seed1", "seed2", "image_data_url", "status", "reason")
 
 
 # ----------------------------------------------------------------------------- the row
 
 
-def make_pair_id(image_id: str, index: int, question_seed: int) -> str:
-    """Stable id of question ``index`` of an image (``index=-1``: the image itself)."""
-    return hashlib.sha256(f"{image_id}\x1f{index}\x1f{question_seed}".encode()).hexdigest()[:24]
+def make_pair_id(image_id: str, index: int, question_seed: int, slot: int = 0) -> str:
+    """Stable id of sub-pair ``slot`` of question ``index`` of an image (``index=-1``: the image itself);
+    slot 0's id is the question's, and its preference pair's."""
+    key = f"{image_id}\x1f{index}\x1f{question_seed}" + (f"\x1f{slot}" if slot else "")
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def make_row(image_id: str, image_path: str, status: str = OK, reason: str = "", index: int = -1,
              question: str = "", question_seed: int = -1, answers: tuple[str, str] = ("", ""),
-             seeds: tuple[int, int] = (-1, -1), image_data_url: str = "") -> dict[str, Any]:
+             seeds: tuple[int, int] = (-1, -1), image_data_url: str = "", slot: int = 0) -> dict[str, Any]:
     """One output row; the image travels only with ``ok`` rows (the judge needs it, nothing else does)."""
     return {
-        "pair_id": make_pair_id(image_id, index, question_seed), "image_id": image_id,
+        "pair_id": make_pair_id(image_id, index, question_seed, slot), "image_id": image_id,
         "image_path": image_path, "question_index": index, "question": question,
-        "question_seed": question_seed, "answer1": answers[0], "answer2": answers[1],
+        "question_seed": question_seed, "pair_slot": slot, "answer1": answers[0], "answer2": answers[1],
         "seed1": seeds[0], "seed2": seeds[1], "image_data_url": image_data_url if status == OK else "",
         "status": status, "reason": reason,
     }
@@ -77,11 +83,17 @@ def _finished(row: dict[str, Any]) -> bool:
     return row["status"] != OK or row.get("error") is None
 
 
-def plan_resume(images: list[dict], done: dict[str, dict], k: int) -> tuple[list[dict], frozenset[str]]:
-    """Images still to generate, and the pair_ids of their rows that are already finished."""
+def plan_resume(images: list[dict], done: dict[str, dict], k: int,
+                slots: int = 1) -> tuple[list[dict], frozenset[str]]:  # fmt: skip
+    """Images still to generate, and the pair_ids of their rows that are already finished. A question is
+    done when it was filtered or all ``slots`` of its sub-pairs are finished; an image when k are."""
     finished = [row for row in done.values() if _finished(row)]
-    per_image = Counter(row["image_id"] for row in finished)
     failed_images = {row["image_id"] for row in finished if row["status"] == IMAGE_ERROR}
+    per_question: Counter = Counter()
+    for row in finished:
+        weight = slots if row["status"] == QUESTION_FILTERED else 1
+        per_question[row["image_id"], row["question_index"]] += weight
+    per_image = Counter(image for (image, _), n in per_question.items() if n >= slots)
     todo = [im for im in images if im["image_id"] not in failed_images and per_image[im["image_id"]] < k]
     pending = {im["image_id"] for im in todo}
     return todo, frozenset(row["pair_id"] for row in finished if row["image_id"] in pending)
@@ -91,27 +103,72 @@ def plan_resume(images: list[dict], done: dict[str, dict], k: int) -> tuple[list
 
 
 def assemble(rows: list[dict], judge: JudgeSettings) -> tuple[list[PreferencePair], list[dict]]:
-    """Judged rows → preference pairs by the tie policy; everything else → failure records."""
+    """Judged rows → one preference pair per question (:func:`best_against_worst` over its sub-pairs);
+    everything else → failure records."""
     pairs, failures = [], []
-    for row in sorted(rows, key=lambda r: (r["image_id"], r["question_index"])):
-        where = {"pair_id": row["pair_id"], "image": row["image_path"], "question": row["question"]}
+    ordered = sorted(rows, key=lambda r: (r["image_id"], r["question_index"], r.get("pair_slot") or 0))
+    questions: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for row in ordered:
+        if row["status"] == OK:
+            questions[row["image_id"], row["question_index"]].append(row)
+    for row in ordered:  # in row order: a question's outcome where its first sub-pair is
         if row["status"] != OK:
-            failures.append({**where, "stage": row["status"], "reason": row["reason"]})
+            failures.append({**_where(row), "stage": row["status"], "reason": row["reason"]})
             continue
+        group = questions[row["image_id"], row["question_index"]]
+        if row is group[0]:
+            pair, dropped = best_against_worst(group, judge)
+            pairs += [pair] if pair else []
+            failures += dropped
+    return pairs, failures
+
+
+def _where(row: dict) -> dict[str, Any]:
+    return {"pair_id": row["pair_id"], "image": row["image_path"], "question": row["question"]}
+
+
+def best_against_worst(group: list[dict], judge: JudgeSettings) -> tuple[PreferencePair | None, list[dict]]:
+    """One question's judged sub-pairs (slot order) → its pair and the failure records.
+
+    Every answer of a sub-pair the judge scored (not failed, and consistent under a position swap when
+    ``drop_inconsistent``) is a candidate; the chosen answer is the best-scored, the rejected one the
+    worst-scored of those that read differently (the earlier slot wins equal scores). When every
+    candidate scores the same it is a tie, dropped or kept as the first two by ``tie_policy``. With one
+    sub-pair this is exactly ``decide`` on it."""
+    candidates, failures, verdicts = [], [], []
+    for row in group:
         verdict = JudgeVerdict.from_row(row)
         choice, why = decide(verdict, judge.tie_policy, judge.drop_inconsistent)
-        if choice is None:
-            failures.append({**where, "stage": "judge", "reason": why,
+        if choice is None and why != "tie":
+            failures.append({**_where(row), "stage": "judge", "reason": why,
                              "scores": [verdict.score1, verdict.score2]})
             continue
-        answers, scores = (row["answer1"], row["answer2"]), (verdict.score1, verdict.score2)
-        seeds = (row["seed1"], row["seed2"])
-        pairs.append(PreferencePair(
-            pair_id=row["pair_id"], image=row["image_path"], question=row["question"],
-            chosen=answers[choice], rejected=answers[1 - choice], chosen_score=scores[choice],
-            rejected_score=scores[1 - choice], judge_model=verdict.judge_model,
-            seeds=[seeds[choice], seeds[1 - choice]], question_seed=row["question_seed"]))
-    return pairs, failures
+        verdicts.append(verdict)
+        candidates += [(row["answer1"], verdict.score1, row["seed1"]),
+                       (row["answer2"], verdict.score2, row["seed2"])]
+    if not candidates:
+        return None, failures
+    order = range(len(candidates))
+    best = max(order, key=lambda i: (candidates[i][1], -i))
+    text = normalize_text(candidates[best][0])
+    others = [i for i in order if normalize_text(candidates[i][0]) != text]
+    where = _where(group[0])
+    if not others:
+        return None, [*failures, {**where, "stage": "judge", "reason": "identical_answers",
+                                  "scores": [c[1] for c in candidates]}]
+    worst = min(others, key=lambda i: (candidates[i][1], i))
+    if candidates[best][1] == candidates[worst][1]:
+        if judge.tie_policy == "drop":
+            return None, [*failures, {**where, "stage": "judge", "reason": "tie",
+                                      "scores": [c[1] for c in candidates]}]
+        best, worst = 0, others[0]  # keep_first: the first answer against the first that differs
+    (chosen, chosen_score, chosen_seed), (rejected, rejected_score, rejected_seed) = (
+        candidates[best], candidates[worst])
+    return PreferencePair(
+        pair_id=group[0]["pair_id"], image=group[0]["image_path"], question=group[0]["question"],
+        chosen=chosen, rejected=rejected, chosen_score=chosen_score, rejected_score=rejected_score,
+        judge_model=verdicts[0].judge_model, seeds=[chosen_seed, rejected_seed],
+        question_seed=group[0]["question_seed"]), failures
 
 
 def reason_kind(reason: str) -> str:
@@ -123,12 +180,13 @@ def summarize_rows(num_images: int, rows: list[dict], pairs: list[PreferencePair
                    judge: JudgeSettings) -> dict[str, Any]:  # fmt: skip
     """What every filter kept and dropped, from images to pairs, plus the judge's counts and cost."""
     judged = [JudgeVerdict.from_row(r) for r in rows if r["status"] == OK]
-    questions = [r for r in rows if r["status"] != IMAGE_ERROR]
+    questions = {(r["image_id"], r["question_index"]): r["status"]
+                 for r in rows if r["status"] != IMAGE_ERROR}
     return {
         "images": num_images,
         "image_errors": sum(r["status"] == IMAGE_ERROR for r in rows),
         "questions": len(questions),
-        "questions_kept": sum(r["status"] != QUESTION_FILTERED for r in questions),
+        "questions_kept": sum(status != QUESTION_FILTERED for status in questions.values()),
         "answer_pairs_judged": len(judged),
         "pairs": len(pairs),
         "ties": sum(f["reason"] == "tie" for f in failures),

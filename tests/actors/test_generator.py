@@ -201,7 +201,7 @@ def test_vllm_path_pieces_build_requests_and_rows_like_the_hf_path():
     rows = [make_row("i", "/i.png", index=j, question=q, question_seed=j, image_data_url=url)
             for j, q in reversed(list(enumerate(questions)))]  # groups arrive in any order
     group = {name: np.array([row[name] for row in rows]) for name in OUTPUT_COLUMNS}
-    got = questions_of_image(group)
+    got = questions_of_image(group, SETTINGS)
     assert list(got["question_index"]) == [0, 1, 2]
     assert list(got["status"]) == ["ok", "question_filtered", "question_filtered"]
     assert list(got["reason"]) == ["", "duplicate", "too_short"]
@@ -209,3 +209,63 @@ def test_vllm_path_pieces_build_requests_and_rows_like_the_hf_path():
     assert (same["status"], same["reason"]) == ("answer_filtered", "identical_answers")
     assert same["image_data_url"] == ""
     assert finish_pair({**row, "answer1": "Left.", "answer2": "Right."})["status"] == "ok"
+
+
+MORE = GenerationSettings(questions_per_image=K, seed=7, batch_size=8, describe_max_tokens=8,
+                          question_max_tokens=12, answer_max_tokens=8, answers_per_question=4,
+                          closed_suffix_fraction=1.0)
+
+
+def test_more_answers_per_question_come_as_sub_pairs_with_their_own_seeds(tmp_path: Path, monkeypatch):
+    """answers_per_question=4: every kept question is two rows (slots 0 and 1) under the slot's seeds; slot
+    0 is the two-answer run's row exactly; the kept yes/no questions carry the closed suffix. (The random
+    tiny model asks no well-formed question, so the questions are given; the answers are its own.)"""
+    asked = ["Is there a lesion?", "Where is the lesion?", "Is there a lesion?"]
+    monkeypatch.setattr(generation, "ask_seeded", lambda engine, images, *a: [list(asked) for _ in images])
+    paths = _write_images(tmp_path / "images", 2)
+    engine = Generator({"preset": "tiny"}, SETTINGS).engine
+    images = [(f"{i}.png", p, load_image(p)) for i, p in enumerate(paths)]
+    two, four = self_play(engine, images, SETTINGS), self_play(engine, images, MORE)
+    kept_two = [r for r in two if r["status"] != "question_filtered"]
+    kept_four = [r for r in four if r["status"] != "question_filtered"]
+    assert len(kept_two) == 4 and len(kept_four) == 8  # the third question is a duplicate
+    assert len({r["pair_id"] for r in four}) == len(four)
+    by_question = {}
+    for r in kept_four:
+        by_question.setdefault((r["image_id"], r["question_index"]), []).append(r)
+    for (image_id, j), rows in by_question.items():
+        assert sorted(r["pair_slot"] for r in rows) == [0, 1]
+        for r in rows:
+            assert (r["seed1"], r["seed2"]) == MORE.answer_seeds(image_id, j, r["pair_slot"])
+            # identical answers are judged too: their scores still rank against the other sub-pair's
+            assert r["reason"] == (generation.answer_pair_reason(r["answer1"], r["answer2"], True) or "")
+    slot0 = {(r["image_id"], r["question_index"]): r for r in kept_four if r["pair_slot"] == 0}
+    for r in kept_two:
+        other = slot0[r["image_id"], r["question_index"]]
+        assert other["pair_id"] == r["pair_id"]
+        assert (other["seed1"], other["seed2"]) == (r["seed1"], r["seed2"])
+        assert other["question"] == MORE.closed_suffixed(r["question"], r["image_id"], r["question_index"])
+        if other["question"] != r["question"]:  # suffixed: the answers were sampled for that question
+            assert generation.is_yes_no(r["question"]) and other["question"].endswith(prompts.CLOSED_SUFFIX)
+        else:
+            assert (other["answer1"], other["answer2"]) == (r["answer1"], r["answer2"])
+
+
+def test_vllm_path_makes_the_same_sub_pairs_and_suffixes():
+    from actors.vllm_generator import sub_pairs
+
+    url = "data:image/png;base64,iVBORw0KGgo="
+    questions = ["Is there a lesion?", "Where is the lesion?"]
+    rows = [make_row("i", "/i.png", index=j, question=q, question_seed=j, image_data_url=url)
+            for j, q in enumerate(questions)]
+    group = {name: np.array([row[name] for row in rows]) for name in OUTPUT_COLUMNS}
+    got = questions_of_image(group, MORE)
+    assert list(got["question"]) == ["Is there a lesion?" + prompts.CLOSED_SUFFIX, "Where is the lesion?"]
+    row = {name: got[name][0] for name in OUTPUT_COLUMNS}
+    slots = sub_pairs(row, MORE)
+    assert [s["pair_slot"] for s in slots] == [0, 1]
+    assert [(s["seed1"], s["seed2"]) for s in slots] == [MORE.answer_seeds("i", 0, k) for k in (0, 1)]
+    assert slots[0]["pair_id"] == row["pair_id"] != slots[1]["pair_id"]
+    same = {**slots[1], "answer1": "Yes", "answer2": "yes."}
+    assert finish_pair(same, identical_ok=True)["status"] == "ok"
+    assert finish_pair(same)["reason"] == "identical_answers"

@@ -118,6 +118,25 @@ def test_splits_are_disjoint_and_unlabelled_pool_is_the_training_images(small: S
     assert all(Path(p).is_file() for p in unlabelled)
 
 
+def test_a_separate_pool_is_unlabelled_images_no_text_mentions(small: SyntheticPaths, tmp_path: Path) -> None:
+    pooled = make_dataset(tmp_path / "data", num_images=60, seed=3, test_images=12, pool_images=24)
+    before, after = _files(small.root), _files(pooled.root)
+    # every file of the pool-less dataset but the unlabelled list and the findings is the same bytes,
+    # and the findings are the same plus the pool's
+    changed = ("unlabelled.json", "findings.json")
+    assert {k: v for k, v in after.items() if k in before and k not in changed} == {
+        k: v for k, v in before.items() if k not in changed}
+    records = _load(pooled.findings)
+    pool = {n for n, r in records.items() if r["split"] == "pool"}
+    assert {n: r for n, r in records.items() if n not in pool} == _load(small.findings)
+    assert len(pool) == 24 and {Path(p).name for p in list_images(pooled.unlabelled)} == pool
+    mentioned = {r["image"] for r in _load(pooled.instruct)} | {r["image"] for r in _load(pooled.test)}
+    assert pool.isdisjoint(mentioned) and all((pooled.images / n).is_file() for n in pool)
+    assert sum(r["lesion"] for n, r in records.items() if n in pool) == 12  # balanced like the rest
+    with pytest.raises(ValueError, match="pool_images"):
+        make_dataset(tmp_path / "bad", num_images=10, pool_images=-1)
+
+
 def test_default_dataset_stats_are_balanced(default: SyntheticPaths) -> None:
     stats = dataset_stats(default)
     assert stats["images"] == {"total": 300, "test": 60, "train": 240}

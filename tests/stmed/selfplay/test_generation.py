@@ -101,3 +101,26 @@ def test_qwen2_5_vl_describes_asks_and_answers_in_its_own_chat_format():
     alone = generation.answer_twice_seeded(qwen, images[2:], flat[3:], [(31, 32)], SAMPLING)
     assert pairs[3] == alone[0] and any(a != b for a, b in pairs)
     assert not any("<|im_" in text for pair in pairs for text in pair)
+
+
+def test_more_answers_and_the_closed_suffix_are_seeded_settings():
+    from stmed.model import prompts
+
+    settings = GenerationSettings(seed=3, answers_per_question=6, closed_suffix_fraction=0.5)
+    assert settings.pair_slots == 3
+    seeds = [s for slot in range(3) for s in settings.answer_seeds("a.png", 0, slot)]
+    assert len(set(seeds)) == 6
+    assert settings.answer_seeds("a.png", 0) == GenerationSettings(seed=3).answer_seeds("a.png", 0)
+    with pytest.raises(ConfigError, match="answers_per_question must be even"):
+        GenerationSettings(answers_per_question=3)
+    with pytest.raises(ConfigError, match="closed_suffix_fraction"):
+        GenerationSettings(closed_suffix_fraction=1.5)
+    suffixed = [settings.closed_suffixed("Is there a lesion?", f"{i}.png", 0) for i in range(200)]
+    assert 70 < sum(q.endswith(prompts.CLOSED_SUFFIX) for q in suffixed) < 130
+    assert suffixed == [settings.closed_suffixed("Is there a lesion?", f"{i}.png", 0) for i in range(200)]
+    always = GenerationSettings(closed_suffix_fraction=1.0)
+    asked = always.closed_suffixed("Is there a lesion?", "a.png", 0)
+    assert asked == "Is there a lesion?" + prompts.CLOSED_SUFFIX
+    assert always.closed_suffixed(asked, "a.png", 0) == asked  # never twice
+    assert always.closed_suffixed("Where is the lesion?", "a.png", 0) == "Where is the lesion?"
+    assert GenerationSettings().closed_suffixed("Is there a lesion?", "a.png", 0) == "Is there a lesion?"

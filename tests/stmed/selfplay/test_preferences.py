@@ -86,3 +86,52 @@ def test_assemble_orders_by_score_applies_the_tie_policy_and_keeps_every_failure
     assert summary["answer_pairs_judged"] == 4 and summary["pairs"] == 2 and summary["ties"] == 1
     assert summary["failures"] == {"judge: tie": 1, "judge: http 429": 1, f"{IMAGE_ERROR}: cannot decode": 1}
     assert reason_kind("failed: http 500 after 5 attempts") == "http 500"
+
+
+def slot_row(image: str, index: int, slot: int, answers: tuple[str, str]) -> dict:
+    seeds = (10 * slot + 1, 10 * slot + 2)
+    return make_row(image, f"/data/{image}", OK, "", index, f"q{index}?", 100 + index, answers, seeds,
+                    "data:x", slot)
+
+
+def test_a_question_with_more_answers_pairs_its_best_against_its_worst():
+    settings = JudgeSettings(tie_policy="drop")
+    rows = [judged(slot_row("img0", 0, 0, ("yes", "yes")), 6.0, 6.0),
+            judged(slot_row("img0", 0, 1, ("no", "maybe")), 2.0, 4.0)]
+    pairs, failures = assemble(rows, settings)
+    assert failures == [] and len(pairs) == 1
+    pair = pairs[0]
+    assert (pair.chosen, pair.rejected, pair.chosen_score, pair.rejected_score) == ("yes", "no", 6.0, 2.0)
+    assert pair.seeds == [1, 11] and pair.pair_id == rows[0]["pair_id"] != rows[1]["pair_id"]
+    # the rejected answer must read differently from the chosen one, even when a judge scores the same
+    # text lower in another sub-pair; a failed sub-pair is a failure, the other one still counts
+    rows = [judged(slot_row("img1", 0, 0, ("yes", "No.")), 7.0, 5.0),
+            judged(slot_row("img1", 0, 1, ("Yes", "no")), 3.0, 4.0),
+            judged(slot_row("img1", 0, 2, ("x", "y")), None, None, error="timeout")]
+    pairs, failures = assemble(rows, settings)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("yes", "no")]
+    assert [(f["stage"], f["reason"]) for f in failures] == [("judge", "failed: timeout")]
+    # every answer alike: nothing to prefer; every score alike: a tie, kept as the first two by keep_first
+    same = [judged(slot_row("img2", 0, s, ("yes", "Yes.")), 5.0, 5.0) for s in (0, 1)]
+    assert assemble(same, settings)[1][0]["reason"] == "identical_answers"
+    tie = [judged(slot_row("img3", 0, s, answers), 5.0, 5.0)
+           for s, answers in ((0, ("a", "a")), (1, ("b", "c")))]
+    assert [f["reason"] for f in assemble(tie, settings)[1]] == ["tie"]
+    kept = assemble(tie, JudgeSettings(tie_policy="keep_first"))[0]
+    assert [(p.chosen, p.rejected) for p in kept] == [("a", "b")]
+    summary = summarize_rows(4, [*rows, *same, *tie], pairs, failures, settings)
+    assert summary["questions"] == 3 and summary["answer_pairs_judged"] == 7
+
+
+def test_resume_waits_for_every_sub_pair_of_a_question():
+    images = [{"image_id": f"img{i}", "image_path": f"/data/img{i}"} for i in range(3)]
+    done_rows = [
+        *(judged(slot_row("img0", j, s, ("a", "b")), 5.0, 3.0) for j in range(K) for s in (0, 1)),  # done
+        judged(slot_row("img1", 0, 0, ("a", "b")), 5.0, 3.0),  # img1: question 0 lacks slot 1
+        make_row("img1", "/data/img1", QUESTION_FILTERED, "duplicate", 1, "q1?", 101),
+        make_row("img2", "/data/img2", QUESTION_FILTERED, "too_short", 0, "q?", 100),  # img2: filtered
+        *(judged(slot_row("img2", 1, s, ("a", "b")), 5.0, 3.0) for s in (0, 1)),  # ... and done
+    ]
+    todo, skip = plan_resume(images, {r["pair_id"]: r for r in done_rows}, K, slots=2)
+    assert [im["image_id"] for im in todo] == ["img1"]
+    assert skip == {done_rows[4]["pair_id"], done_rows[5]["pair_id"]}
