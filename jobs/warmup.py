@@ -8,7 +8,7 @@ random weights, so this stage first teaches it what such a base knows: to descri
 answer open and yes/no questions about its modality and organ, on phantoms of its own (never a
 benchmark's or the unlabelled pool's). Lesions are left to stage 1 and self-training. Writes
 ``merged/`` (the base stage 1 starts from), ``metrics.jsonl``, ``summary.json`` and ``config.yaml``.
-One Ray Train worker: the recipe was measured in one process (``benchmarks/self_training_effect.py``).
+One Ray Train worker: the recipe was measured in one process (README, "Does self-training help").
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ SUFFIXED_CLOSED_FRACTION = 1.0
 """Share of instruct closed questions asked the benchmark way (with ``CLOSED_SUFFIX``) and answered a bare
 "yes"/"no". At 0.25 the tiny stage-1 model saw too few bare answers to tie them to the image and answered
 "yes" to every benchmark closed question (50%, the always-yes floor); at 1.0 it reached 57% on seed 0
-(benchmarks/self_training_effect.py, 0.75: 54%)."""
+(README, "Does self-training help"; 0.75: 54%)."""
 
 
 @dataclass(frozen=True)

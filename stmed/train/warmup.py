@@ -1,9 +1,9 @@
 """General-alignment warm-up for the tiny preset: what a real base model (LLaVA) brings to stage 1.
 
 The paper fine-tunes LLaVA, which already reads images and answers yes/no questions about them. The tiny
-preset starts from random weights, and measured on the synthetic phantoms (benchmarks/self_training_effect.py)
-it learns image-to-word read-outs fast (a description names modality and organ after a few hundred steps) but
-the binding a yes/no question needs (does the image show what the question names?) only after some 600 steps
+preset starts from random weights, and measured on the synthetic phantoms (README, "Does self-training
+help") it learns image-to-word read-outs fast (a description names modality and organ after a few hundred
+steps) but the binding a yes/no question needs (does the image show what the question names?) only after some 600 steps
 on thousands of such questions; with stage 1's few labelled conversations it stays near chance. The warm-up
 gives the tiny model that general skill on the *appearance* findings only: descriptions, and open and yes/no
 questions about modality and organ, on phantoms of their own (``WARMUP_SEED``, never a benchmark's or the

@@ -19,9 +19,11 @@ from stmed.data.records import read_preferences
 from stmed.data.synthetic import load_findings, make_dataset
 from stmed.judge.grading import score_answer
 from stmed.judge.reference import Faults, start_server
+from stmed.model import prompts
 from stmed.model.build import build_tiny, image_seq_len, pixel_values
 from stmed.model.conversation import collate, encode, render, to_turns
 from stmed.model.prompts import SYSTEM_SQ
+from stmed.selfplay import generation
 
 K = 3
 NUM_IMAGES = 6
@@ -170,6 +172,52 @@ def test_killed_run_resumes_without_resending_finished_requests(ray_session, dat
 
     again = generate.main(cfg).summary  # a finished run: nothing to generate, nothing to send
     assert again["reference_judge"]["requests"] == 0 and again["pairs"] == summary["pairs"]
+
+
+def test_four_answers_a_question_resume_and_pair_the_best_against_the_worst(ray_session, data, talking_model,
+                                                                            tmp_path, monkeypatch):
+    """answers_per_question=4 through Ray Data and the offline judge: two judged sub-pairs per kept
+    question, written once across a kill and a resume, and one pair per question whose chosen answer has
+    the question's best reference score and whose rejected one its worst; yes/no questions are asked with
+    the closed suffix."""
+    out = tmp_path / "run"
+    cfg = config(out, data, talking_model, **{"judge.reference_findings": str(data.findings),
+                                               "generation.answers_per_question": 4,
+                                               "generation.closed_suffix_fraction": 1.0})
+    real_write = generate.write_part
+
+    def write_then_die(parts, name, table):
+        real_write(parts, name, table)
+        raise KeyboardInterrupt("killed after the first part")
+
+    monkeypatch.setattr(generate, "write_part", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(cfg)
+    monkeypatch.setattr(generate, "write_part", real_write)
+    summary = generate.main(cfg).summary
+    rows = generated_rows(out)
+    assert len({row["pair_id"] for row in rows}) == len(rows)  # nothing written twice
+    questions: dict[tuple, list[dict]] = {}
+    for row in rows:
+        questions.setdefault((row["image_id"], row["question_index"]), []).append(row)
+    assert len(questions) == summary["questions"] == NUM_IMAGES * K
+    kept = {key: group for key, group in questions.items() if group[0]["status"] != "question_filtered"}
+    assert kept and all(sorted(r["pair_slot"] for r in group) == [0, 1] for group in kept.values())
+    for group in kept.values():
+        question = group[0]["question"]
+        assert question.endswith(prompts.CLOSED_SUFFIX) == generation.is_yes_no(question)
+    findings = load_findings(data.findings)
+    pairs = read_preferences(out / "preferences.parquet")
+    assert pairs and summary["pairs"] == len(pairs) and summary["answer_pairs_judged"] > len(pairs)
+    by_id = {group[0]["pair_id"]: group for group in kept.values() if group[0]["pair_slot"] == 0}
+    for pair in pairs:
+        truth = findings[Path(pair.image).name]
+        answers = [r[f"answer{i}"] for r in by_id[pair.pair_id] if r["status"] == "ok" for i in (1, 2)]
+        scores = [score_answer(pair.question, a, truth) for a in answers]
+        assert pair.chosen_score == max(scores) == score_answer(pair.question, pair.chosen, truth)
+        chosen = generation.normalize_text(pair.chosen)
+        assert pair.rejected_score == min(s for a, s in zip(answers, scores)
+                                          if generation.normalize_text(a) != chosen)
 
 
 def test_hf_generators_get_a_gpu_on_the_gpu_cluster_config():
