@@ -37,7 +37,14 @@ from stmed.judge.judging import JudgeSettings
 from stmed.log import get_logger
 from stmed.runs import TIMINGS, StageClock, write_summary
 from stmed.selfplay.generation import GenerationSettings
-from stmed.selfplay.preferences import assemble, plan_resume, read_parts, summarize_rows, write_part
+from stmed.selfplay.preferences import (
+    assemble,
+    balance_yes_no,
+    plan_resume,
+    read_parts,
+    summarize_rows,
+    write_part,
+)
 
 log = get_logger(__name__)
 
@@ -77,6 +84,10 @@ class GenerateConfig:
     num_images: int = 10_000
     sample_seed: int = 0
     """Seed of the image sample."""
+    balance_yes_no: bool = False
+    """Keep as many yes/no-question pairs whose chosen answer is "yes" as "no" (the surplus is dropped,
+    with its reason in failures.jsonl), so that DPO cannot gain by shifting its yes/no bias
+    (``stmed.selfplay.preferences.balance_yes_no``)."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     judge: JudgeGroup = field(default_factory=JudgeGroup)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
@@ -172,6 +183,9 @@ def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list
     """preferences.parquet, dpo.json, failures.jsonl and summary.json from every row written."""
     started = time.perf_counter()
     pairs, failures = assemble(rows, judge)
+    if cfg.balance_yes_no:
+        pairs, unbalanced = balance_yes_no(pairs)
+        failures += unbalanced
     write_preferences(out / "preferences.parquet", pairs)
     export_dpo_json(pairs, out / "dpo.json", image_root=image_root(cfg))
     tmp = out / "failures.jsonl.tmp"

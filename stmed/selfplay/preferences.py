@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from stmed.data.records import PreferencePair
 from stmed.judge.judging import JudgeSettings, JudgeVerdict, decide, summarize
-from stmed.selfplay.generation import normalize_text
+from stmed.selfplay.generation import is_yes_no, normalize_text
 
 OK, IMAGE_ERROR = "ok", "image_error"
 QUESTION_FILTERED, ANSWER_FILTERED = "question_filtered", "answer_filtered"
@@ -169,6 +170,35 @@ def best_against_worst(group: list[dict], judge: JudgeSettings) -> tuple[Prefere
         chosen=chosen, rejected=rejected, chosen_score=chosen_score, rejected_score=rejected_score,
         judge_model=verdicts[0].judge_model, seeds=[chosen_seed, rejected_seed],
         question_seed=group[0]["question_seed"]), failures
+
+
+def says(answer: str) -> str | None:
+    """"yes" or "no" when the answer opens with it, else None."""
+    first = next(iter(re.findall(r"[a-z]+", answer.lower())), None)
+    return first if first in ("yes", "no") else None
+
+
+def balance_yes_no(pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[dict]]:
+    """As many yes/no-question pairs whose chosen answer opens with "yes" as with "no": the surplus of
+    the larger side is dropped (a fixed choice, by pair id) and returned as failure records.
+
+    A model's own yes/no questions mostly ask about findings the image does not have, so the judge
+    mostly prefers "no"; trained on that, DPO learns to say "no" rather than to read the image (on
+    the phantoms, round 1 answered "yes" to 8% of a balanced benchmark). Balanced, a bias shift earns
+    nothing and what is left to learn is which images get which answer."""
+    sides: dict[str, list[PreferencePair]] = {"yes": [], "no": []}
+    for pair in pairs:
+        said = says(pair.chosen) if is_yes_no(pair.question) else None
+        if said:
+            sides[said].append(pair)
+    keep = min(len(sides["yes"]), len(sides["no"]))
+    surplus = max(sides.values(), key=len)
+    by_id = sorted(surplus, key=lambda p: hashlib.sha256(p.pair_id.encode()).digest())
+    dropped = {p.pair_id for p in by_id[keep:]}
+    failures = [{"pair_id": p.pair_id, "image": p.image, "question": p.question, "stage": "balance",
+                 "reason": f"yes/no balance: surplus chosen {says(p.chosen)!r}"}
+                for p in pairs if p.pair_id in dropped]
+    return [p for p in pairs if p.pair_id not in dropped], failures
 
 
 def reason_kind(reason: str) -> str:

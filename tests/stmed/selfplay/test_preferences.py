@@ -135,3 +135,26 @@ def test_resume_waits_for_every_sub_pair_of_a_question():
     todo, skip = plan_resume(images, {r["pair_id"]: r for r in done_rows}, K, slots=2)
     assert [im["image_id"] for im in todo] == ["img1"]
     assert skip == {done_rows[4]["pair_id"], done_rows[5]["pair_id"]}
+
+
+def test_balancing_keeps_as_many_chosen_yes_as_chosen_no_on_yes_no_questions():
+    from stmed.data.records import PreferencePair
+    from stmed.selfplay.preferences import balance_yes_no, says
+
+    def pair(n: int, question: str, chosen: str, rejected: str) -> PreferencePair:
+        return PreferencePair(pair_id=f"p{n}", image=f"/i{n}.png", question=question, chosen=chosen,
+                              rejected=rejected, chosen_score=8.0, rejected_score=2.0, judge_model="ref")
+
+    closed = "Is there a lesion? Please choose from the following two options: [yes, no]"
+    pairs = [*(pair(n, closed, "No.", "Yes") for n in range(5)), pair(5, closed, "yes, on the left", "no"),
+             pair(6, closed, "Yes", "the"), pair(7, "Where is the lesion?", "No lesion.", "Left."),
+             pair(8, closed, "Left.", "no")]
+    kept, dropped = balance_yes_no(pairs)
+    said = [says(p.chosen) for p in kept if p.question == closed]
+    assert said.count("yes") == said.count("no") == 2
+    # open questions and answers that open with neither word are never dropped
+    assert {"p7", "p8", "p5", "p6"} <= {p.pair_id for p in kept} and len(kept) + len(dropped) == len(pairs)
+    assert {f["pair_id"] for f in dropped} == {p.pair_id for p in pairs} - {p.pair_id for p in kept}
+    assert all(f["stage"] == "balance" and reason_kind(f["reason"]) == "yes/no balance" for f in dropped)
+    assert balance_yes_no(pairs) == (kept, dropped)  # the same pairs every run
+    assert says("[yes, no]") == "yes" and says("Normal.") is None
