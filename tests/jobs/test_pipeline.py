@@ -166,6 +166,20 @@ def test_stages_hand_over_files_by_absolute_path(tmp_path: Path) -> None:
     assert {"blocking=false", "http.port=8123", f"model.name_or_path={run / 'dpo1' / 'merged'}"} <= set(args["serve"])
 
 
+def test_self_play_runs_on_the_separate_pool_with_the_demo_recipe(tmp_path: Path) -> None:
+    """The demo's self-play: the pool phantoms no conversation mentions, 8 answers a question, balanced."""
+    run = tmp_path.resolve()
+    cfg = _config(run, *ONE_ROUND, "data.synthetic_images=12", "data.test_images=4", "data.pool_images=6",
+                  "gate.enabled=false")
+    pipeline.make_data(cfg, run)
+    pool = json.loads((run / "data" / "unlabelled.json").read_text())
+    instruct = {row["image"] for row in json.loads((run / "data" / "instruct.json").read_text())}
+    assert len(pool) == 6 and not {Path(p).name for p in pool} & instruct
+    args = stage_args(cfg, run, port=8123)["generate1"]
+    assert f"images={run / 'data' / 'unlabelled.json'}" in args
+    assert {"generation.answers_per_question=8", "balance_yes_no=true", "num_images=480"} <= set(args)
+
+
 def test_run_stage_submits_the_entrypoint_and_keeps_the_log(tmp_path: Path, monkeypatch) -> None:
     cfg = _config(tmp_path, *ONE_ROUND)
     _finish(tmp_path, "dpo1")  # a stage after one that ran: its old outputs are moved aside
