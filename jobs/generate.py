@@ -31,7 +31,7 @@ from typing import Any
 
 from actors.generator import Generator, KeptPairJudge
 from jobs.runtime import NothingProduced, init_ray, pass_timings, run_job, stage_clock
-from stmed.config import ConfigError, ModelConfig, RayConfig, write_config
+from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, read_yaml, write_config
 from stmed.data.records import DataError, export_dpo_json, list_images, sample_images, write_preferences
 from stmed.judge.judging import JudgeSettings
 from stmed.log import get_logger
@@ -206,12 +206,33 @@ def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list
     return summary
 
 
+SAMPLING_ONLY = frozenset({"batch_size", "device", "vllm_engine_kwargs", "vllm_concurrency"})
+"""``generation`` settings that do not change the rows written (how they are computed, not what)."""
+
+
+def check_resume_settings(cfg: GenerateConfig, out: Path) -> None:
+    """Refuse to resume rows that were written under other ``generation`` settings: their questions,
+    answers and sub-pairs would be mixed with the new ones."""
+    previous = out / "config.yaml"
+    if not previous.is_file() or not any((out / "parts").glob("part-*.parquet")):
+        return
+    before = read_yaml(previous).get("generation") or {}
+    now = config_to_dict(cfg)["generation"]
+    changed = sorted(k for k in now if k not in SAMPLING_ONLY and k in before and before[k] != now[k])
+    if changed:
+        raise ConfigError(
+            f"{out} holds rows generated with other settings: "
+            + ", ".join(f"generation.{k} was {before[k]!r}, now {now[k]!r}" for k in changed)
+            + f"; use a new output_dir (or delete {out / 'parts'} to start over)")
+
+
 def main(cfg: GenerateConfig) -> GenerateResult:
     clock = stage_clock()
     start = time.monotonic()
     out = Path(cfg.output_dir)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
+    check_resume_settings(cfg, out)
     write_config(cfg, out)
     images = sampled_images(cfg)
     if not images:

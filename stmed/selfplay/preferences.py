@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ OUTPUT_COLUMNS = ("pair_id", "image_id", "image_path", "question_index", "questi
 
 def make_pair_id(image_id: str, index: int, question_seed: int, slot: int = 0) -> str:
     """Stable id of sub-pair ``slot`` of question ``index`` of an image (``index=-1``: the image itself);
-    slot 0's id is the question's, and its preference pair's."""
+    slot 0's id is the question's (with two answers, its preference pair's)."""
     key = f"{image_id}\x1f{index}\x1f{question_seed}" + (f"\x1f{slot}" if slot else "")
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
@@ -132,11 +133,14 @@ def best_against_worst(group: list[dict], judge: JudgeSettings) -> tuple[Prefere
     """One question's judged sub-pairs (slot order) → its pair and the failure records.
 
     Every answer of a sub-pair the judge scored (not failed, and consistent under a position swap when
-    ``drop_inconsistent``) is a candidate; the chosen answer is the best-scored, the rejected one the
-    worst-scored of those that read differently (the earlier slot wins equal scores). When every
-    candidate scores the same it is a tie, dropped or kept as the first two by ``tie_policy``. With one
-    sub-pair this is exactly ``decide`` on it."""
-    candidates, failures, verdicts = [], [], []
+    ``drop_inconsistent``) counts. Answers that read the same (``normalize_text``) are one answer, scored
+    by the mean of their scores, so a text is never both chosen and rejected and scores from separate
+    requests are pooled; the chosen answer is the best-scored, the rejected one the worst-scored (the
+    earliest wins equal scores). When every answer scores the same it is a tie, dropped or kept as the
+    first two by ``tie_policy``. With one sub-pair this is exactly ``decide`` on it. The pair's id is
+    its first judged sub-pair's (slot 0's, unless that one was filtered)."""
+    answers: dict[str, tuple[str, int, list[float]]] = {}  # normalised → (first text, its seed, scores)
+    failures, verdicts, scores = [], [], []
     for row in group:
         verdict = JudgeVerdict.from_row(row)
         choice, why = decide(verdict, judge.tie_policy, judge.drop_inconsistent)
@@ -145,26 +149,25 @@ def best_against_worst(group: list[dict], judge: JudgeSettings) -> tuple[Prefere
                              "scores": [verdict.score1, verdict.score2]})
             continue
         verdicts.append(verdict)
-        candidates += [(row["answer1"], verdict.score1, row["seed1"]),
-                       (row["answer2"], verdict.score2, row["seed2"])]
-    if not candidates:
+        for text, score, seed in ((row["answer1"], verdict.score1, row["seed1"]),
+                                  (row["answer2"], verdict.score2, row["seed2"])):
+            answers.setdefault(normalize_text(text), (text, seed, []))[2].append(score)
+            scores.append(score)
+    if not answers:
         return None, failures
-    order = range(len(candidates))
-    best = max(order, key=lambda i: (candidates[i][1], -i))
-    text = normalize_text(candidates[best][0])
-    others = [i for i in order if normalize_text(candidates[i][0]) != text]
     where = _where(group[0])
-    if not others:
-        return None, [*failures, {**where, "stage": "judge", "reason": "identical_answers",
-                                  "scores": [c[1] for c in candidates]}]
-    worst = min(others, key=lambda i: (candidates[i][1], i))
-    if candidates[best][1] == candidates[worst][1]:
+    distinct = [(text, seed, statistics.fmean(marks)) for text, seed, marks in answers.values()]
+    if len(distinct) < 2:
+        return None, [*failures, {**where, "stage": "judge", "reason": "identical_answers", "scores": scores}]
+    order = range(len(distinct))
+    best = max(order, key=lambda i: (distinct[i][2], -i))
+    worst = min(order, key=lambda i: (distinct[i][2], i))
+    if distinct[best][2] == distinct[worst][2]:
         if judge.tie_policy == "drop":
-            return None, [*failures, {**where, "stage": "judge", "reason": "tie",
-                                      "scores": [c[1] for c in candidates]}]
-        best, worst = 0, others[0]  # keep_first: the first answer against the first that differs
-    (chosen, chosen_score, chosen_seed), (rejected, rejected_score, rejected_seed) = (
-        candidates[best], candidates[worst])
+            return None, [*failures, {**where, "stage": "judge", "reason": "tie", "scores": scores}]
+        best, worst = 0, 1  # keep_first: the first answer against the first that reads differently
+    chosen, chosen_seed, chosen_score = distinct[best]
+    rejected, rejected_seed, rejected_score = distinct[worst]
     return PreferencePair(
         pair_id=group[0]["pair_id"], image=group[0]["image_path"], question=group[0]["question"],
         chosen=chosen, rejected=rejected, chosen_score=chosen_score, rejected_score=rejected_score,

@@ -139,10 +139,8 @@ def test_generate_end_to_end_with_a_faulty_judge(ray_session, data, talking_mode
     assert (out / "config.yaml").is_file()
 
 
-def test_killed_run_resumes_without_resending_finished_requests(ray_session, data, talking_model, tmp_path,
-                                                                 monkeypatch):
-    out = tmp_path / "run"
-    cfg = config(out, data, talking_model, **{"judge.reference_findings": str(data.findings)})
+def kill_after_the_first_part(cfg: generate.GenerateConfig, monkeypatch) -> None:
+    """Run the job until its first part is written, then die as a kill would (no summary)."""
     real_write = generate.write_part
 
     def write_then_die(parts, name, table):
@@ -152,9 +150,16 @@ def test_killed_run_resumes_without_resending_finished_requests(ray_session, dat
     monkeypatch.setattr(generate, "write_part", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         generate.main(cfg)
+    monkeypatch.setattr(generate, "write_part", real_write)
+
+
+def test_killed_run_resumes_without_resending_finished_requests(ray_session, data, talking_model, tmp_path,
+                                                                 monkeypatch):
+    out = tmp_path / "run"
+    cfg = config(out, data, talking_model, **{"judge.reference_findings": str(data.findings)})
+    kill_after_the_first_part(cfg, monkeypatch)
     first = generated_rows(out)
     assert 0 < len(first) < NUM_IMAGES * K and not (out / "summary.json").exists()
-    monkeypatch.setattr(generate, "write_part", real_write)
 
     summary = generate.main(cfg).summary
     written = generated_rows(out)
@@ -184,16 +189,7 @@ def test_four_answers_a_question_resume_and_pair_the_best_against_the_worst(ray_
     cfg = config(out, data, talking_model, **{"judge.reference_findings": str(data.findings),
                                                "generation.answers_per_question": 4,
                                                "generation.closed_suffix_fraction": 1.0})
-    real_write = generate.write_part
-
-    def write_then_die(parts, name, table):
-        real_write(parts, name, table)
-        raise KeyboardInterrupt("killed after the first part")
-
-    monkeypatch.setattr(generate, "write_part", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        generate.main(cfg)
-    monkeypatch.setattr(generate, "write_part", real_write)
+    kill_after_the_first_part(cfg, monkeypatch)
     summary = generate.main(cfg).summary
     rows = generated_rows(out)
     assert len({row["pair_id"] for row in rows}) == len(rows)  # nothing written twice
@@ -262,3 +258,22 @@ def test_an_empty_manifest_is_an_input_error(tmp_path):
                                                      "model.preset=tiny"])
     with pytest.raises(DataError, match="lists no images"):
         generate.main(cfg)
+
+
+def test_resuming_under_other_generation_settings_is_refused(data, tmp_path):
+    import pyarrow as pa
+
+    from stmed.config import ConfigError, write_config
+    from stmed.selfplay.preferences import make_row, write_part
+
+    out, model = tmp_path / "run", tmp_path / "model"
+    write_config(config(out, data, model), out)
+    more = {"generation.answers_per_question": 4}
+    generate.check_resume_settings(config(out, data, model, **more), out)  # nothing written: may start
+    (out / "parts").mkdir()
+    write_part(out / "parts", "part-a-000000", pa.Table.from_pylist([make_row("a.png", "/a.png", index=0)]))
+    generate.check_resume_settings(config(out, data, model, **{"generation.batch_size": 3}), out)
+    changed = config(out, data, model, **more, **{"generation.closed_suffix_fraction": 0.5})
+    with pytest.raises(ConfigError, match=r"generation.answers_per_question was 2, now 4, generation."
+                                          r"closed_suffix_fraction was 0.0, now 0.5; use a new output_dir"):
+        generate.check_resume_settings(changed, out)

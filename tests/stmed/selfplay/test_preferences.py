@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
 from stmed.judge.judging import JudgeSettings, JudgeVerdict
 from stmed.selfplay.preferences import (
@@ -103,14 +104,23 @@ def test_a_question_with_more_answers_pairs_its_best_against_its_worst():
     pair = pairs[0]
     assert (pair.chosen, pair.rejected, pair.chosen_score, pair.rejected_score) == ("yes", "no", 6.0, 2.0)
     assert pair.seeds == [1, 11] and pair.pair_id == rows[0]["pair_id"] != rows[1]["pair_id"]
-    # the rejected answer must read differently from the chosen one, even when a judge scores the same
-    # text lower in another sub-pair; a failed sub-pair is a failure, the other one still counts
+    # a text is one answer, scored by its mean over the sub-pairs it appears in: never both chosen and
+    # rejected, and the judge's direct comparison of two answers is not overturned by another request's
+    # scale; a failed sub-pair is a failure, the others still count
     rows = [judged(slot_row("img1", 0, 0, ("yes", "No.")), 7.0, 5.0),
             judged(slot_row("img1", 0, 1, ("Yes", "no")), 3.0, 4.0),
             judged(slot_row("img1", 0, 2, ("x", "y")), None, None, error="timeout")]
     pairs, failures = assemble(rows, settings)
-    assert [(p.chosen, p.rejected) for p in pairs] == [("yes", "no")]
+    got = [(p.chosen, p.rejected, p.chosen_score, p.rejected_score) for p in pairs]
+    assert got == [("yes", "No.", 5.0, 4.5)]
     assert [(f["stage"], f["reason"]) for f in failures] == [("judge", "failed: timeout")]
+    # keep_first never makes a lower-scored answer the chosen one
+    lower_first = [judged(slot_row("img4", 0, 0, ("A", "A")), 3.0, 5.0),
+                   judged(slot_row("img4", 0, 1, ("B", "A")), 5.0, 5.0)]
+    for policy in ("drop", "keep_first"):
+        got = assemble(lower_first, JudgeSettings(tie_policy=policy))[0]
+        assert [(p.chosen, p.rejected, p.chosen_score) for p in got] == [("B", "A", 5.0)]
+        assert got[0].rejected_score == pytest.approx(13 / 3)
     # every answer alike: nothing to prefer; every score alike: a tie, kept as the first two by keep_first
     same = [judged(slot_row("img2", 0, s, ("yes", "Yes.")), 5.0, 5.0) for s in (0, 1)]
     assert assemble(same, settings)[1][0]["reason"] == "identical_answers"
