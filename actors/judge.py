@@ -23,6 +23,7 @@ must reach the workers (``runtime_env={"env_vars": ...}``); a loopback judge nee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 from typing import Any
@@ -58,6 +59,14 @@ class Judge:
         # the process. Left in the collector, every full collection re-scans it for ~200 ms, a stall of
         # the event loop that every request in flight waits out; frozen, it is never scanned again.
         gc.freeze()
+
+    def __del__(self) -> None:
+        # Ray Data drops the UDF when the pool shuts down gracefully, while the actor's event loop still
+        # runs: the HTTP session is closed on it, not left to the collector's "Unclosed client session".
+        close = getattr(getattr(self, "client", None), "close_from_thread", None)
+        if close is not None:
+            with contextlib.suppress(Exception):  # a teardown has no one to report to
+                close()
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [name for name in INPUT_COLUMNS if name not in batch]

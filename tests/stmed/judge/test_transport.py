@@ -407,3 +407,29 @@ def test_judge_actor_uses_the_direct_transport_by_default(reference_judge) -> No
     assert list(out["error"]) == [None] * len(names) and sum(out["attempts"]) == server.stats.total - before
     assert sum(out["attempts"]) > len(names)  # the 500s were retried
     assert [s1 > s2 for s1, s2 in zip(out["score1"], out["score2"])] == [images[n][1] for n in names]
+
+
+def test_an_actor_teardown_closes_the_session_on_its_running_loop(loopback) -> None:
+    """As in a Ray Data judge actor: the loop turns in a thread of its own, the teardown comes from another."""
+    import threading
+
+    from actors.judge import Judge
+
+    script = Script(lambda body, n: completion("6 2"))
+    judge = Judge({"base_url": loopback(script), "model": "judge"})
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        body = {"model": "judge", "messages": build_judge_messages("q", "a", "b", IMAGE)}
+        assert asyncio.run_coroutine_threadsafe(judge.client.complete(body), loop).result(10).text == "6 2"
+        session = judge.client._session
+        assert session is not None and not session.closed
+        judge.__del__()
+        assert session.closed and judge.client._session is None
+        judge.__del__()  # twice, or with nothing open: nothing to do
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    judge.client.close_from_thread()  # a closed loop: nothing to do either
