@@ -68,7 +68,7 @@ def self_play(engine: HFEngine, images: list[tuple[str, str, Any]],
               settings: GenerationSettings) -> list[dict]:
     """Describe → ask k → filter/dedupe (→ closed suffix) → answer in sub-pairs → filter, for
     ``(image_id, path, PIL image)``s. Three engine calls for the whole batch, so the engine batches
-    across images."""
+    across images. A question whose answers all read the same goes to no judge: it cannot give a pair."""
     ids, paths, pictures = (list(column) for column in zip(*images))
     descriptions = generation.describe(engine, pictures, settings.describe_sampling)
     q_seeds = [[settings.question_seed(i, j) for j in range(settings.questions_per_image)] for i in ids]
@@ -87,8 +87,13 @@ def self_play(engine: HFEngine, images: list[tuple[str, str, Any]],
                                              [questions[n][j] for n, j, _ in kept], a_seeds,
                                              settings.answer_sampling)
     urls = {n: image_to_data_url(pictures[n]) for n, _, _ in kept}  # re-encoded pixels for the judge
+    texts: dict[tuple[int, int], set[str]] = {}  # a question's answers as they read
+    for (n, j, _), pair in zip(kept, answers):
+        texts.setdefault((n, j), set()).update(generation.normalize_text(a) for a in pair)
     for (n, j, slot), pair, seeds in zip(kept, answers, a_seeds):
         reason = generation.answer_pair_reason(*pair, identical_ok=settings.pair_slots > 1)
+        if reason is None and len(texts[n, j]) == 1:  # all of its answers alike: no pair, no judge request
+            reason = "identical_answers"
         rows.append(make_row(ids[n], paths[n], OK if reason is None else ANSWER_FILTERED, reason or "", j,
                              questions[n][j], q_seeds[n][j], pair, seeds, urls[n], slot))
     return rows

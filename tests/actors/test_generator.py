@@ -237,8 +237,12 @@ def test_more_answers_per_question_come_as_sub_pairs_with_their_own_seeds(tmp_pa
         assert sorted(r["pair_slot"] for r in rows) == [0, 1]
         for r in rows:
             assert (r["seed1"], r["seed2"]) == MORE.answer_seeds(image_id, j, r["pair_slot"])
-            # identical answers are judged too: their scores still rank against the other sub-pair's
-            assert r["reason"] == (generation.answer_pair_reason(r["answer1"], r["answer2"], True) or "")
+        # identical answers are judged too (their scores rank against the other sub-pair's), unless every
+        # answer of the question reads the same: then no pair can come of it, and no judge is asked
+        alike = len({generation.normalize_text(a) for r in rows for a in (r["answer1"], r["answer2"])}) == 1
+        for r in rows:
+            expected = generation.answer_pair_reason(r["answer1"], r["answer2"], True)
+            assert r["reason"] == (expected or ("identical_answers" if alike else ""))
     slot0 = {(r["image_id"], r["question_index"]): r for r in kept_four if r["pair_slot"] == 0}
     for r in kept_two:
         other = slot0[r["image_id"], r["question_index"]]
@@ -269,3 +273,19 @@ def test_vllm_path_makes_the_same_sub_pairs_and_suffixes():
     same = {**slots[1], "answer1": "Yes", "answer2": "yes."}
     assert finish_pair(same, identical_ok=True)["status"] == "ok"
     assert finish_pair(same)["reason"] == "identical_answers"
+
+
+def test_a_question_whose_answers_all_read_the_same_goes_to_no_judge(tmp_path: Path, monkeypatch):
+    asked = ["Is there a lesion?", "Where is the lesion?"]
+    replies = {asked[0] + prompts.CLOSED_SUFFIX: [("Yes.", "yes"), ("YES", "yes")],
+               asked[1]: [("Left.", "left"), ("left", "Right.")]}
+    monkeypatch.setattr(generation, "ask_seeded", lambda engine, images, *a: [list(asked) for _ in images])
+    monkeypatch.setattr(generation, "answer_twice_seeded", lambda engine, images, questions, *a: [
+        replies[q][slot] for q, slot in zip(questions, [0, 1] * len(questions))])
+    paths = _write_images(tmp_path / "images", 1)
+    engine = Generator({"preset": "tiny"}, SETTINGS).engine
+    rows = self_play(engine, [("a.png", paths[0], load_image(paths[0]))], MORE)
+    got = {(r["question_index"], r["pair_slot"]): (r["status"], r["reason"]) for r in rows}
+    alike = ("answer_filtered", "identical_answers")
+    # question 1: one sub-pair alike, the other not: both judged
+    assert got == {(0, 0): alike, (0, 1): alike, (1, 0): ("ok", ""), (1, 1): ("ok", "")}
