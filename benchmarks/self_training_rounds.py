@@ -34,11 +34,11 @@ BENCHMARK = "synthetic"
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def run_seed(workdir: Path, seed: int, extra: list[str]) -> Path:
+def run_seed(workdir: Path, seed: int, extra: list[str], config: Path = CONFIG) -> Path:
     """One pipeline run for ``seed`` (skipped stages on a rerun: the pipeline resumes). The seed goes to
     the data, the model, stage 1 and self-play, added to the config's own ``overrides``."""
     run = workdir / f"seed{seed}"
-    raw = read_yaml(CONFIG)
+    raw = read_yaml(config)
     overrides = {kind: list(values) for kind, values in (raw.get("overrides") or {}).items()}
     overrides.setdefault("sft", []).append(f"train.seed={seed}")
     overrides.setdefault("generate", []).append(f"generation.seed={seed}")
@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "rounds")
     parser.add_argument("--out", type=Path, default=None, help="write the rows and the aggregate as JSON")
     parser.add_argument("--set", nargs="*", default=[], help="extra pipeline overrides, e.g. rounds=3")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the pipeline config (default: the demo's)")
     args = parser.parse_args(argv)
-    rows = [(seed, seed_row(run_seed(args.workdir.resolve(), seed, args.set))) for seed in args.seeds]
+    rows = [(seed, seed_row(run_seed(args.workdir.resolve(), seed, args.set, args.config))) for seed in args.seeds]
     print(table(rows))
     summary = aggregate(rows)
     for name, agg in summary.items():

@@ -40,6 +40,7 @@ from stmed.selfplay.generation import GenerationSettings
 from stmed.selfplay.preferences import (
     assemble,
     balance_yes_no,
+    chosen_at_least,
     plan_resume,
     read_parts,
     summarize_rows,
@@ -84,6 +85,10 @@ class GenerateConfig:
     num_images: int = 10_000
     sample_seed: int = 0
     """Seed of the image sample."""
+    min_chosen_score: float | None = None
+    """Keep a pair only when its chosen answer scored at least this (None: any pair the judge decided).
+    A pair of two poor answers teaches the model to be less wrong in whatever way the judge pays for:
+    an answer that dodges the question can outscore a wrong one."""
     balance_yes_no: bool = False
     """Keep as many yes/no-question pairs whose chosen answer is "yes" as "no" (the surplus is dropped,
     with its reason in failures.jsonl), so that DPO cannot gain by shifting its yes/no bias
@@ -183,6 +188,9 @@ def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list
     """preferences.parquet, dpo.json, failures.jsonl and summary.json from every row written."""
     started = time.perf_counter()
     pairs, failures = assemble(rows, judge)
+    if cfg.min_chosen_score is not None:
+        pairs, weak = chosen_at_least(pairs, cfg.min_chosen_score)
+        failures += weak
     if cfg.balance_yes_no:
         pairs, unbalanced = balance_yes_no(pairs)
         failures += unbalanced

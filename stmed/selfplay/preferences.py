@@ -175,6 +175,14 @@ def best_against_worst(group: list[dict], judge: JudgeSettings) -> tuple[Prefere
         question_seed=group[0]["question_seed"]), failures
 
 
+def chosen_at_least(pairs: list[PreferencePair], floor: float) -> tuple[list[PreferencePair], list[dict]]:
+    """The pairs whose chosen answer scored at least ``floor``, and the others as failure records."""
+    kept = [p for p in pairs if p.chosen_score >= floor]
+    return kept, [{"pair_id": p.pair_id, "image": p.image, "question": p.question, "stage": "floor",
+                   "reason": f"chosen score below the floor: {p.chosen_score} < {floor}"}
+                  for p in pairs if p.chosen_score < floor]
+
+
 def says(answer: str) -> str | None:
     """"yes" or "no" when the answer opens with it, else None."""
     first = next(iter(re.findall(r"[a-z]+", answer.lower())), None)

@@ -168,3 +168,16 @@ def test_balancing_keeps_as_many_chosen_yes_as_chosen_no_on_yes_no_questions():
     assert all(f["stage"] == "balance" and reason_kind(f["reason"]) == "yes/no balance" for f in dropped)
     assert balance_yes_no(pairs) == (kept, dropped)  # the same pairs every run
     assert says("[yes, no]") == "yes" and says("Normal.") is None
+
+
+def test_a_floor_on_the_chosen_score_drops_pairs_of_two_poor_answers():
+    from stmed.data.records import PreferencePair
+    from stmed.selfplay.preferences import chosen_at_least
+
+    pairs = [PreferencePair(pair_id=f"p{s}", image="/i.png", question="How large are the lesions?",
+                            chosen="The lesions are small.", rejected="The lesions are large.", chosen_score=s,
+                            rejected_score=2.0, judge_model="ref") for s in (9.0, 6.0, 5.0)]
+    kept, dropped = chosen_at_least(pairs, 6)
+    assert [p.pair_id for p in kept] == ["p9.0", "p6.0"]
+    assert [(f["pair_id"], f["stage"], reason_kind(f["reason"])) for f in dropped] == [
+        ("p5.0", "floor", "chosen score below the floor")]
