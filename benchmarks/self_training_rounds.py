@@ -140,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "rounds")
     parser.add_argument("--out", type=Path, default=None, help="write the rows and the aggregate as JSON")
     parser.add_argument("--set", nargs="*", default=[], help="extra pipeline overrides, e.g. rounds=3")
-    parser.add_argument("--config", type=Path, default=CONFIG, help="the pipeline config (default: the demo's)")
+    parser.add_argument("--config", type=Path, default=CONFIG,
+                        help="the pipeline config (default: the demo's)")
     args = parser.parse_args(argv)
-    rows = [(seed, seed_row(run_seed(args.workdir.resolve(), seed, args.set, args.config))) for seed in args.seeds]
+    workdir = args.workdir.resolve()
+    rows = [(seed, seed_row(run_seed(workdir, seed, args.set, args.config))) for seed in args.seeds]
     print(table(rows))
     summary = aggregate(rows)
     for name, agg in summary.items():

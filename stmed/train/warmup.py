@@ -3,8 +3,9 @@
 The paper fine-tunes LLaVA, which already reads images and answers yes/no questions about them. The tiny
 preset starts from random weights, and measured on the synthetic phantoms (README, "Does self-training
 help") it learns image-to-word read-outs fast (a description names modality and organ after a few hundred
-steps) but the binding a yes/no question needs (does the image show what the question names?) only after some 600 steps
-on thousands of such questions; with stage 1's few labelled conversations it stays near chance. The warm-up
+steps) but the binding a yes/no question needs (does the image show what the question names?) only after
+some 600 steps on thousands of such questions; with stage 1's few labelled conversations it stays near
+chance. The warm-up
 gives the tiny model that general skill on the *appearance* findings only: descriptions, and open and yes/no
 questions about modality and organ, on phantoms of their own (``WARMUP_SEED``, never a benchmark's or the
 unlabelled pool's images). Lesions, the "medical" findings, are left for stage 1 and self-training to learn.

@@ -410,7 +410,8 @@ def test_judge_actor_uses_the_direct_transport_by_default(reference_judge) -> No
 
 
 def test_an_actor_teardown_closes_the_session_on_its_running_loop(loopback) -> None:
-    """As in a Ray Data judge actor: the loop turns in a thread of its own, the teardown comes from another."""
+    """As in a Ray Data judge actor: the loop turns in a thread of its own, the teardown comes from
+    another."""
     import threading
 
     from actors.judge import Judge

@@ -175,8 +175,8 @@ def test_a_floor_on_the_chosen_score_drops_pairs_of_two_poor_answers():
     from stmed.selfplay.preferences import chosen_at_least
 
     pairs = [PreferencePair(pair_id=f"p{s}", image="/i.png", question="How large are the lesions?",
-                            chosen="The lesions are small.", rejected="The lesions are large.", chosen_score=s,
-                            rejected_score=2.0, judge_model="ref") for s in (9.0, 6.0, 5.0)]
+                            chosen="The lesions are small.", rejected="The lesions are large.",
+                            chosen_score=s, rejected_score=2.0, judge_model="ref") for s in (9.0, 6.0, 5.0)]
     kept, dropped = chosen_at_least(pairs, 6)
     assert [p.pair_id for p in kept] == ["p9.0", "p6.0"]
     assert [(f["pair_id"], f["stage"], reason_kind(f["reason"])) for f in dropped] == [
