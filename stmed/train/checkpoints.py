@@ -2,13 +2,20 @@
 
 A checkpoint directory holds the trainable weights (``adapter/``, ``stmed.model.lora.save_trainable``), the
 optimiser and scheduler state with the step (``trainer_state.pt``), and each rank's RNG state
-(``rng_rank{r}.pt``: dropout), so a resumed run continues at the saved step with the same random streams.
+(``rng_rank{r}.json``: dropout), so a resumed run continues at the saved step with the same random streams.
+
+Nothing in a checkpoint folder can run code: ``trainer_state.pt`` is read with ``weights_only=True``
+(tensors and plain containers only; anything else is refused with a ``DataError``), the RNG states are
+JSON, the adapter is safetensors, and every other file (an ``rng_rank0.pt`` of an older stmed, a planted
+pickle) is never opened. Checkpoint folders live on shared storage that other people can write to.
 The loop writes it to a temporary directory and hands it to its session
 (``stmed.train.session.TrainSession``), which persists it: Ray Train's storage, or ``stmed.train.session.store_checkpoint`` under a local folder.
 """
 
 from __future__ import annotations
 
+import json
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -19,6 +26,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from stmed.data.records import DataError
 from stmed.log import get_logger
 from stmed.model.lora import load_trainable, save_trainable
 from stmed.train.session import TrainSession
@@ -27,19 +35,36 @@ from stmed.train.stage import TrainConfig
 log = get_logger(__name__)
 
 
+TRAINER_STATE = "trainer_state.pt"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def rng_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"rng_rank{rank}.json"
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG stream as JSON-able lists: Python's Mersenne state, numpy's, torch's (and CUDA's) bytes."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((str(kind), np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def save_checkpoint(out_dir: Path, model, optimizer: Optimizer, scheduler: LRScheduler, step: int,
@@ -48,23 +73,53 @@ def save_checkpoint(out_dir: Path, model, optimizer: Optimizer, scheduler: LRSch
     if rank == 0:
         save_trainable(model, out_dir / "adapter")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-                   out_dir / "trainer_state.pt")  # fmt: skip
-    torch.save(_rng_state(), out_dir / f"rng_rank{rank}.pt")
+                   out_dir / TRAINER_STATE)  # fmt: skip
+    rng_file(out_dir, rank).write_text(json.dumps(_rng_state()))
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` read as tensors and plain containers only: a pickled object is refused."""
+    path = ckpt / TRAINER_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = " ".join(str(err).split("\n", 1)[0].split())[:160]
+        raise DataError(f"{path}: not a checkpoint stmed wrote, it holds objects other than tensors "
+                        f"(refused, nothing was run: {reason}); delete {ckpt} to resume from an earlier "
+                        "checkpoint, or start a new run") from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise DataError(f"{path}: unreadable ({type(err).__name__}); delete {ckpt} to resume from an "
+                        "earlier checkpoint") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "step"} <= set(state):
+        raise DataError(f"{path}: not a trainer state (expected optimizer, scheduler and step); delete {ckpt}")
+    return state
+
+
+def _read_rng(ckpt: Path, rank: int) -> dict[str, Any] | None:
+    path = rng_file(ckpt, rank)
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        _set_rng_state(state)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        log.warning("unreadable RNG state %s (%s); reseeding", path, type(err).__name__)
+        return None
+    return state
 
 
 def load_checkpoint(ckpt: Path, model, optimizer: Optimizer, scheduler: LRScheduler, rank: int) -> int:
     """Restore a :func:`save_checkpoint` directory into a prepared model/optimiser; returns its step."""
+    if not (ckpt / "adapter" / ADAPTER_WEIGHTS).is_file():
+        raise DataError(f"{ckpt}: no adapter/{ADAPTER_WEIGHTS} (stmed reads safetensors weights only); "
+                        "delete this checkpoint folder to resume from an earlier one")
+    state = read_trainer_state(ckpt)
     load_trainable(model, ckpt / "adapter")
-    # weights_only=False: the state holds plain Python RNG tuples; the file is our own checkpoint.
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng_file = ckpt / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-    else:  # resumed with more workers than were saved: a fresh, still rank-distinct stream
+    if _read_rng(ckpt, rank) is None:  # resumed with more workers than were saved: a fresh, rank-distinct stream
         log.warning("no RNG state for rank %d in %s; reseeding", rank, ckpt)
-        torch.manual_seed(state["step"] * 1000 + rank)
+        torch.manual_seed(int(state["step"]) * 1000 + rank)
     return int(state["step"])
 
 

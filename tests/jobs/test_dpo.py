@@ -96,7 +96,7 @@ def test_summary_counts_rejected_pairs_and_points_at_the_outputs(dpo_run):
                                      "rewards/margins"}  # fmt: skip
     ckpt = Path(summary["outputs"]["checkpoint"])
     assert ckpt.name == f"checkpoint_{STEPS:06d}" and ckpt.is_relative_to(out / "checkpoints")
-    assert {p.name for p in ckpt.iterdir()} >= {"adapter", "trainer_state.pt", "rng_rank0.pt", "rng_rank1.pt"}
+    assert {p.name for p in ckpt.iterdir()} >= {"adapter", "trainer_state.pt", "rng_rank0.json", "rng_rank1.json"}
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["dpo"]["precompute_reference"] is True
 

@@ -79,7 +79,7 @@ def test_summary_counts_and_points_at_the_outputs(sft_run):
     assert summary["tokens_per_s"] > 0 and summary["wall_time_s"] > 0
     ckpt = Path(summary["outputs"]["checkpoint"])
     assert ckpt.name == f"checkpoint_{STEPS:06d}" and ckpt.is_relative_to(out / "checkpoints")
-    assert {p.name for p in ckpt.iterdir()} >= {"adapter", "trainer_state.pt", "rng_rank0.pt", "rng_rank1.pt"}
+    assert {p.name for p in ckpt.iterdir()} >= {"adapter", "trainer_state.pt", "rng_rank0.json", "rng_rank1.json"}
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["fail_at_step"] == 5
 
 
