@@ -104,25 +104,51 @@ class ScoreParseError(ValueError):
 
 
 # "Assistant 1:" / "Answer 2 -" labels carry digits that are not scores; "/10" and "out of 10" are
-# denominators. Both are removed before the numbers are read.
-_LABEL = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*[12]\b\s*(?:score)?\s*[:=\-–]?", re.IGNORECASE)
+# denominators. Both are removed before the numbers are read. A sign before a number is kept, so that
+# "-3 7" is a negative (refused) score rather than a 3.
+_LABEL = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*([12])\b\s*(?:score)?\s*[:=\-–]?", re.IGNORECASE)
 _DENOMINATOR = re.compile(r"\s*(?:/\s*10(?:\.0+)?|out\s+of\s+10(?:\.0+)?)(?![\d.])", re.IGNORECASE)
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"(?<![\d.])([-−–]\s*)?(\d+(?:\.\d+)?)")
+
+
+def _numbers(text: str, first: str) -> list[float]:
+    found = _NUMBER.findall(text)
+    if any(sign for sign, _ in found):
+        raise ScoreParseError(f"a negative score on the first line: {first[:80]!r}")
+    return [float(number) for _, number in found]
+
+
+def _labelled_scores(cleaned: str, labels: list[re.Match[str]], first: str) -> tuple[float, float]:
+    """Scores of a line that names its assistants: exactly "Assistant 1 … x … Assistant 2 … y", in that
+    order, one number after each label and none before; anything else could swap the pair."""
+    order = [m.group(1) for m in labels]
+    if order != ["1", "2"]:
+        raise ScoreParseError(f"score labels in the order {', '.join(order)}, not 1 then 2 "
+                              f"(ambiguous: refused rather than risk a swap): {first[:80]!r}")
+    before = _numbers(cleaned[: labels[0].start()], first)
+    one = _numbers(cleaned[labels[0].end(): labels[1].start()], first)
+    two = _numbers(cleaned[labels[1].end():], first)
+    if before or len(one) != 1 or len(two) != 1:
+        raise ScoreParseError(f"each assistant's label must be followed by its one score: {first[:80]!r}")
+    return one[0], two[0]
 
 
 def parse_scores(reply: str) -> tuple[float, float]:
     """The two scores on the reply's first non-empty line, e.g. ``"8 6"``, ``"8/10, 6/10"``,
-    ``"Assistant 1: 8 Assistant 2: 6"`` or ``"**8 6**"``; raises ``ScoreParseError`` otherwise."""
+    ``"Assistant 1: 8 Assistant 2: 6"`` or ``"**8 6**"``; raises ``ScoreParseError`` otherwise.
+
+    A line that is not unambiguously (answer 1, answer 2) is a failure, never a guess: labels out of
+    order ("Assistant 2: 3, Assistant 1: 9"), a label without its own score, a negative number."""
     lines = [line.strip() for line in (reply or "").splitlines() if line.strip()]
     if not lines:
         raise ScoreParseError("empty reply")
     first = lines[0]
-    cleaned = re.sub(r"[*_`#]", " ", first)  # markdown emphasis and headings
-    cleaned = _DENOMINATOR.sub(" ", _LABEL.sub(" ", cleaned))
-    numbers = _NUMBER.findall(cleaned)
+    cleaned = _DENOMINATOR.sub(" ", re.sub(r"[*_`#]", " ", first))  # markdown emphasis and headings
+    labels = list(_LABEL.finditer(cleaned))
+    numbers = _numbers(_LABEL.sub(" ", cleaned), first)
     if len(numbers) != 2:
         raise ScoreParseError(f"expected two scores on the first line, found {len(numbers)}: {first[:80]!r}")
-    scores = (float(numbers[0]), float(numbers[1]))
+    scores = _labelled_scores(cleaned, labels, first) if labels else (numbers[0], numbers[1])
     for score in scores:
         if not 1.0 <= score <= 10.0:
             raise ScoreParseError(f"score {score:g} outside 1..10 on the first line: {first[:80]!r}")

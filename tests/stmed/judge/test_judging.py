@@ -103,6 +103,34 @@ def test_parse_scores_rejects_garbled_replies(reply, reason):
     assert issubclass(ScoreParseError, ValueError)
 
 
+@pytest.mark.parametrize("reply, reason", [
+    ("Assistant 2: 3, Assistant 1: 9", "order 2, 1"),
+    ("Assistant 2 gets 2 and Assistant 1 gets 9", "order 2, 1"),
+    ("Answer 2 - 4; Answer 1 - 8", "order 2, 1"),
+    ("-3 7", "negative"),
+    ("3 −7", "negative"),
+    ("Assistant 1: -3, Assistant 2: 7", "negative"),
+    ("9 for Assistant 2, 3 for Assistant 1", "order 2, 1"),
+    ("3 for Assistant 1, 9 for Assistant 2", "followed by its one score"),
+    ("Assistant 1 and Assistant 2 get 3 and 9", "followed by its one score"),
+    ("Assistant 1: 3, Assistant 1: 9", "order 1, 1"),
+])
+def test_a_score_line_that_could_swap_the_pair_is_a_parse_failure(reply, reason):
+    """Not unambiguously (answer 1, answer 2): refused, never read as some pair of its numbers."""
+    with pytest.raises(ScoreParseError, match=reason):
+        parse_scores(reply)
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Assistant 1: 7, Assistant 2: 9", (7.0, 9.0)),
+    ("7 9", (7.0, 9.0)),
+    ("Assistant 1 - 7/10; Assistant 2 - 9/10", (7.0, 9.0)),
+    ("8-6", (8.0, 6.0)),
+])
+def test_labelled_in_order_and_plain_lines_still_parse(reply, expected):
+    assert parse_scores(reply) == expected
+
+
 # ----------------------------------------------------------------------------- settings and key
 
 
