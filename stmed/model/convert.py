@@ -13,8 +13,9 @@ The LLaVA code base (and LLaVA-Med v1.5 after it) saves ``LlavaLlamaForCausalLM`
 token in its tokenizer (the code splices image features in at id -200). transformers and vLLM load
 ``LlavaForConditionalGeneration`` instead, so this writes:
 
-- the weights under that class's names (``model.language_model.*``, ``model.vision_tower.*``,
-  ``model.multi_modal_projector.linear_{1,2}.*``, ``lm_head.weight``), in safetensors shards;
+- the weights under the names llava-hf publishes for that class (``language_model.model.*``,
+  ``vision_tower.vision_model.*``, ``multi_modal_projector.linear_{1,2}.*``, ``language_model.lm_head.weight``),
+  in safetensors shards;
 - the tokenizer with ``<image>`` (and ``<pad>`` where it has none) added, the embedding and output
   rows of the new tokens set to the mean of the others (never read for ``<image>``, whose positions
   take the image features; masked for ``<pad>``);
@@ -49,6 +50,8 @@ from transformers import (
 
 from stmed.log import get_logger
 from stmed.model.build import CLIP_MEAN, CLIP_STD, ORIGINAL_LAYOUT_ARCHITECTURES
+from stmed.model.export import published_name
+from stmed.model.families import LLAVA
 from stmed.model.prompts import IMAGE_TOKEN
 
 log = get_logger(__name__)
@@ -242,7 +245,8 @@ def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = 
     tensors = hf_weights(weights, vision, vocab)
     dst.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(dst)
-    _save_shards(tensors, dst)
+    # llava-hf's key names (vision_tower.vision_model.…): what vLLM and other readers of the release expect.
+    _save_shards({published_name(LLAVA, k): v for k, v in tensors.items()}, dst)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": vcfg.image_size},
         crop_size={"height": vcfg.image_size, "width": vcfg.image_size},

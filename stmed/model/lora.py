@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from stmed.config import LoRAConfig
 from stmed.log import get_logger
+from stmed.model.export import save_published
 from stmed.model.families import Family, family_of, hf_model
 from stmed.model.families.base import LANGUAGE_MODEL
 
@@ -184,8 +185,9 @@ def merge_and_export(
 
     By default a deep copy is merged, so ``peft_model`` keeps training/serving unchanged (this needs room
     for a second copy of the model on its device). ``inplace=True`` merges ``peft_model`` itself, which is
-    then spent: use it at the end of a job. The result loads with
-    ``load_model(ModelConfig(name_or_path=out_dir))``.
+    then spent: use it at the end of a job. The weights carry the family's published key names and the
+    generation config no decoding defaults (``stmed.model.export``); the result loads with
+    ``load_model(ModelConfig(name_or_path=out_dir))`` and in vLLM.
     """
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"merge_and_export needs a PeftModel, got {type(peft_model).__name__}")
@@ -194,7 +196,7 @@ def merge_and_export(
     if any(re.search(r"lora_|modules_to_save|original_module", n) for n, _ in merged.named_parameters()):
         raise RuntimeError("merge_and_unload left PEFT parameters behind; refusing to export a broken model")
     out_dir = Path(out_dir)
-    merged.save_pretrained(out_dir)
+    save_published(merged, out_dir)  # the release's key names, which vLLM and other tools read
     processor.save_pretrained(out_dir)
     log.info("exported merged model to %s", out_dir)
     return out_dir

@@ -71,6 +71,9 @@ class Family:
     """``(model, input_ids, attention_mask, image inputs) -> position_ids`` of right-padded rows, as the
     family's own forward pass would number them: ``(B, L)``, or ``(3, B, L)`` for M-RoPE. Training passes
     them explicitly, so a packed row (``stmed.model.packing``) can renumber its second branch."""
+    published_names: tuple[tuple[str, str], ...] = ()
+    """``(in-memory prefix, published prefix)`` pairs, first match wins: how the family's releases name
+    the parameters that transformers 5 holds as ``model.…`` (``stmed.model.export``)."""
     shares_prefix: bool = True
     """Whether a preference pair's answers can be packed on one copy of the prompt (``dpo.shared_prefix``):
     the family's forward takes explicit positions and a 4D attention mask."""

@@ -156,6 +156,14 @@ def text_positions(model: PreTrainedModel, input_ids: torch.Tensor, attention_ma
     return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
 
 
+PUBLISHED_NAMES = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+"""llava-hf's names (the transformers 4.36 layout of ``llava-hf/llava-1.5-7b-hf``), which vLLM reads."""
+
 LLAVA = Family(
     name="llava-1.5", model_type="llava", model_class=LlavaForConditionalGeneration,
     processor_class=LlavaProcessor, load_processor=load_processor, chat=VICUNA, preset="tiny", build_tiny=build_tiny,
@@ -163,5 +171,5 @@ LLAVA = Family(
     max_image_tokens=max_image_tokens, image_inputs=image_inputs, vision_tower="vision_tower",
     vision_blocks="layers", projector=PROJECTOR, vision_blocks_used=vision_blocks_used,
     vit_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), set_pixel_bounds=set_pixel_bounds,
-    text_positions=text_positions,
+    text_positions=text_positions, published_names=PUBLISHED_NAMES,
 )  # fmt: skip

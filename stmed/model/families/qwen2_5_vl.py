@@ -201,6 +201,13 @@ def text_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return positions
 
 
+PUBLISHED_NAMES = (
+    ("model.language_model.", "model."),
+    ("model.visual.", "visual."),
+    ("lm_head.", "lm_head."),
+)
+"""The names of ``Qwen/Qwen2.5-VL-7B-Instruct``'s release, which vLLM reads."""
+
 QWEN2_5_VL = Family(
     name="qwen2.5-vl", model_type="qwen2_5_vl", model_class=Qwen2_5_VLForConditionalGeneration,
     processor_class=HFQwen2_5_VLProcessor, load_processor=load_processor, chat=CHATML, preset="tiny-qwen2.5-vl",
@@ -210,5 +217,5 @@ QWEN2_5_VL = Family(
     # Every block feeds the merger (Qwen2.5-VL reads the tower's last layer).
     vision_blocks_used=lambda model: range(hf_model(model).config.vision_config.depth),
     vit_targets=("qkv", "proj", "gate_proj", "up_proj", "down_proj"), set_pixel_bounds=set_pixel_bounds,
-    text_positions=text_positions,
+    text_positions=text_positions, published_names=PUBLISHED_NAMES,
 )  # fmt: skip

@@ -16,6 +16,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, Mistr
 from stmed.config import ConfigError, ModelConfig
 from stmed.model.build import load_model
 from stmed.model.convert import convert
+from stmed.model.export import published_name
+from stmed.model.families import LLAVA
 from tests.checkpoints import ORIGINAL_TEXT, ORIGINAL_VISION, build_llava_med_original
 
 REPO = Path(__file__).resolve().parents[3]
@@ -92,7 +94,9 @@ def test_converted_processor_expands_the_image_and_loads_without_warnings_of_mis
     assert (batch["input_ids"] == model.config.image_token_index).sum() == 16
     assert batch["pixel_values"].shape == (1, 3, 56, 56)
     names = set(load_file(str(converted / "model.safetensors")))
-    assert names == set(model.state_dict())  # every weight written under the name the class loads
+    # every weight written under llava-hf's published name for it (what vLLM reads), and loaded back
+    assert names == {published_name(LLAVA, k) for k in model.state_dict()}
+    assert "vision_tower.vision_model.embeddings.patch_embedding.weight" in names
 
 
 def test_original_layout_is_refused_with_the_convert_command(original):
