@@ -44,7 +44,15 @@ import openai
 from stmed.config import ConfigError
 from stmed.judge.cache import CachedReply, ReplyCache, image_digest
 from stmed.judge.pacing import RateLimiter, Sleep, backoff_delay
-from stmed.judge.transport import ChatTransport, Completion, DirectTransport, RequestFailed, SDKTransport
+from stmed.judge.transport import (
+    MAX_RESPONSE_BYTES,
+    ChatTransport,
+    Completion,
+    DirectTransport,
+    RequestFailed,
+    SDKTransport,
+    bounded_sdk_client,
+)
 from stmed.log import get_logger
 
 log = get_logger(__name__)
@@ -177,6 +185,9 @@ class JudgeSettings:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     timeout_s: float = 60.0
+    """The most one request may take, its whole reply read included."""
+    max_response_bytes: int = MAX_RESPONSE_BYTES
+    """The most of a reply's body read, as sent and again once decompressed; past it the pair fails."""
     max_in_flight: int = 8
     """Concurrent requests per actor (and the transport's connection pool size)."""
     transport: Literal["direct", "openai"] = "direct"
@@ -209,6 +220,7 @@ class JudgeSettings:
             "backoff_base_s": self.backoff_base_s > 0,
             "backoff_max_s": self.backoff_max_s >= self.backoff_base_s,
             "timeout_s": self.timeout_s > 0,
+            "max_response_bytes": self.max_response_bytes >= 1024,
             "max_in_flight": self.max_in_flight >= 1,
             "rpm": self.rpm is None or self.rpm > 0,
             "tpm": self.tpm is None or self.tpm > 0,
@@ -249,13 +261,14 @@ def resolve_api_key(settings: JudgeSettings) -> str:
 
 
 def make_client(settings: JudgeSettings, http_client: Any = None) -> openai.AsyncOpenAI:
-    """The OpenAI client with its own retries off (``max_retries=0``): ours are the only ones."""
+    """The OpenAI client with its own retries off (``max_retries=0``): ours are the only ones. Without an
+    ``http_client`` it gets ``bounded_sdk_client``: no redirects followed, reply bodies bounded."""
     return openai.AsyncOpenAI(
         base_url=settings.base_url,
         api_key=resolve_api_key(settings),
         max_retries=0,
         timeout=settings.timeout_s,
-        http_client=http_client,
+        http_client=http_client or bounded_sdk_client(settings.timeout_s, settings.max_response_bytes),
     )
 
 
@@ -265,7 +278,7 @@ def make_transport(settings: JudgeSettings, http_client: Any = None) -> ChatTran
     if http_client is not None or settings.transport == "openai":
         return SDKTransport(make_client(settings, http_client), settings.timeout_s)
     return DirectTransport(settings.base_url, resolve_api_key(settings), settings.timeout_s,
-                           max_connections=settings.max_in_flight)
+                           max_connections=settings.max_in_flight, max_response_bytes=settings.max_response_bytes)
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -455,6 +468,10 @@ async def _judge_order(transport: ChatTransport, settings: JudgeSettings, limite
                 log.info("judge request failed (%s), attempt %d; retrying in %.2fs", error, attempts, delay)
                 await sleep(delay)
             continue
+        except Exception as err:  # a reply no transport foresaw fails this pair, not the whole batch
+            log.warning("judge request raised %s; the pair fails", type(err).__name__, exc_info=True)
+            error = f"malformed response: {type(err).__name__}: {' '.join(str(err).split())[:100]}"
+            return _Outcome(None, error, attempts, False, prompt_tokens, completion_tokens)
         prompt_tokens, completion_tokens = prompt_tokens + prompt_used, completion_tokens + completion_used
         reply, scores, error = _read_reply(completion)
         if scores is not None:

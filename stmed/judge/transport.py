@@ -11,6 +11,13 @@ httpx's connection pool), which caps one judge actor near 300 pairs/s per core w
 speed. ``DirectTransport`` posts the same JSON with aiohttp, whose pool stays cheap at hundreds of
 connections, and reads the reply as a plain dict. ``SDKTransport`` (``judge.transport=openai``) keeps
 the SDK for endpoints that need its extras, and for tests that pass an ``httpx`` mock transport.
+
+What a judge endpoint sends back is bounded whatever it is: the body is read to at most
+``max_response_bytes`` as sent and again once decompressed (a gzip bomb stops there), the whole exchange
+ends within ``timeout_s`` (an endless chunked body too), and a redirect is never followed (it would
+re-send the prompt, the answers and the image to another origin): a 3xx is a failure naming the status.
+Each is a non-retryable ``RequestFailed`` for that pair; so is a body of any shape that is not a chat
+completion (``read_completion`` never raises).
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ import asyncio
 import json
 import ssl
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import aiohttp
 import certifi
+import httpx
 import openai
 from openai.types.chat import ChatCompletion
 
@@ -56,8 +65,22 @@ class ChatTransport(Protocol):
     async def close(self) -> None: ...
 
 
+MAX_RESPONSE_BYTES = 1 << 20
+"""A judge reply (scores and an explanation in at most ``max_tokens``) is a few KB; 1 MiB is generous."""
+
+
+class ResponseRefused(openai.OpenAIError):
+    """A response the transport stopped reading: over the size bound, or in an encoding it did not ask
+    for. An ``OpenAIError``, so that the SDK passes it through as it is rather than as a connection error
+    (which would be retried)."""
+
+
 def status_failure(code: int, message: str, headers: Any) -> RequestFailed:
-    """408/409/429 and 5xx are worth retrying (after the server's ``Retry-After``); others are not."""
+    """408/409/429 and 5xx are worth retrying (after the server's ``Retry-After``); others are not.
+    A 3xx is a redirect that was not followed."""
+    if 300 <= code < 400:
+        location = str(headers.get("Location") or headers.get("location") or "?") if headers else "?"
+        return RequestFailed(f"http {code}: redirect to {location[:100]!r} not followed", False)
     if code in (408, 409, 429) or code >= 500:
         return RequestFailed(f"http {code}", True, retry_after_seconds(headers))
     return RequestFailed(f"http {code}: {message[:120]}", False)
@@ -74,6 +97,8 @@ def classify_error(err: openai.APIError) -> RequestFailed:
     """Timeouts and connection errors are worth retrying; statuses as ``status_failure`` says."""
     if isinstance(err, openai.APITimeoutError):
         return RequestFailed("timeout", True)
+    if isinstance(err, openai.APIConnectionError) and isinstance(err.__cause__, ResponseRefused):
+        return RequestFailed(str(err.__cause__), False)
     if isinstance(err, openai.APIConnectionError):
         return RequestFailed("connection error", True)
     if isinstance(err, openai.APIStatusError):
@@ -89,7 +114,12 @@ class SDKTransport:
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         try:
-            response = await self.client.chat.completions.create(**body, timeout=self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # the body read included
+                response = await self.client.chat.completions.create(**body, timeout=self.timeout_s)
+        except ResponseRefused as err:
+            raise RequestFailed(str(err), False) from err
+        except TimeoutError as err:
+            raise RequestFailed("timeout", True) from err
         except openai.APIError as err:
             raise classify_error(err) from err
         if not isinstance(response, ChatCompletion):  # the SDK hands back a body it cannot read as text
@@ -106,6 +136,48 @@ class SDKTransport:
         await self.client.close()
 
 
+class _CappedStream(httpx.AsyncByteStream):
+    """A response body that raises ``ResponseRefused`` past ``limit`` bytes."""
+
+    def __init__(self, stream: Any, limit: int):
+        self.stream, self.limit = stream, limit
+
+    async def __aiter__(self):
+        size = 0
+        async for chunk in self.stream:
+            size += len(chunk)
+            if size > self.limit:
+                raise ResponseRefused(f"response body over {self.limit} bytes (not read further)")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class BoundedHTTPTransport(httpx.AsyncHTTPTransport):
+    """The SDK's HTTP transport with a bounded body: it asks for ``identity`` (``bounded_sdk_client``), so
+    an encoded body is refused rather than decompressed without a bound."""
+
+    def __init__(self, max_response_bytes: int = MAX_RESPONSE_BYTES, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.max_response_bytes = max_response_bytes
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            await response.aclose()
+            raise ResponseRefused(f"response content-encoding {encoding[:20]!r} refused (identity was asked for)")
+        return httpx.Response(response.status_code, headers=response.headers, extensions=response.extensions,
+                              stream=_CappedStream(response.stream, self.max_response_bytes))
+
+
+def bounded_sdk_client(timeout_s: float, max_response_bytes: int = MAX_RESPONSE_BYTES) -> httpx.AsyncClient:
+    """The ``httpx`` client the SDK transport uses: no redirects followed, bodies bounded, no compression."""
+    return httpx.AsyncClient(transport=BoundedHTTPTransport(max_response_bytes), follow_redirects=False,
+                             timeout=timeout_s, headers={"Accept-Encoding": "identity"})
+
+
 # ----------------------------------------------------------------------------- direct HTTP
 
 
@@ -114,7 +186,7 @@ def _error_message(code: int, raw: bytes) -> str:
     message = f"Error code: {code}"
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return message
     error = body.get("error", body) if isinstance(body, dict) else None
     text = error.get("message") if isinstance(error, dict) else None
@@ -130,10 +202,11 @@ def _usage(body: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def read_completion(raw: bytes) -> Completion:
-    """A 2xx body read as the SDK would: the first choice's message text, or why there is none."""
+    """A 2xx body read as the SDK would: the first choice's message text, or why there is none.
+    Never raises: a body of any shape (deeply nested JSON included) is a ``Completion`` with a problem."""
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser's depth
         body = None
     if not isinstance(body, dict):
         return _not_a_completion(raw.decode("utf-8", "replace"))
@@ -147,8 +220,41 @@ def read_completion(raw: bytes) -> Completion:
         return _not_a_completion(choice)
     content = message.get("content")
     if not isinstance(content, str) or not content:
-        return Completion(None, f"empty reply (finish_reason={choice.get('finish_reason')})", usage)
+        reason = choice.get("finish_reason")
+        return Completion(None, f"empty reply (finish_reason={reason if isinstance(reason, str) else None})",
+                          usage)
     return Completion(content, None, usage)
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body as sent (still compressed), refused past ``limit`` bytes."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise RequestFailed(f"response body of {declared} bytes over the {limit}-byte bound", False)
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise RequestFailed(f"response body over {limit} bytes (not read further)", False)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
+    """``raw`` decompressed as its Content-Encoding says, to at most ``limit`` bytes (a bomb stops there)."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return raw
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise RequestFailed(f"response content-encoding {encoding[:20]!r} not supported", False)
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, detected
+    try:
+        out = inflater.decompress(raw, limit + 1)
+    except zlib.error as err:
+        raise RequestFailed(f"response body not decodable as {encoding} ({err})", False) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise RequestFailed(f"response body over {limit} bytes once decompressed ({len(raw)} sent)", False)
+    return out
 
 
 def env_proxy(url: str) -> str | None:
@@ -171,11 +277,14 @@ class DirectTransport:
     request headers, never in ``repr``.
     """
 
-    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int):
+    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int,
+                 max_response_bytes: int = MAX_RESPONSE_BYTES):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.timeout_s, self.max_connections = timeout_s, max_connections
+        self.max_response_bytes = max_response_bytes
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
-                         "Accept": "application/json", "User-Agent": "stmed-judge"}
+                         "Accept": "application/json", "Accept-Encoding": "gzip, deflate",
+                         "User-Agent": "stmed-judge"}
         self.proxy = env_proxy(self.url)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -192,7 +301,8 @@ class DirectTransport:
         stale = self._session
         connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
                                          ssl=ssl.create_default_context(cafile=certifi.where()))
-        self._session = aiohttp.ClientSession(connector=connector,
+        # auto_decompress off: ``decode_body`` decompresses within the bound, aiohttp would not.
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         self._loop = loop
         if stale is not None and not stale.closed:
@@ -203,12 +313,17 @@ class DirectTransport:
         session = await self._open()
         data = json.dumps(body, separators=(",", ":")).encode()
         try:
-            async with session.post(self.url, data=data, headers=self._headers, proxy=self.proxy) as response:
-                raw = await response.read()
+            async with asyncio.timeout(self.timeout_s):  # the whole exchange, a trickled body included
+                async with session.post(self.url, data=data, headers=self._headers, proxy=self.proxy,
+                                        allow_redirects=False) as response:
+                    if 300 <= response.status < 400:
+                        raise status_failure(response.status, "", response.headers)
+                    raw = await read_bounded(response, self.max_response_bytes)
         except TimeoutError as err:  # before ClientError: aiohttp's timeouts are both
             raise RequestFailed("timeout", True) from err
         except aiohttp.ClientError as err:
             raise RequestFailed("connection error", True) from err
+        raw = decode_body(raw, response.headers.get("Content-Encoding"), self.max_response_bytes)
         if not 200 <= response.status < 300:
             raise status_failure(response.status, _error_message(response.status, raw), response.headers)
         return read_completion(raw)
