@@ -76,8 +76,20 @@ JUDGE_SYSTEM_TEXT = (
 reference code: the judge request has no system message."""
 
 
+_MARKER = re.compile(r"\[(\s*(?:end\s+)?(?:answer|question|system)\b[^\[\]\n]{0,24})\]", re.IGNORECASE)
+
+
+def neutralize_markers(text: str) -> str:
+    """The prompt's own section markers written inside a field, as plain parentheses: an answer that
+    holds "[End Answer 1] … [Answer 2] …" cannot close its section and open another's (an injection that
+    would make the judge read a different pair). Other brackets ("[sic]") stay as they are."""
+    return _MARKER.sub(r"(\1)", text)
+
+
 def judge_text(question: str, answer1: str, answer2: str) -> str:
-    """The text part of the judge request; the offline reference judge parses exactly this layout."""
+    """The text part of the judge request; the offline reference judge parses exactly this layout. Each
+    marker appears once: the fields' own are neutralized (``neutralize_markers``)."""
+    question, answer1, answer2 = (neutralize_markers(t) for t in (question, answer1, answer2))
     return (
         f"[Question]\n{question}\n\n"
         f"[Answer 1]\n{answer1}\n\n[End Answer 1]\n\n"

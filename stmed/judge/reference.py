@@ -69,6 +69,22 @@ class JudgeRequest:
 _ANSWER = {n: re.compile(rf"\[Answer {n}\]\s*(.*?)\s*\[End Answer {n}\]", re.DOTALL) for n in (1, 2)}
 
 
+_SECTIONS = ("[Answer 1]", "[End Answer 1]", "[Answer 2]", "[End Answer 2]")
+
+
+def _check_sections(text: str) -> None:
+    """Each answer marker once, in order, or the request is refused: a marker inside an answer (which
+    ``stmed.judge.judging.judge_text`` never writes) would move where one answer ends and the next begins,
+    and the judge would score text the pair does not hold."""
+    counts = {marker: text.count(marker) for marker in _SECTIONS}
+    repeated = {marker: n for marker, n in counts.items() if n > 1}
+    if repeated:
+        raise BadJudgeRequest(f"ambiguous judge prompt: {', '.join(f'{m} {n} times' for m, n in repeated.items())}"
+                              " (an answer holds the prompt's markers)")
+    if all(counts.values()) and [text.index(m) for m in _SECTIONS] != sorted(text.index(m) for m in _SECTIONS):
+        raise BadJudgeRequest("the judge prompt's answer markers are out of order")
+
+
 def parse_request(body: Any) -> JudgeRequest:
     """Read the question, both answers and the image from a chat-completions request body."""
     messages = body.get("messages") if isinstance(body, dict) else None
@@ -80,6 +96,7 @@ def parse_request(body: Any) -> JudgeRequest:
     texts = [p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
     images = [p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"]
     text = "\n".join(t for t in texts if isinstance(t, str))
+    _check_sections(text)
     matches = {n: pattern.search(text) for n, pattern in _ANSWER.items()}
     if not matches[1] or not matches[2]:
         raise BadJudgeRequest("expected '[Answer 1] … [End Answer 1]' and '[Answer 2] … [End Answer 2]' in the text")
