@@ -323,8 +323,9 @@ async def chat_item(body: bytes, limits: LimitsConfig, specials: list[str], mode
     check_model(data.get("model"), model_name)
     if data.get("stream"):
         raise APIError(400, "streaming is not supported; send stream=false", param="stream")
-    if data.get("n") not in (None, 1):
-        raise APIError(400, "only n=1 is supported", param="n")
+    n = data.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # true and 1.0 equal 1 in Python; not on the wire
+        raise APIError(400, f"only n=1 (an integer) is supported, got {json.dumps(n)[:20]}", param="n")
     check_number(data, "temperature", 0.0, 2.0)
     check_number(data, "top_p", 0.0, 1.0, low_open=True)
     text, url = chat_parts(data.get("messages"))

@@ -24,6 +24,8 @@ from stmed.serve.contract import (
     VQAItem,
     answer_isolated,
     answer_items,
+    api_key_digest,
+    authorize,
     chat_item,
     chat_parts,
     check_max_tokens,
@@ -215,3 +217,29 @@ def test_chat_checks_model_and_sampling_fields():
                          ("temperature", float("inf")), ("temperature", True), ("top_p", -5), ("top_p", 0)):
         error = refusal(lambda f=field, v=value: parse(**{f: v}))
         assert (error.status, error.param) == (400, field) and field in error.message, (field, value)
+
+
+def test_n_must_be_the_integer_one():
+    def parse(**fields) -> VQAItem:
+        return asyncio.run(chat_item(chat_body(**fields), LIMITS, [], "stmed-tiny"))
+
+    assert parse(n=1).question == "Is it normal?"
+    for value in (True, 1.0, 2, "1", 0, [1]):
+        error = refusal(lambda v=value: parse(n=v))
+        assert (error.status, error.param) == (400, "n"), value
+
+
+class _Headers:
+    def __init__(self, authorization: str):
+        self.headers = {"authorization": authorization}
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_the_key_is_not():
+    """RFC 9110: the auth scheme is case-insensitive, so ``bearer`` and ``BEARER`` work; the key is exact."""
+    digest = api_key_digest("sk-right")
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        assert authorize(_Headers(f"{scheme} sk-right"), digest) is None
+    for header in ("bearer sk-RIGHT", "Basic sk-right", "bearer", "sk-right"):
+        with pytest.raises(APIError) as info:
+            authorize(_Headers(header), digest)
+        assert info.value.status == 401, header
