@@ -243,6 +243,55 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+MAX_VALUE_UNITS = 1_000_000
+"""The most one config value may hold once YAML aliases are expanded, counted as one per scalar, list or
+mapping plus one per character of text: far above any real config, far below a few aliases that expand
+into gigabytes (an 800-byte "billion laughs")."""
+
+
+def _expanded_units(node: Any, memo: dict[int, float], active: set[int]) -> float:
+    """``node``'s size with every alias written out (each shared list counted each time it is used),
+    computed once per distinct object; a structure that contains itself is infinite."""
+    if isinstance(node, str):
+        return 1 + len(node)
+    if not isinstance(node, (dict, list)):
+        return 1
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        return math.inf
+    active.add(key)
+    children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+    total = 1.0
+    for child in children:
+        total += _expanded_units(child, memo, active)
+        if total > MAX_VALUE_UNITS:
+            break  # big enough to refuse; no need to count the rest
+    active.discard(key)
+    memo[key] = total
+    return total
+
+
+def check_expanded_size(value: Any, key: str) -> None:
+    """Refuse a value (a config file's mapping, an override's value) that aliases blow up, naming the
+    innermost key whose value is too large."""
+    memo: dict[int, float] = {}
+    if _expanded_units(value, memo, set()) <= MAX_VALUE_UNITS:
+        return
+    node, path = value, key
+    while isinstance(node, dict):
+        big = [(k, v) for k, v in node.items() if _expanded_units(v, memo, set()) > MAX_VALUE_UNITS]
+        if not big:
+            break
+        name, node = big[0]
+        path = f"{path}.{name}" if path else str(name)
+    size = _expanded_units(node, memo, set())
+    what = "refers to itself" if math.isinf(size) else f"expands to over {MAX_VALUE_UNITS:,} items and characters"
+    raise ConfigError(f"{path or 'the config'}: the value {what} (YAML anchors and aliases?); write the value "
+                      "out in full, or shorter")
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """``["a.b=1", "c=x"]`` → ``[("a.b", 1), ("c", "x")]``; values are read as YAML scalars/lists."""
     parsed = []
@@ -254,8 +303,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override '{item}' has no key")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = raw
+        check_expanded_size(value, key.strip())
         parsed.append((key.strip(), value))
     return parsed
 
@@ -278,8 +328,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not text (a binary file?); pass a YAML file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())[:300]}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests too deeply to read; a config is a few levels deep") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    try:
+        check_expanded_size(data, "")
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}: {err}") from None
     return data
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +17,7 @@ from stmed.config import (
     RayConfig,
     build_config,
     load_config,
+    read_yaml,
     write_config,
 )
 
@@ -178,3 +180,29 @@ def test_metrics_log_keeps_the_latest_row_of_a_rerun_step(tmp_path):
     for step, loss in [(1, 5.0), (2, 4.0), (3, 3.0), (3, 2.5), (4, 2.0)]:  # step 3 ran again after a restart
         log.write({"step": step, "loss": loss})
     assert [(r["step"], r["loss"]) for r in log.read_steps()] == [(1, 5.0), (2, 4.0), (3, 2.5), (4, 2.0)]
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """An ~800-byte YAML list whose aliases expand to 9**levels strings (a "billion laughs")."""
+    rows = ['[&l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    rows += [f"&l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return ", ".join(rows) + "]"
+
+
+def test_a_yaml_alias_bomb_in_a_config_file_is_refused_naming_its_key(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"output_dir: x\noptim:\n  lr: {alias_bomb()}\n")
+    assert len(path.read_bytes()) < 1000
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb.yaml: optim.lr: the value expands to over 1,000,000") as err:
+        read_yaml(path)
+    assert time.perf_counter() - started < 2 and "\n" not in str(err.value)
+
+
+def test_an_alias_bomb_or_a_self_reference_in_an_override_is_refused():
+    with pytest.raises(ConfigError, match=r"^optim.lr: the value expands"):
+        build_config(JobConfig, {"output_dir": "x"}, [f"optim.lr={alias_bomb()}"])
+    with pytest.raises(ConfigError, match=r"^benchmarks: the value refers to itself"):
+        build_config(JobConfig, {"output_dir": "x"}, ["benchmarks=&a [*a]"])
+    shared = build_config(JobConfig, {"output_dir": "x"}, ["benchmarks=[&a vqa_rad, *a]"])
+    assert shared.benchmarks == ["vqa_rad", "vqa_rad"]  # a small alias is still fine
