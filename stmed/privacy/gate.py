@@ -1,0 +1,132 @@
+"""The burned-in-text gate: what a judge receives of an image, decided before any request is built.
+
+``privacy.burned_in_text`` chooses what happens to an image with text in its pixels (found by Tesseract,
+``stmed.privacy.ocr``, or declared by DICOM's Burned In Annotation (0028,0301) = YES):
+
+- ``mask`` (the default, for every judge including the offline reference judge): each text region is
+  filled with one grey level, ``mask_margin_px`` wider on every side, and the masked pixels are sent; a
+  DICOM that declares burned-in text where OCR locates none is refused (the text cannot be masked);
+- ``refuse``: the image leaves self-play with the reason recorded (``failures.jsonl``);
+- ``allow``: the image is sent as it is, unchecked.
+
+The gate runs once per image (the generator gates an image before its questions are asked; its pairs
+share the result), and ``TextGate`` keeps each result by pixel digest, so an image seen again costs a
+dictionary lookup. A ``GateResult`` holds counts and digests, never the recognised text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from stmed.config import ConfigError
+from stmed.data.images import decode_data_url, image_to_data_url, pixel_digest
+from stmed.privacy.ocr import Box, find_text
+
+GateMode = Literal["mask", "refuse", "allow"]
+PASSED, MASKED, REFUSED, ALLOWED = "passed", "masked", "refused", "allowed"
+"""Gate actions: no text found / text masked / image not sent / sent unchecked (``allow``)."""
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """What may leave for a judge (config group ``privacy``)."""
+
+    burned_in_text: GateMode = "mask"
+    """``mask`` text regions, ``refuse`` images with text (dropped from self-play, reason recorded), or
+    ``allow`` every image unchecked."""
+    mask_margin_px: int = 2
+    """Pixels added on every side of a found text region before it is filled."""
+    mask_fill: int = 0
+    """Grey level of the fill (0: black)."""
+    ocr_upscale: int = 8
+    """Factor the image is enlarged by before OCR: burned-in text on a small scan is a few pixels high."""
+    ocr_min_confidence: float = 0.0
+    """Tesseract word confidence (0-100) from which a word counts as text."""
+    ocr_images_per_call: int = 16
+    """Images tiled into one Tesseract page (a process start is ~40 ms; a page's cost grows with it)."""
+
+    def __post_init__(self) -> None:
+        if self.burned_in_text not in ("mask", "refuse", "allow"):
+            raise ConfigError(f"privacy.burned_in_text must be 'mask', 'refuse' or 'allow', "
+                              f"got {self.burned_in_text!r}")
+        if not 0 <= self.mask_margin_px <= 64:
+            raise ConfigError(f"privacy.mask_margin_px must be in 0..64, got {self.mask_margin_px}")
+        if not 0 <= self.mask_fill <= 255:
+            raise ConfigError(f"privacy.mask_fill must be a grey level 0..255, got {self.mask_fill}")
+        if not 1 <= self.ocr_upscale <= 16:
+            raise ConfigError(f"privacy.ocr_upscale must be in 1..16, got {self.ocr_upscale}")
+        if not 0.0 <= self.ocr_min_confidence <= 100.0:
+            raise ConfigError(f"privacy.ocr_min_confidence must be in 0..100, got {self.ocr_min_confidence}")
+        if self.ocr_images_per_call < 1:
+            raise ConfigError(f"privacy.ocr_images_per_call must be >= 1, got {self.ocr_images_per_call}")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's decision on one image: what is sent (``data_url``, None when refused) and its audit."""
+
+    action: str
+    regions: int
+    """Text regions found (masked ones under ``mask``); 0 under ``allow``."""
+    data_url: str | None
+    sent_digest: str
+    """Pixel digest of what is sent (``stmed.data.images.pixel_digest``); "" when refused."""
+    reason: str = ""
+    """Why an image was refused (counts only, never text)."""
+
+
+def mask_regions(img: Image.Image, boxes: list[Box], margin: int, fill: int) -> Image.Image:
+    """A copy of ``img`` with every box, grown by ``margin``, filled with grey level ``fill``."""
+    pixels = np.asarray(img.convert("RGB")).copy()
+    for box in boxes:
+        g = box.grown(margin, img.width, img.height)
+        pixels[g.y0:g.y1, g.x0:g.x1] = fill
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def _decide(settings: PrivacySettings, img: Image.Image, boxes: list[Box], declared: bool) -> GateResult:
+    if settings.burned_in_text == "refuse" and (boxes or declared):
+        why = f"{len(boxes)} text region(s) found" if boxes else "DICOM Burned In Annotation = YES"
+        return GateResult(REFUSED, len(boxes), None, "", f"burned_in_text: {why} (privacy.burned_in_text=refuse)")
+    if declared and not boxes:
+        return GateResult(REFUSED, 0, None, "", "burned_in_text: DICOM Burned In Annotation = YES but no text "
+                          "region located to mask")
+    if not boxes:
+        return GateResult(PASSED, 0, image_to_data_url(img), pixel_digest(img))
+    masked = mask_regions(img, boxes, settings.mask_margin_px, settings.mask_fill)
+    return GateResult(MASKED, len(boxes), image_to_data_url(masked), pixel_digest(masked))
+
+
+class TextGate:
+    """Applies ``PrivacySettings`` to images, one OCR call per batch, each image's result kept by its
+    pixel digest (and DICOM flag)."""
+
+    def __init__(self, settings: PrivacySettings | None = None, ocr=find_text):
+        self.settings = settings or PrivacySettings()
+        self.ocr = ocr
+        self.results: dict[tuple[str, bool], GateResult] = {}
+
+    def check(self, images: list[Image.Image], declared: list[bool] | None = None) -> list[GateResult]:
+        """A result per image; ``declared[i]``: the file says it has burned-in text (DICOM 0028,0301)."""
+        declared = declared or [False] * len(images)
+        keys = [(pixel_digest(img), flag) for img, flag in zip(images, declared)]
+        if self.settings.burned_in_text == "allow":
+            return [GateResult(ALLOWED, 0, image_to_data_url(img), key[0]) for img, key in zip(images, keys)]
+        todo = [n for n, key in enumerate(keys) if key not in self.results]
+        todo = [n for i, n in enumerate(todo) if keys[n] not in {keys[m] for m in todo[:i]}]  # once per image
+        step = self.settings.ocr_images_per_call
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
+            found = self.ocr([images[n] for n in chunk], upscale=self.settings.ocr_upscale,
+                             min_confidence=self.settings.ocr_min_confidence)
+            for n, boxes in zip(chunk, found):
+                self.results[keys[n]] = _decide(self.settings, images[n], boxes, declared[n])
+        return [self.results[key] for key in keys]
+
+    def check_data_url(self, url: str) -> GateResult:
+        """The gate for an image that arrives as a data URL (a stream that was not gated upstream)."""
+        return self.check([decode_data_url(url)])[0]
