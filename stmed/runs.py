@@ -57,25 +57,51 @@ def read_summary(output_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 class MetricsLog:
-    """Append-only JSONL of per-step metrics (one object per line, flushed each write)."""
+    """Append-only JSONL of per-step metrics (one object per line, flushed each write).
+
+    A process killed mid-write leaves a torn last line. The next writer starts on a fresh line, and the
+    reader skips a line that is not a JSON object (with a warning), so a torn line never wedges a stage:
+    the rows around it are read, and a rerun that appends after it completes.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(_jsonable(record)) + "\n")
+        line = json.dumps(_jsonable(record)) + "\n"
+        with self.path.open("a+b") as fh:
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":  # a torn last line: close it, so this row is a line of its own
+                    line = "\n" + line
+            fh.write(line.encode())
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows, torn = [], []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                torn.append(number)
+        if torn:
+            log.warning("%s: skipped %d line(s) that are not a JSON object (a torn write?): line(s) %s",
+                        self.path, len(torn), torn[:5])
+        return rows
 
     def read_steps(self) -> list[dict[str, Any]]:
         """One row per step, in step order. A training attempt restarted from a checkpoint logs the steps
         after that checkpoint again: the latest row of each step is the one that counts."""
-        return sorted({row["step"]: row for row in self.read()}.values(), key=lambda row: row["step"])
+        rows = [row for row in self.read() if isinstance(row.get("step"), int)]
+        return sorted({row["step"]: row for row in rows}.values(), key=lambda row: row["step"])
 
 
 def clear_run_logs(output_dir: str | os.PathLike, names: tuple[str, ...]) -> None:

@@ -87,3 +87,40 @@ def test_the_submitter_adds_the_jobs_exit_and_counts_from_its_submit_call() -> N
     assert block["overhead_s"] == 8.0 and block["work_s"] == 10.0 and block["other_s"] == 1.0
     unknown = submitted_timings(None, submitted=100.0, seen=119.0)  # a job that wrote no timings
     assert unknown["phases_s"] == {} and unknown["other_s"] == 19.0
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_row_starts_on_a_fresh_line(tmp_path, caplog):
+    from stmed.runs import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    log.write({"step": 1, "loss": 2.0})
+    with path.open("a") as fh:  # a kill in the middle of a write
+        fh.write('{"step": 2, "loss": 1.')
+    assert [r["step"] for r in log.read_steps()] == [1]
+    assert "skipped 1 line(s)" in caplog.text
+    log.write({"step": 2, "loss": 1.5})  # the resumed attempt
+    log.write({"step": 3, "loss": 1.0})
+    assert [(r["step"], r["loss"]) for r in log.read_steps()] == [(1, 2.0), (2, 1.5), (3, 1.0)]
+    assert path.read_text().splitlines()[2] == '{"step": 2, "loss": 1.5}'
+
+
+def test_a_dpo_summary_after_a_torn_metrics_line_completes(tmp_path):
+    """What wedged DPO: every rerun crashed reading metrics.jsonl after its export, with no summary."""
+    import json
+
+    from jobs.dpo import _summarise
+    from stmed.runs import MetricsLog
+    from stmed.train.stage import ATTEMPTS_FILE, DATA_REPORT_FILE, METRICS_FILE
+
+    (tmp_path / DATA_REPORT_FILE).write_text(json.dumps({"pairs_used": 4, "rejected": 0}))
+    MetricsLog(tmp_path / ATTEMPTS_FILE).write({"start_step": 0, "total_steps": 2})
+    row = {"loss": 0.6, "rewards/chosen": 0.1, "rewards/rejected": 0.0, "rewards/accuracies": 1.0,
+           "rewards/margins": 0.1, "pairs": 2, "step_time_s": 1.0}
+    metrics = MetricsLog(tmp_path / METRICS_FILE)
+    metrics.write({"step": 1, **row})
+    with (tmp_path / METRICS_FILE).open("a") as fh:
+        fh.write('{"step": 2, "lo')
+    metrics.write({"step": 2, **row, "loss": 0.5})
+    summary = _summarise(tmp_path, "dpo-x", None, 1.0)
+    assert (summary["steps"], summary["final"]["loss"], summary["pairs_trained"]) == (2, 0.5, 4)
