@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stmed.data.records import PreferencePair
+from stmed.data.records import DataError, PreferencePair
 from stmed.judge.judging import JudgeSettings, JudgeVerdict, decide, summarize
 from stmed.selfplay.generation import is_yes_no, normalize_text
 
@@ -35,7 +35,11 @@ OK, IMAGE_ERROR = "ok", "image_error"
 QUESTION_FILTERED, ANSWER_FILTERED = "question_filtered", "answer_filtered"
 INPUT_COLUMNS = ("image_id", "image_path")
 OUTPUT_COLUMNS = ("pair_id", "image_id", "image_path", "question_index", "question", "question_seed",
-                  "pair_slot", "answer1", "answer2", "seed1", "seed2", "image_data_url", "status", "reason")
+                  "pair_slot", "answer1", "answer2", "seed1", "seed2", "image_data_url", "status", "reason",
+                  "gate_action", "gate_regions", "sent_digest")
+"""``gate_action`` / ``gate_regions`` / ``sent_digest``: what the burned-in-text gate (``stmed.privacy``) did to
+the image and the pixel digest of what goes to the judge; empty when the stream did not gate it (the
+judge actor then does)."""
 
 
 # ----------------------------------------------------------------------------- the row
@@ -50,7 +54,8 @@ def make_pair_id(image_id: str, index: int, question_seed: int, slot: int = 0) -
 
 def make_row(image_id: str, image_path: str, status: str = OK, reason: str = "", index: int = -1,
              question: str = "", question_seed: int = -1, answers: tuple[str, str] = ("", ""),
-             seeds: tuple[int, int] = (-1, -1), image_data_url: str = "", slot: int = 0) -> dict[str, Any]:
+             seeds: tuple[int, int] = (-1, -1), image_data_url: str = "", slot: int = 0,
+             gate: tuple[str, int, str] = ("", 0, "")) -> dict[str, Any]:
     """One output row; the image travels only with ``ok`` rows (the judge needs it, nothing else does)."""
     return {
         "pair_id": make_pair_id(image_id, index, question_seed, slot), "image_id": image_id,
@@ -58,6 +63,7 @@ def make_row(image_id: str, image_path: str, status: str = OK, reason: str = "",
         "question_seed": question_seed, "pair_slot": slot, "answer1": answers[0], "answer2": answers[1],
         "seed1": seeds[0], "seed2": seeds[1], "image_data_url": image_data_url if status == OK else "",
         "status": status, "reason": reason,
+        "gate_action": gate[0], "gate_regions": gate[1], "sent_digest": gate[2],
     }
 
 
@@ -76,8 +82,22 @@ def read_parts(parts: Path) -> dict[str, dict[str, Any]]:
     """Every row written so far, by pair_id; a later part (a retried judgement) replaces an earlier."""
     rows: dict[str, dict[str, Any]] = {}
     for path in sorted(parts.glob("part-*.parquet")):
-        for row in pq.read_table(path).to_pylist():
+        for row in _read_part(path):
             rows[row["pair_id"]] = row
+    return rows
+
+
+def _read_part(path: Path) -> list[dict[str, Any]]:
+    """One part's rows, or a one-line ``DataError``: parts are written whole (``write_part``), so an
+    unreadable one was cut short or changed by something else, and its rows are best made again."""
+    fix = f"delete {path} and rerun: its rows are generated again"
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:  # truncated, not parquet, unreadable
+        raise DataError(f"{path}: not a readable parquet part ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:80]}); {fix}") from None
+    if rows and "pair_id" not in rows[0]:
+        raise DataError(f"{path}: not a generate part (no pair_id column); {fix}")
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from stmed.data.records import DataError
 from stmed.judge.judging import JudgeSettings, JudgeVerdict
 from stmed.selfplay.preferences import (
     IMAGE_ERROR,
@@ -51,6 +52,15 @@ def test_parts_round_trip_and_a_later_part_replaces_an_earlier_row(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     rows = read_parts(tmp_path)
     assert list(rows) == [first["pair_id"]] and rows[first["pair_id"]]["score1"] == 7.0
+
+
+def test_a_truncated_part_is_a_one_line_data_error_naming_the_file_and_the_fix(tmp_path):
+    path = write_part(tmp_path, "part-a-000000", pa.Table.from_pylist([judged(ok_row("img0", 0), 7.0, 3.0)]))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # storage cut the file short
+    with pytest.raises(DataError, match=r"part-a-000000.parquet: not a readable parquet part") as err:
+        read_parts(tmp_path)
+    assert "\n" not in str(err.value) and f"delete {path} and rerun" in str(err.value)
 
 
 def test_resume_skips_finished_images_and_retries_failed_judgements():
