@@ -392,27 +392,46 @@ def list_images(manifest: str | os.PathLike, image_root: str | os.PathLike | Non
     manifest = Path(manifest)
     if manifest.is_dir():
         found = [p for p in manifest.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES]
+        for path in found:  # a symlink in the folder that points out of it
+            confined_path(manifest, path.relative_to(manifest), f"image folder {manifest}: {path.name}")
         return sorted(str(p) for p in found)
     if not manifest.is_file():
         raise DataError(f"image manifest {manifest} does not exist")
     suffix = manifest.suffix.lower()
     if suffix == ".json":
-        entries = _read_json_array(manifest)
+        located = [(f"entry {i}", entry) for i, entry in enumerate(_read_json_array(manifest))]
     elif suffix == ".jsonl":
-        entries = _read_jsonl(manifest)
+        located = [(f"line {n}", entry) for n, entry in _read_jsonl(manifest)]
     else:
         raise DataError(f"image manifest {manifest}: expected a folder, a .json or a .jsonl file")
     root = Path(image_root) if image_root is not None else manifest.parent
-    names = [_manifest_image(entry, f"{manifest}: entry {i}") for i, entry in enumerate(entries)]
-    return list(dict.fromkeys(str(root / name) for name in names if name is not None))
+    paths = []
+    for where, entry in located:
+        name = _manifest_image(entry, f"{manifest}: {where}")
+        if name is not None:
+            paths.append(str(confined_path(root, name, f"image manifest {manifest}: {where}")))
+    return list(dict.fromkeys(paths))
 
 
-def _read_jsonl(path: Path) -> list[Any]:
+def confined_path(root: str | os.PathLike, name: str | os.PathLike, where: str) -> Path:
+    """``root / name``, refused (``DataError`` naming ``where``) unless it resolves inside ``root``: an
+    absolute path elsewhere, a ``..`` escape or a symlink pointing out would hand any file on the machine
+    to self-play, and its image to the judge."""
+    path = Path(root) / name
+    real_root, real = Path(root).resolve(), path.resolve()
+    if not real.is_relative_to(real_root):
+        raise DataError(f"{where}: image path {str(name)[:120]!r} resolves to {real}, outside the image root "
+                        f"{real_root}; list images under the image root (or set image_root to their folder)")
+    return path
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """Each non-empty line's JSON value, with its line number."""
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
-                entries.append(json.loads(line))
+                entries.append((number, json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: not valid JSON ({exc})") from exc
     return entries

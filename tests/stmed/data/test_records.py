@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stmed.data.records import (
+    DataError,
     InstructSample,
     Prediction,
     PreferencePair,
@@ -265,9 +266,9 @@ def test_list_images_from_a_folder(tmp_path):
 
 
 def test_list_images_from_json_jsonl_and_instruct_files(tmp_path):
-    write_json(tmp_path / "paths.json", ["a.png", "sub/b.png", "/abs/c.png", "a.png"])
+    write_json(tmp_path / "paths.json", ["a.png", "sub/b.png", str(tmp_path / "c.png"), "a.png"])
     assert list_images(tmp_path / "paths.json") == [str(tmp_path / "a.png"), str(tmp_path / "sub/b.png"),
-                                                     "/abs/c.png"]
+                                                     str(tmp_path / "c.png")]
     write_json(tmp_path / "objects.json", [{"image": "a.png", "note": 1}, {"image": "b.png"}])
     assert list_images(tmp_path / "objects.json", image_root="/imgs") == ["/imgs/a.png", "/imgs/b.png"]
     (tmp_path / "list.jsonl").write_text('"a.png"\n\n{"image": "b.png"}\n')
@@ -290,6 +291,40 @@ def test_list_images_rejects_bad_manifests(tmp_path, name, content, message):
         list_images(tmp_path / name)
     with pytest.raises(ValueError, match="does not exist"):
         list_images(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("entry", ["/etc/hostname", "../../../../etc/passwd", "sub/../../outside.png"])
+@pytest.mark.parametrize("kind", ["json", "jsonl"])
+def test_manifest_paths_outside_the_image_root_are_refused_naming_the_line(tmp_path, entry, kind):
+    root = tmp_path / "data"
+    root.mkdir()
+    entries = ["a.png", {"image": entry}]
+    manifest = root / f"m.{kind}"
+    if kind == "json":
+        write_json(manifest, entries)
+    else:
+        manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    where = "entry 1" if kind == "json" else "line 2"
+    with pytest.raises(DataError, match=rf"m.{kind}: {where}: image path .* outside the image root") as err:
+        list_images(manifest)
+    assert "\n" not in str(err.value)
+
+
+def test_a_symlink_pointing_out_of_the_image_root_is_refused(tmp_path):
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok.png").write_bytes(b"x")
+    (root / "sub" / "leak.png").symlink_to(outside)
+    with pytest.raises(DataError, match=r"leak.png: image path 'sub/leak.png' resolves to .*secret.png, outside"):
+        list_images(root)
+    write_json(root / "m.json", ["ok.png", "sub/leak.png"])
+    with pytest.raises(DataError, match="entry 1: image path 'sub/leak.png'"):
+        list_images(root / "m.json")
+    (root / "sub" / "leak.png").unlink()
+    (root / "sub" / "inside.png").symlink_to(root / "ok.png")  # a link that stays inside is fine
+    assert list_images(root) == [str(root / "ok.png"), str(root / "sub" / "inside.png")]
 
 
 def test_sample_images_is_reproducible():
