@@ -145,3 +145,36 @@ def calibrate(labels: list[dict[str, Any]], kappa_threshold: float,
             "ill_formed_share": sum(r["ill_formed"] for r in labels) / len(labels) if labels else None,
             "kappa_threshold": kappa_threshold,
             "verdict": verdict(judge["kappa"], judge["kappa_ci"], judge["n"], kappa_threshold)}
+
+
+def _ci_text(ci: tuple[float, float] | list[float] | None) -> str:
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def markdown(cal: dict[str, Any]) -> str:
+    """The report's section: the verdict line, then the figures behind it."""
+    judge = cal["judge_vs_clinicians"]
+    lines = ["## Judge calibration against clinicians", "", f"**{cal['verdict']}**", "",
+             (f"{cal['decisions']} decisions on {cal['items']} pairs by {cal['reviewers']} reviewer(s); each "
+             "decision compared with the judge's pick (A, B, or no preference for a tie or both wrong)."), "",
+             "| Questions | Decisions | Agreement [95% CI] | Cohen's κ [95% CI] |", "|---|---|---|---|"]
+    for name, part in [("all", judge), *judge["per_kind"].items()]:
+        lines.append(f"| {name} | {part['n']} | {_num(part['agreement'])}{_ci_text(part['agreement_ci'])} | "
+                     f"{_num(part['kappa'])}{_ci_text(part['kappa_ci'])} |")
+    lines += ["", (f"Reviewers saw no better answer (tie or both wrong) in {_num(judge['no_preference_share'])} "
+              f"of decisions; where they picked one, the judge agreed in {_num(judge['agreement_when_decided'])}"
+              f" (reviewers picked the answer shown first in {_num(judge['reviewers_chose_a_share'])}).")]
+    bias = cal.get("position_bias")
+    if bias:
+        lines.append(f"Position bias of the judge over {bias['pairs_judged_both_orders']} pairs judged in both "
+                     f"orders: it preferred the answer shown first in {_num(bias['first_shown_preferred'])} "
+                     f"(0.50 is none); its preference flipped with the order in {_num(bias['flip_rate'])}.")
+    inter = cal["inter_reviewer"]
+    if inter["n"]:
+        lines.append(f"Inter-reviewer κ over {inter['n']} doubly reviewed pairs: {_num(inter['kappa'])}"
+                     f"{_ci_text(inter['kappa_ci'])}.")
+    return "\n".join(lines) + "\n"

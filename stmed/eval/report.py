@@ -410,6 +410,16 @@ def endpoint_section(run_dir: Path) -> Section:
 # ----------------------------------------------------------------------------- the page
 
 
+def review_section(run_dir: Path) -> Section:
+    """The judge's calibration against clinicians, when a review stage exported labels."""
+    path = run_dir / "review" / "calibration.json"
+    if not path.is_file():
+        return Section("")
+    from stmed.eval.calibration import markdown
+
+    return Section(markdown(json.loads(path.read_text())))
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` and its plots under ``run_dir/plots/``; returns the report's path."""
     run_dir = Path(run_dir)
@@ -419,8 +429,8 @@ def write_report(run_dir: str | Path) -> Path:
     plots.mkdir(exist_ok=True)
     rounds = [section for suffix in round_stages(run_dir)
               for section in (generate_section(run_dir, plots, suffix), dpo_section(run_dir, plots, suffix))]
-    sections = [sft_section(run_dir, plots), *rounds, gate_section(run_dir), evaluation_sections(run_dir),
-                endpoint_section(run_dir), timing_section(run_dir)]
+    sections = [sft_section(run_dir, plots), *rounds, gate_section(run_dir), review_section(run_dir),
+                evaluation_sections(run_dir), endpoint_section(run_dir), timing_section(run_dir)]
     header = (f"# stmed self-training report\n\nRun directory: `{run_dir.resolve()}`. Every figure below is "
               "read from the stages' output files.\n")
     path = run_dir / REPORT
