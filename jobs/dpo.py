@@ -23,9 +23,10 @@ from typing import Any
 from actors.training import run_training
 from jobs.runtime import init_ray, run_job, stage_clock, training_timings
 from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, write_config
-from stmed.data.records import DataError, read_preferences
+from stmed.data.records import DataError, read_preferences, write_preferences
 from stmed.log import get_logger
 from stmed.model.build import image_seq_len, load_processor
+from stmed.review.export import apply_labels, read_labels
 from stmed.runs import TIMINGS, MetricsLog, training_run_name, write_summary
 from stmed.train.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
 from stmed.train.stage import (
@@ -52,6 +53,10 @@ class DPOConfig:
     """The preference pairs (``<generate output_dir>/preferences.parquet``)."""
     image_root: str | None = None
     """Folder that relative image paths in the pairs are under (default: the parquet file's folder)."""
+    clinician_labels: str | None = None
+    """Clinicians' labels (``jobs.review export``: ``labels.parquet`` or ``labels.jsonl``): where reviewers
+    decided a pair, their decision overrides the judge's (the other answer preferred: swapped; a tie or
+    both wrong: dropped). The counts go to the summary under ``clinician_labels``."""
     lora: DPOLoRAConfig = field(default_factory=DPOLoRAConfig)
     """Use the stage-1 ranks; ViT LoRA dropout 0.1 in DPO."""
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
@@ -85,6 +90,16 @@ def _summarise(out: Path, run_name: str, checkpoint: str | None, wall_s: float) 
     }  # fmt: skip
 
 
+def apply_clinician_labels(preferences: Path, labels: Path, out: Path) -> tuple[Path, dict[str, int]]:
+    """The pairs with the clinicians' decisions applied, as ``out/preferences_reviewed.parquet``."""
+    kept, counts = apply_labels(read_preferences(preferences), read_labels(labels))
+    if not kept:
+        raise DataError(f"clinician_labels: {labels} drops every pair of {preferences}; nothing to train on")
+    log.info("clinician labels: %d pairs reviewed (%d confirmed, %d swapped, %d dropped)", counts["reviewed"],
+             counts["confirmed"], counts["swapped"], counts["dropped"])
+    return write_preferences(out / "preferences_reviewed.parquet", kept), counts
+
+
 def main(cfg: DPOConfig) -> dict[str, Any]:
     clock = stage_clock()
     started = time.time()
@@ -98,6 +113,9 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     if not read_preferences(preferences):  # a parse here, before any worker: a bad file fails fast
         raise DataError(f"preferences: {preferences} holds no pairs (did jobs.generate finish?)")
     write_config(cfg, out)
+    reviewed = None
+    if cfg.clinician_labels:
+        preferences, reviewed = apply_clinician_labels(preferences, Path(cfg.clinician_labels), out)
     with clock.phase("model_load"):
         processor = load_processor(cfg.model)
     check_length_budget(cfg.train, image_seq_len(processor))  # before any worker starts
@@ -111,6 +129,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     with clock.phase("writing"):
         checkpoint = run.checkpoint.path if run.checkpoint else None
         summary = _summarise(out, name, checkpoint, time.time() - started)
+        summary["clinician_labels"] = reviewed
     summary[TIMINGS] = clock.block()
     write_summary(out, summary)
     final = summary["final"]
