@@ -32,9 +32,10 @@ import numpy as np
 
 from actors.judge import VERDICT_COLUMNS, Judge
 from stmed.config import ModelConfig, build_config
-from stmed.data.images import ImageLoadError, image_to_data_url, load_image
+from stmed.data.images import ImageLoadError, burned_in_annotation, image_to_data_url, load_image
 from stmed.log import get_logger
 from stmed.model.generate import HFEngine
+from stmed.privacy.gate import REFUSED, GateResult, PrivacySettings, TextGate
 from stmed.selfplay import generation
 from stmed.selfplay.generation import GenerationSettings
 from stmed.selfplay.preferences import (
@@ -47,7 +48,7 @@ from stmed.selfplay.preferences import (
     make_row,
 )
 
-_INT_COLUMNS = {"question_index", "question_seed", "pair_slot", "seed1", "seed2"}
+_INT_COLUMNS = {"question_index", "question_seed", "pair_slot", "seed1", "seed2", "gate_regions"}
 
 log = get_logger(__name__)
 
@@ -64,11 +65,13 @@ def to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
-def self_play(engine: HFEngine, images: list[tuple[str, str, Any]],
-              settings: GenerationSettings) -> list[dict]:
+def self_play(engine: HFEngine, images: list[tuple[str, str, Any]], settings: GenerationSettings,
+              gated: list[GateResult] | None = None) -> list[dict]:
     """Describe → ask k → filter/dedupe (→ closed suffix) → answer in sub-pairs → filter, for
     ``(image_id, path, PIL image)``s. Three engine calls for the whole batch, so the engine batches
-    across images. A question whose answers all read the same goes to no judge: it cannot give a pair."""
+    across images. A question whose answers all read the same goes to no judge: it cannot give a pair.
+    ``gated[n]``: the privacy gate's result for image n, whose pixels (masked) go to the judge; the
+    model itself sees the original. None: the images go to the judge as they are, ungated."""
     ids, paths, pictures = (list(column) for column in zip(*images))
     descriptions = generation.describe(engine, pictures, settings.describe_sampling)
     q_seeds = [[settings.question_seed(i, j) for j in range(settings.questions_per_image)] for i in ids]
@@ -86,7 +89,7 @@ def self_play(engine: HFEngine, images: list[tuple[str, str, Any]],
     answers = generation.answer_twice_seeded(engine, [pictures[n] for n, _, _ in kept],
                                              [questions[n][j] for n, j, _ in kept], a_seeds,
                                              settings.answer_sampling)
-    urls = {n: image_to_data_url(pictures[n]) for n, _, _ in kept}  # re-encoded pixels for the judge
+    sent = {n: gated[n] if gated else GateResult("", 0, image_to_data_url(pictures[n]), "") for n, _, _ in kept}
     texts: dict[tuple[int, int], set[str]] = {}  # a question's answers as they read
     for (n, j, _), pair in zip(kept, answers):
         texts.setdefault((n, j), set()).update(generation.normalize_text(a) for a in pair)
@@ -95,7 +98,8 @@ def self_play(engine: HFEngine, images: list[tuple[str, str, Any]],
         if reason is None and len(texts[n, j]) == 1:  # all of its answers alike: no pair, no judge request
             reason = "identical_answers"
         rows.append(make_row(ids[n], paths[n], OK if reason is None else ANSWER_FILTERED, reason or "", j,
-                             questions[n][j], q_seeds[n][j], pair, seeds, urls[n], slot))
+                             questions[n][j], q_seeds[n][j], pair, seeds, sent[n].data_url, slot,
+                             (sent[n].action, sent[n].regions, sent[n].sent_digest)))
     return rows
 
 
@@ -107,9 +111,11 @@ class Generator:
     """Holds the model (expensive ``__init__``); ``__call__`` runs self-play on a batch of images."""
 
     def __init__(self, model: ModelConfig | dict, settings: GenerationSettings | dict,
-                 skip_pair_ids: list[str] | frozenset[str] = frozenset()):
+                 skip_pair_ids: list[str] | frozenset[str] = frozenset(),
+                 privacy: PrivacySettings | dict | None = None):
         """``skip_pair_ids``: rows finished by an earlier run (resume); they are generated (the
-        image's questions are de-duplicated together) but not emitted."""
+        image's questions are de-duplicated together) but not emitted. ``privacy``: the burned-in-text
+        gate every image passes once, before its questions, so a refused image costs no generation."""
         from stmed.model.build import load_model  # deferred: a process that never generates skips torch init
 
         if not isinstance(settings, GenerationSettings):
@@ -127,6 +133,8 @@ class Generator:
             log.warning("generating with a %.1fB-parameter model on the CPU: give the actors a GPU "
                         "(ray.use_gpu=true, pools.generator_gpus=1) or use generation.engine=vllm", params / 1e9)
         self.skip = frozenset(skip_pair_ids)
+        privacy = privacy if isinstance(privacy, PrivacySettings) else build_config(PrivacySettings, privacy or {})
+        self.gate = TextGate(privacy)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [name for name in INPUT_COLUMNS if name not in batch]
@@ -138,8 +146,14 @@ class Generator:
                 loaded.append((str(image_id), str(path), load_image(str(path))))
             except ImageLoadError as err:  # one bad file is a recorded row, not a failed job
                 rows.append(make_row(str(image_id), str(path), IMAGE_ERROR, err.reason))
-        if loaded:
-            rows += self_play(self.engine, loaded, self.settings)
+        gated = self.gate.check([img for _, _, img in loaded], [burned_in_annotation(p) for _, p, _ in loaded])
+        kept = [n for n, result in enumerate(gated) if result.action != REFUSED]
+        for n, result in enumerate(gated):
+            if result.action == REFUSED:  # the image leaves self-play here, with the reason
+                image_id, path, _ = loaded[n]
+                rows.append(make_row(image_id, path, IMAGE_ERROR, result.reason, gate=(REFUSED, result.regions, "")))
+        if kept:
+            rows += self_play(self.engine, [loaded[n] for n in kept], self.settings, [gated[n] for n in kept])
         return to_columns([row for row in rows if row["pair_id"] not in self.skip])
 
 

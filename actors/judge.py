@@ -33,9 +33,11 @@ import numpy as np
 from stmed.config import build_config
 from stmed.judge.cache import ReplyCache
 from stmed.judge.judging import JudgeSettings, JudgeVerdict, judge_pair, make_limiter, make_transport
+from stmed.privacy.gate import REFUSED, PrivacySettings, TextGate
 
 INPUT_COLUMNS = ("pair_id", "question", "answer1", "answer2", "image_data_url")
 VERDICT_COLUMNS = tuple(f.name for f in dataclasses.fields(JudgeVerdict) if f.name != "pair_id")
+GATE_COLUMNS = ("gate_action", "gate_regions", "sent_digest")
 
 
 def _column(values: list[Any]) -> np.ndarray:
@@ -48,10 +50,14 @@ class Judge:
     verdict's columns (``score1``, ``score2``, ``error``, ``attempts``, …)."""
 
     def __init__(self, settings: JudgeSettings | dict[str, Any], num_actors: int = 1,
-                 http_client: Any = None):
+                 http_client: Any = None, privacy: PrivacySettings | dict[str, Any] | None = None):
         """``http_client`` (an ``httpx.AsyncClient``, sent through the openai SDK) is for in-process use,
-        e.g. a mock transport."""
+        e.g. a mock transport. ``privacy``: the burned-in-text gate for rows that arrive ungated (no
+        ``gate_action``); rows a generator gated pass as they are."""
         self.settings = settings if isinstance(settings, JudgeSettings) else build_config(JudgeSettings, settings)
+        privacy = privacy if isinstance(privacy, PrivacySettings) else build_config(PrivacySettings, privacy or {})
+        self.gate = TextGate(privacy)
+        self.gated_urls: dict[str, tuple[str | None, str, int, str]] = {}
         self.client = make_transport(self.settings, http_client)
         self.limiter = make_limiter(self.settings, num_actors)
         self.cache = ReplyCache(self.settings.cache_dir) if self.settings.cache_dir else None
@@ -72,11 +78,34 @@ class Judge:
         missing = [name for name in INPUT_COLUMNS if name not in batch]
         if missing:
             raise ValueError(f"Judge needs the column(s) {missing}; the batch has {sorted(batch)}")
+        batch = self._gated(batch)
         verdicts = await self._judge_rows(batch)
         out = {name: column for name, column in batch.items() if name != "image_data_url"}
         for name in VERDICT_COLUMNS:  # the fields ``JudgeVerdict.to_row`` holds, read column by column
             out[name] = _column([getattr(v, name) for v in verdicts])
         return out
+
+    def _gated(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch with every ungated row's image through the gate (once per distinct image URL):
+        masked pixels in ``image_data_url``, the gate's columns filled, a refused image's URL empty."""
+        n = len(batch["pair_id"])
+        actions = batch.get("gate_action", np.full(n, "", dtype=object))
+        if all(str(a) for a in actions):
+            return batch
+        columns = {"image_data_url": list(batch["image_data_url"]), "gate_action": list(actions),
+                   "gate_regions": list(batch.get("gate_regions", np.zeros(n, dtype=np.int64))),
+                   "sent_digest": list(batch.get("sent_digest", np.full(n, "", dtype=object)))}
+        for i in range(n):
+            if str(actions[i]):
+                continue
+            url = str(batch["image_data_url"][i])
+            if url not in self.gated_urls:
+                result = self.gate.check_data_url(url)
+                self.gated_urls[url] = (result.data_url, result.action, result.regions, result.sent_digest)
+            sent, action, regions, digest = self.gated_urls[url]
+            columns["image_data_url"][i] = sent or ""
+            columns["gate_action"][i], columns["gate_regions"][i], columns["sent_digest"][i] = action, regions, digest
+        return {**batch, **{name: np.array(values, dtype=object) for name, values in columns.items()}}
 
     async def _judge_rows(self, batch: dict[str, np.ndarray]) -> list[JudgeVerdict]:
         """A verdict per row, by a few workers that each take the next row: ``2 * max_in_flight`` of
@@ -86,8 +115,14 @@ class Judge:
         verdicts: list[JudgeVerdict | None] = [None] * n
         todo = iter(range(n))
 
+        refused = batch.get("gate_action", np.full(n, "", dtype=object)) == REFUSED
+
         async def worker() -> None:
             for i in todo:  # one iterator: each row goes to exactly one worker
+                if refused[i]:  # nothing is sent: the gate refused the image
+                    verdicts[i] = JudgeVerdict(str(batch["pair_id"][i]), None, None, error="privacy: "
+                                               "burned-in text, image refused (privacy.burned_in_text=refuse)")
+                    continue
                 verdicts[i] = await judge_pair(
                     self.client, self.settings, self.limiter, self.cache, str(batch["question"][i]),
                     str(batch["answer1"][i]), str(batch["answer2"][i]), str(batch["image_data_url"][i]),

@@ -8,6 +8,8 @@ Pipeline (Ray Data, streaming): ``from_items(images) → map_batches(Generator, 
 map_batches(KeptPairJudge, autoscaling pool)``; the driver writes each finished block to
 ``parts/`` as it arrives. At the end: ``preferences.parquet``, ``dpo.json`` (reference DPO format),
 ``failures.jsonl`` (every dropped image, question, answer pair or judgement, with its reason),
+``audit.jsonl`` (one line per image sent to the judge: pixel digest, host, gate action, masked regions;
+``stmed.privacy.audit``), ``contamination.jsonl`` (pool images removed as copies of benchmark images),
 ``config.yaml`` and ``summary.json``.
 
 Resume: rerun with the same ``output_dir``. Images whose k question rows are all in ``parts/`` are
@@ -35,6 +37,10 @@ from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, re
 from stmed.data.records import DataError, export_dpo_json, list_images, sample_images, write_preferences
 from stmed.judge.judging import JudgeSettings
 from stmed.log import get_logger
+from stmed.privacy.audit import audit_lines, audit_totals, write_audit
+from stmed.privacy.contamination import ContaminationSettings, remove_benchmark_copies
+from stmed.privacy.gate import PrivacySettings
+from stmed.privacy.hosts import url_host
 from stmed.runs import TIMINGS, StageClock, write_summary
 from stmed.selfplay.generation import GenerationSettings
 from stmed.selfplay.preferences import (
@@ -95,6 +101,10 @@ class GenerateConfig:
     (``stmed.selfplay.preferences.balance_yes_no``)."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     judge: JudgeGroup = field(default_factory=JudgeGroup)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    """The burned-in-text gate in front of the judge (``stmed.privacy.gate``)."""
+    contamination: ContaminationSettings = field(default_factory=ContaminationSettings)
+    """Benchmark images kept out of the self-play pool (``stmed.privacy.contamination``)."""
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -151,11 +161,12 @@ def build_dataset(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], j
     else:
         ds = ds.map_batches(
             Generator, fn_constructor_kwargs={"model": cfg.model, "settings": cfg.generation,
-                                              "skip_pair_ids": skip},
+                                              "skip_pair_ids": skip, "privacy": cfg.privacy},
             compute=ActorPoolStrategy(size=cfg.pools.generators), batch_size=cfg.pools.images_per_batch,
             num_cpus=cfg.pools.generator_cpus, num_gpus=cfg.generator_gpus, batch_format="numpy")
     return ds.map_batches(
-        KeptPairJudge, fn_constructor_kwargs={"settings": judge, "num_actors": cfg.pools.judge_max},
+        KeptPairJudge, fn_constructor_kwargs={"settings": judge, "num_actors": cfg.pools.judge_max,
+                                              "privacy": cfg.privacy},
         compute=ActorPoolStrategy(min_size=cfg.pools.judge_min, max_size=cfg.pools.judge_max),
         batch_size=cfg.pools.pairs_per_judge_batch, num_cpus=cfg.pools.judge_cpus, batch_format="numpy")
 
@@ -199,7 +210,10 @@ def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list
     tmp = out / "failures.jsonl.tmp"
     tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
     os.replace(tmp, out / "failures.jsonl")
-    summary = {**summarize_rows(len(images), rows, pairs, failures, judge), **extra}
+    audit = audit_lines(rows, url_host(judge.base_url))
+    write_audit(out / "audit.jsonl", audit)
+    summary = {**summarize_rows(len(images), rows, pairs, failures, judge), "sent_to_judge": audit_totals(audit),
+               **extra}
     if not pairs:
         # No summary.json: the stage did not finish, and a pipeline rerun runs it again.
         raise NothingProduced(
@@ -245,6 +259,8 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     images = sampled_images(cfg)
     if not images:
         raise DataError(f"images: the manifest {cfg.images} lists no images")
+    with clock.phase("contamination"):
+        images, contamination = remove_benchmark_copies(images, cfg.contamination, out / "contamination.jsonl")
     done = read_parts(parts)
     todo, skip = plan_resume(images, done, cfg.generation.questions_per_image, cfg.generation.pair_slots)
     log.info("%d images sampled, %d to generate (%d rows already written)", len(images), len(todo), len(done))
@@ -265,7 +281,8 @@ def main(cfg: GenerateConfig) -> GenerateResult:
             server.stop()
     wanted = {im["image_id"] for im in images}
     rows = [r for r in read_parts(parts).values() if r["image_id"] in wanted]
-    extra = {"resumed_rows": len(done), "wall_time_s": round(time.monotonic() - start, 2)}
+    extra = {"resumed_rows": len(done), "contamination": contamination,
+             "wall_time_s": round(time.monotonic() - start, 2)}
     if server is not None:  # what the offline judge saw in this run (retries and re-sends included)
         stats = server.stats
         extra["reference_judge"] = {"requests": stats.total, "resent": stats.resent,

@@ -84,6 +84,11 @@ class PipelineData:
     pool_images: int = 0
     """Unlabelled phantoms for self-play alone (no conversation, not in the benchmark); 0: self-play on
     stage 1's training images."""
+    overlay_share: float = 0.0
+    """Share of the training and pool phantoms with fake identifiers burned in (never a benchmark image;
+    ground truth in ``data/overlays.json``), so the privacy gate has text to mask."""
+    laterality_share: float = 0.0
+    """Share of them with a harmless "L"/"R" marker."""
 
 
 @dataclass(frozen=True)
@@ -300,7 +305,8 @@ def make_data(cfg: PipelineConfig, run_dir: Path) -> None:
     if read_summary(out) is None:
         start = time.monotonic()
         paths = make_dataset(out, num_images=cfg.data.synthetic_images, seed=cfg.data.synthetic_seed,
-                             test_images=cfg.data.test_images, pool_images=cfg.data.pool_images)  # fmt: skip
+                             test_images=cfg.data.test_images, pool_images=cfg.data.pool_images,
+                             overlay_share=cfg.data.overlay_share, laterality_share=cfg.data.laterality_share)
         write_summary(out, {"stage": "data", **dataset_stats(paths), "wall_time_s": time.monotonic() - start})
     gate = SyntheticPaths.under(out / GATE_BENCHMARK)
     if cfg.gate.enabled and not gate.test_w_options.is_file():

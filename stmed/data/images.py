@@ -141,6 +141,27 @@ def pixel_digest(img: Image.Image) -> str:
     return digest.hexdigest()
 
 
+def burned_in_annotation(path: str | os.PathLike) -> bool:
+    """True when a DICOM file declares text burned into its pixels (Burned In Annotation (0028,0301) =
+    YES); False for other files and for DICOMs without the attribute. Reads the header only, silenced
+    like every DICOM read here; an unreadable header is False (``load_image`` reports it)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+            if not is_dicom(head, path.name):
+                return False
+            fh.seek(0)
+            import pydicom
+
+            with _pydicom_silenced():
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=head[128:132] != b"DICM",
+                                     specific_tags=[(0x0028, 0x0301)])
+    except Exception:  # noqa: BLE001 - a bad header is load_image's to report; here it declares nothing
+        return False
+    return str(ds.get((0x0028, 0x0301)).value if (0x0028, 0x0301) in ds else "").strip().upper() == "YES"
+
+
 def is_dicom(head: bytes, name: str = "") -> bool:
     """DICOM by content (``DICM`` after the 128-byte preamble) or, for preamble-less files, by suffix."""
     return head[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIXES)

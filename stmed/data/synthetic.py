@@ -18,6 +18,8 @@ and combined questions harder, which leaves room for DPO to improve closed accur
   and 2 OPEN one-word questions per image), the second with the closed-question suffix;
 - ``findings.json``: per image file name, its findings, split and ``pixel_digest`` (how the offline
   reference judge recognises an image it is sent);
+- ``overlays.json``: per image file name, the burned-in text drawn on it (``overlay_share`` of the
+  training and pool images: fake identifiers; ``laterality_share``: "L"/"R" markers), kind, text and box;
 - ``unlabelled.json``: the training images (or, with ``pool_images``, images of their own that no
   conversation mentions) as paths relative to the dataset folder (``images/synth_NNNNN.png``, so
   ``stmed.data.records.list_images`` resolves them against the manifest's own folder), the pool that
@@ -40,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from stmed.data.images import pixel_digest
+from stmed.data.overlays import add_overlays
 from stmed.log import get_logger
 from stmed.model import prompts
 from stmed.model.prompts import CLOSED_SUFFIX, DESCRIBE_QUESTION, IMAGE_TOKEN
@@ -112,13 +115,16 @@ class SyntheticPaths:
     test_w_options: Path
     findings: Path
     unlabelled: Path
+    overlays: Path
+    """Ground truth of the burned-in text drawn on some images (``stmed.data.overlays``)."""
 
     @classmethod
     def under(cls, root: str | os.PathLike) -> SyntheticPaths:
         root = Path(root)
         return cls(root=root, images=root / "images", instruct=root / "instruct.json",
                    test=root / "test.json", test_w_options=root / "test_w_options.json",
-                   findings=root / "findings.json", unlabelled=root / "unlabelled.json")
+                   findings=root / "findings.json", unlabelled=root / "unlabelled.json",
+                   overlays=root / "overlays.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,15 +511,34 @@ def _benchmark_row(qid: int, image: str, f: Findings, item: tuple[str, str, str,
             "difficulty": "easy" if topic in EASY_TOPICS else "hard"}
 
 
+def _burn_in(img: Image.Image, seed: int, index: int, overlay_share: float,
+             laterality_share: float) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """Fake identifiers on an ``overlay_share`` of images (one, or two on a fifth of them) and an "L"/"R"
+    marker on a ``laterality_share``; each image draws from its own RNG, so the others keep their bytes."""
+    rng = random.Random(f"stmed-overlay:{seed}:{index}")
+    identifiers = (2 if rng.random() < 0.2 else 1) if rng.random() < overlay_share else 0
+    laterality = rng.random() < laterality_share
+    if not identifiers and not laterality:
+        return img, []
+    img, overlays = add_overlays(img, rng, identifiers, laterality)
+    return img, [o.to_dict() for o in overlays]
+
+
 def make_dataset(out_dir: str | os.PathLike, num_images: int = 300, seed: int = 0, image_size: int = 64,
-                 test_images: int | None = None, pool_images: int = 0) -> SyntheticPaths:
+                 test_images: int | None = None, pool_images: int = 0, overlay_share: float = 0.0,
+                 laterality_share: float = 0.0) -> SyntheticPaths:
     """Write the synthetic dataset under ``out_dir`` (see the module docstring); same arguments, same bytes.
 
     ``test_images`` held-out images (default a fifth of ``num_images``) get benchmark questions; the
     rest get instruction conversations and form the unlabelled pool. ``pool_images`` > 0 adds that many
     images with findings but no text (split ``pool``) and makes *them* the unlabelled pool, so self-play
     never sees an image stage 1 was told about; the other images are the same bytes either way.
+    ``overlay_share`` of the training and pool images (never a test image) get fake identifiers burned
+    in, ``laterality_share`` an "L"/"R" marker; ``overlays.json`` holds each one's text and box.
     """
+    if not (0.0 <= overlay_share <= 1.0 and 0.0 <= laterality_share <= 1.0):
+        raise ValueError(f"make_dataset: overlay_share and laterality_share must be in [0, 1], got "
+                         f"{overlay_share}, {laterality_share}")
     test_images = max(1, num_images // 5) if test_images is None else test_images
     if num_images < 2 or not 0 < test_images < num_images:
         raise ValueError(f"make_dataset: need num_images >= 2 and 0 < test_images < num_images; "
@@ -530,12 +555,14 @@ def make_dataset(out_dir: str | os.PathLike, num_images: int = 300, seed: int = 
     findings = _sample_findings(num_images, rng)
     test_ids = set(rng.sample(range(num_images), test_images))
     targets = iter(_balanced([True, False], test_images * TEST_CLOSED_PER_IMAGE, rng))
-    records, instruct, test, test_opts, unlabelled = {}, [], [], [], []
+    records, instruct, test, test_opts, unlabelled, burned = {}, [], [], [], [], {}
     for index, f in enumerate(findings):
         name = f"synth_{index:05d}.png"
         img = render_phantom(f, np.random.default_rng([seed, index]), image_size)
-        img.save(paths.images / name, format="PNG")
         split = "test" if index in test_ids else "train"
+        if split == "train":
+            img, burned[name] = _burn_in(img, seed, index, overlay_share, laterality_share)
+        img.save(paths.images / name, format="PNG")
         records[name] = {**f.to_dict(), "split": split, "pixel_digest": pixel_digest(img)}
         text_rng = random.Random(f"stmed-synthetic:{seed}:{index}")
         if split == "train":
@@ -552,11 +579,13 @@ def make_dataset(out_dir: str | os.PathLike, num_images: int = 300, seed: int = 
         for index, f in enumerate(pool_findings, start=num_images):
             name = f"synth_{index:05d}.png"
             img = render_phantom(f, np.random.default_rng([seed, index]), image_size)
+            img, burned[name] = _burn_in(img, seed, index, overlay_share, laterality_share)
             img.save(paths.images / name, format="PNG")
             records[name] = {**f.to_dict(), "split": "pool", "pixel_digest": pixel_digest(img)}
             unlabelled.append(f"{paths.images.name}/{name}")
     for path, data in ((paths.findings, records), (paths.instruct, instruct), (paths.test, test),
-                       (paths.test_w_options, test_opts), (paths.unlabelled, unlabelled)):
+                       (paths.test_w_options, test_opts), (paths.unlabelled, unlabelled),
+                       (paths.overlays, {name: found for name, found in burned.items() if found})):
         write_json(path, data)
     log.info("synthetic dataset: %d images (%d test), %d instruct conversations, %d test questions, "
              "%d unlabelled images in %s", num_images + pool_images, test_images, len(instruct), len(test),

@@ -35,7 +35,7 @@ import os
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -54,6 +54,7 @@ from stmed.judge.transport import (
     bounded_sdk_client,
 )
 from stmed.log import get_logger
+from stmed.privacy.hosts import check_allowed_host
 
 log = get_logger(__name__)
 
@@ -220,10 +221,14 @@ class JudgeSettings:
     """With swap_positions: drop a pair whose preferred answer flips with the order."""
     price_prompt_per_1k: float = 0.0025
     price_completion_per_1k: float = 0.01
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Hosts images may be sent to (``api.openai.com``); loopback is always allowed. A ``base_url``
+    elsewhere is refused here, before any request (``stmed.privacy.hosts``)."""
 
     def __post_init__(self) -> None:
         if urlparse(self.base_url).scheme not in ("http", "https"):
             raise ConfigError(f"judge.base_url must be an http(s) URL, got {self.base_url!r}")
+        check_allowed_host(self.base_url, self.allowed_hosts)
         checks = {
             "temperature": 0.0 <= self.temperature <= 2.0,
             "max_tokens": self.max_tokens >= 16,

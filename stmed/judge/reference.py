@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
@@ -109,15 +110,52 @@ def parse_request(body: Any) -> JudgeRequest:
     return JudgeRequest(question, matches[1].group(1), matches[2].group(1), url, len(text))
 
 
-def load_digest_index(findings_path: str | os.PathLike) -> dict[str, Findings]:
-    """``{pixel_digest: Findings}`` from a ``findings.json`` written by ``stmed.data.synthetic``."""
+class DigestIndex(dict[str, Findings]):
+    """``{pixel_digest: Findings}``, plus the images themselves for images that arrive masked.
+
+    The privacy gate (``stmed.privacy.gate``) fills text regions with one grey level before an image is
+    sent, which changes its digest. ``find_masked`` then takes the phantom of the same size whose pixels
+    equal the received ones everywhere except where the received image holds that single fill value."""
+
+    def __init__(self, entries: dict[str, Findings], images: dict[str, Path]):
+        super().__init__(entries)
+        self.images = images  # digest -> image file
+        self._stack: tuple[list[str], np.ndarray] | None = None
+        self._masked: dict[str, Findings | None] = {}  # received digest -> match (an image recurs per pair)
+
+    def masked(self, digest: str, url: str) -> Findings | None:
+        if digest not in self._masked:
+            self._masked[digest] = self.find_masked(np.asarray(decode_data_url(url)))
+        return self._masked[digest]
+
+    def find_masked(self, received: np.ndarray) -> Findings | None:
+        if self._stack is None:
+            from PIL import Image
+
+            loaded = {d: np.asarray(Image.open(p).convert("RGB")) for d, p in self.images.items() if p.is_file()}
+            self._stack = (list(loaded), np.stack(list(loaded.values())) if loaded else np.zeros((0, 1, 1, 3)))
+        digests, stack = self._stack
+        if not digests or stack.shape[1:] != received.shape:
+            return None
+        differs = (stack != received[None]).any(axis=3)  # (images, H, W)
+        best = int(differs.sum(axis=(1, 2)).argmin())
+        where = differs[best]
+        if where.sum() > where.size // 2 or len(np.unique(received[where].reshape(-1, 3), axis=0)) > 1:
+            return None
+        return self[digests[best]]
+
+
+def load_digest_index(findings_path: str | os.PathLike) -> DigestIndex:
+    """``{pixel_digest: Findings}`` from a ``findings.json`` written by ``stmed.data.synthetic`` (its images
+    are read from the ``images/`` folder beside it, only if a masked image arrives)."""
     records = json.loads(Path(findings_path).read_text())
-    index = {}
+    index, images = {}, {}
     for name, entry in records.items():
         if "pixel_digest" not in entry:
             raise ValueError(f"{findings_path}: entry {name!r} has no pixel_digest; regenerate the dataset")
         index[entry["pixel_digest"]] = Findings.from_dict(entry)
-    return index
+        images[entry["pixel_digest"]] = Path(findings_path).parent / "images" / name
+    return DigestIndex(index, images)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -136,9 +174,12 @@ def reply_for(request: JudgeRequest, index: dict[str, Findings]) -> str:
         digest = _url_digest(request.image_url)
     except ImageLoadError as err:
         raise BadJudgeRequest(f"unreadable image: {err.reason}") from err
-    if digest not in index:
+    findings = index.get(digest)
+    if findings is None and isinstance(index, DigestIndex):  # masked by the privacy gate?
+        findings = index.masked(digest, request.image_url)
+    if findings is None:
         raise BadJudgeRequest(f"unknown image (pixel digest {digest[:12]}…): not in the findings file")
-    v1, v2 = (judge_answer(request.question, a, index[digest]) for a in (request.answer1, request.answer2))
+    v1, v2 = (judge_answer(request.question, a, findings) for a in (request.answer1, request.answer2))
     return f"{v1.score} {v2.score}\nAnswer 1: {v1.reason}. Answer 2: {v2.reason}."
 
 

@@ -7,24 +7,34 @@ within ``contamination.max_distance`` bits of any is removed and listed (``conta
 
 The hash (a pHash): the grey image resized to 32x32, its 2-D DCT, the 16x16 lowest frequencies less the
 constant term, each bit "above the median" (255 bits). Low frequencies survive resizing and JPEG
-re-encoding. A crop shifts them, so each benchmark image is hashed whole and at nine crops keeping 90%
-and 95% of each side (19 hashes): a pool copy cropped by up to 10% lands near one of them.
+re-encoding. A crop shifts them, so each benchmark image is hashed whole and at 25 crops (5x5 anchors)
+for each of four kept shares of each side, 97.5% to 90% (101 hashes): a pool copy cropped by up to 10%
+lands near one of them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from stmed.config import ConfigError
+from stmed.data.images import ImageLoadError, load_image
 from stmed.data.records import list_images
+from stmed.log import get_logger
+
+log = get_logger(__name__)
 
 HASH_SIDE, DCT_LOW = 32, 16
-CROP_KEEPS = (0.95, 0.9)
-ANCHORS = (0.0, 0.5, 1.0)
+CROP_KEEPS = (0.975, 0.95, 0.925, 0.9)
+ANCHORS = (0.0, 0.25, 0.5, 0.75, 1.0)
+THUMB_SIDE = 128
+"""Benchmark images are shrunk to this longest side before their crops are hashed (the hash reads 32x32)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,11 @@ def phash(img: Image.Image) -> np.ndarray:
 
 
 def crops(img: Image.Image) -> list[Image.Image]:
-    """The image whole, then crops keeping ``CROP_KEEPS`` of each side at nine anchors each."""
+    """The image whole, then crops keeping ``CROP_KEEPS`` of each side at 5x5 anchors each."""
+    if max(img.size) > THUMB_SIDE:
+        scale = THUMB_SIDE / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.LANCZOS)
     out = [img]
     for keep in CROP_KEEPS:
         w, h = max(1, round(img.width * keep)), max(1, round(img.height * keep))
@@ -119,3 +133,34 @@ def benchmark_paths(settings: ContaminationSettings) -> list[str]:
                               "folders that do")
         paths += list_images(bench, settings.benchmark_root)
     return list(dict.fromkeys(paths))
+
+
+def remove_benchmark_copies(images: list[dict[str, str]], settings: ContaminationSettings,
+                            listing: str | os.PathLike) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """The sampled pool (``{"image_id", "image_path"}`` rows) less its copies of benchmark images, which
+    are listed in ``listing`` (JSONL); and the counts for the summary. Unreadable images are left to
+    the generator, which records them."""
+    if not settings.benchmarks:
+        return images, {"checked": False}
+    bench = {}
+    for path in benchmark_paths(settings):
+        try:
+            bench[path] = load_image(path)
+        except ImageLoadError:
+            continue
+    index = BenchmarkIndex.build(bench)
+    pool = {}
+    for row in images:
+        try:
+            pool[row["image_id"]] = load_image(row["image_path"])
+        except ImageLoadError:
+            continue
+    found = near_duplicates(pool, index, settings.max_distance)
+    Path(listing).write_text("".join(json.dumps(f) + "\n" for f in found))
+    dropped = {f["image_id"] for f in found} if settings.remove else set()
+    if found:
+        log.warning("%d pool image(s) are near copies of benchmark images (listed in %s)%s", len(found),
+                    listing, "; removed from the pool" if settings.remove else "")
+    kept = [row for row in images if row["image_id"] not in dropped]
+    return kept, {"checked": True, "benchmark_images": len(bench), "pool_images": len(pool),
+                  "near_duplicates": len(found), "removed": len(dropped), "max_distance": settings.max_distance}

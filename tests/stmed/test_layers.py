@@ -16,8 +16,8 @@ import stmed
 
 ROOT = Path(stmed.__file__).parent
 TOP_LEVEL = {"__init__", "config", "log", "runs", "score", "convert"}
-RANK = {"log": -1, "config": 0, "runs": 0, "model": 1, "data": 2, "train": 3, "selfplay": 3, "judge": 3,
-        "eval": 3, "serve": 4, "review": 4, "score": 5, "convert": 5}
+RANK = {"log": -1, "config": 0, "runs": 0, "model": 1, "data": 2, "privacy": 2.5, "train": 3, "selfplay": 3,
+        "judge": 3, "eval": 3, "serve": 4, "review": 4, "score": 5, "convert": 5}
 SAME_LAYER_ALLOWED = {("selfplay", "judge")}
 
 
@@ -51,7 +51,7 @@ def test_top_level_holds_only_the_shared_modules_and_packages():
     modules = {p.stem for p in ROOT.glob("*.py")}
     packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
     assert modules == TOP_LEVEL
-    assert packages == {"model", "data", "train", "selfplay", "judge", "eval", "serve", "review"}
+    assert packages == {"model", "data", "privacy", "train", "selfplay", "judge", "eval", "serve", "review"}
 
 
 def test_no_module_imports_a_higher_layer():

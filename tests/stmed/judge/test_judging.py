@@ -154,7 +154,8 @@ def test_settings_build_from_config_overrides():
 
 def test_api_key_comes_from_the_named_env_var(monkeypatch):
     monkeypatch.delenv("STMED_TEST_KEY", raising=False)
-    remote = JudgeSettings(base_url="https://api.openai.com/v1", api_key_env="STMED_TEST_KEY")
+    remote = JudgeSettings(base_url="https://api.openai.com/v1", api_key_env="STMED_TEST_KEY",
+                           allowed_hosts=["api.openai.com"])
     with pytest.raises(ValueError, match="STMED_TEST_KEY"):
         resolve_api_key(remote)
     assert resolve_api_key(JudgeSettings(base_url=LOCAL, api_key_env="STMED_TEST_KEY"))  # loopback: dummy
