@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from stmed.config import ConfigError, RayConfig, load_config
 from stmed.data.records import DataError
 from stmed.log import get_logger
-from stmed.runs import MetricsLog, StageClock, pool_start_s, training_phases
+from stmed.runs import MetricsLog, OutputDirError, StageClock, pool_start_s, training_phases
 
 if TYPE_CHECKING:
     from actors.training import TrainingRun
@@ -100,8 +100,8 @@ def run_job(main: Callable[[T], Any], cls: type[T], argv: list[str] | None = Non
     cfg = load_config(cls, argv)
     try:
         main(cfg)
-    except (ConfigError, DataError) as err:
-        kind = "config error" if isinstance(err, ConfigError) else "input error"
+    except (ConfigError, OutputDirError, DataError) as err:
+        kind = "input error" if isinstance(err, DataError) else "config error"
         sys.stderr.write(f"{kind}: {' '.join(str(err).split())}\n")
         raise SystemExit(EXIT_USER_ERROR) from None
     except _failures_with_a_reason() as err:  # the job ran and failed for a reason it can name

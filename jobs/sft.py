@@ -31,7 +31,14 @@ from stmed.data.records import DataError, read_instruct
 from stmed.data.synthetic import make_dataset
 from stmed.log import get_logger
 from stmed.model.build import image_seq_len, load_processor
-from stmed.runs import TIMINGS, MetricsLog, training_run_name, write_summary
+from stmed.runs import (
+    TIMINGS,
+    TRAINING_OUTPUTS,
+    MetricsLog,
+    claim_output_dir,
+    training_run_name,
+    write_summary,
+)
 from stmed.train.sft import SFTLoopConfig, train_sft
 from stmed.train.stage import (
     ATTEMPTS_FILE,
@@ -121,6 +128,7 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
     clock = stage_clock()
     started = time.time()
     out = Path(cfg.output_dir).resolve()  # workers resolve paths from their own working directory
+    claim_output_dir(out, "sft", TRAINING_OUTPUTS)  # refuses a folder of files stmed did not write
     write_config(cfg, out)
     with clock.phase("data"):
         instruct, image_root = _resolve_data(cfg, out)

@@ -23,7 +23,14 @@ from actors.training import run_training
 from jobs.runtime import init_ray, run_job, stage_clock, training_timings
 from stmed.config import ConfigError, RayConfig, write_config
 from stmed.log import get_logger
-from stmed.runs import TIMINGS, MetricsLog, training_run_name, write_summary
+from stmed.runs import (
+    TIMINGS,
+    TRAINING_OUTPUTS,
+    MetricsLog,
+    claim_output_dir,
+    training_run_name,
+    write_summary,
+)
 from stmed.train.sft import train_sft
 from stmed.train.stage import ATTEMPTS_FILE, DATA_REPORT_FILE, METRICS_FILE
 from stmed.train.warmup import WARMUP_SEED, make_warmup_data, warmup_train_config
@@ -56,6 +63,7 @@ def main(cfg: WarmupConfig) -> dict[str, Any]:
     clock = stage_clock()
     started = time.time()
     out = Path(cfg.output_dir).resolve()
+    claim_output_dir(out, "warmup", TRAINING_OUTPUTS)  # refuses a folder of files stmed did not write
     write_config(cfg, out)
     with clock.phase("data"):
         conversations = make_warmup_data(out / "data", num_images=cfg.images, seed=cfg.data_seed)

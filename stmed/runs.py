@@ -104,14 +104,62 @@ class MetricsLog:
         return sorted({row["step"]: row for row in rows}.values(), key=lambda row: row["step"])
 
 
+class OutputDirError(ValueError):
+    """An ``output_dir`` a stage may not write into; jobs report it as one line and exit 2."""
+
+
+OWNER_FILE = ".stmed-outputs.json"
+"""Written into a stage's ``output_dir`` before anything else: the stage, and the names of the files and
+folders it writes there. A name is listed only when nothing held it at the first claim, so whatever is
+there later is stmed's: the only files a stage ever deletes or overwrites."""
+TRAINING_OUTPUTS = ("config.yaml", RUN_FILE, SUMMARY, "metrics.jsonl", "attempts.jsonl", "data_report.json",
+                    "adapter", "merged", "checkpoints")
+"""What a training stage (``jobs.sft``, ``jobs.dpo``, ``jobs.warmup``) writes in its ``output_dir``."""
+
+
+def _owned(out: Path) -> tuple[str | None, set[str]]:
+    """(stage, names) of the folder's ``OWNER_FILE``; (None, empty) when it has none or it is unreadable."""
+    try:
+        record = json.loads((out / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None, set()
+    if not isinstance(record, dict) or not isinstance(record.get("files"), list):
+        return None, set()
+    return str(record.get("stage")), {str(name) for name in record["files"]}
+
+
+def claim_output_dir(output_dir: str | os.PathLike, stage: str, names: tuple[str, ...]) -> Path:
+    """Make ``output_dir`` this stage's before writing anything there, or refuse with one line and leave
+    it untouched: a folder of another stage, or one where any of ``names`` exists that stmed cannot prove
+    it wrote (a user's folder, an older run without the record). An empty or new folder is claimed."""
+    out = Path(output_dir)
+    owner, owned = _owned(out)
+    if owner is not None and owner != stage:
+        raise OutputDirError(f"output_dir: {out} holds the outputs of stage {owner!r}, not {stage!r}; "
+                          f"give {stage} its own output_dir")
+    foreign = sorted(name for name in names if (out / name).exists() and name not in owned)
+    if foreign:
+        raise OutputDirError(f"output_dir: {out} holds {', '.join(foreign[:4])} that stmed did not write "
+                          f"(no {OWNER_FILE} lists them), and {stage} would replace them; nothing was changed: "
+                          "use a new or empty output_dir")
+    write_json(out / OWNER_FILE, {"stage": stage, "files": sorted(owned | set(names))})
+    return out
+
+
 def clear_run_logs(output_dir: str | os.PathLike, names: tuple[str, ...]) -> None:
     """Start a fresh run in a used ``output_dir``: drop the old run's appended logs, its summary and its
-    fault-injection markers (a resumed run keeps them, to carry on where it stopped)."""
+    fault-injection markers (a resumed run keeps them, to carry on where it stopped). Only files the
+    folder's ``OWNER_FILE`` lists are deleted (``claim_output_dir``); any other is left alone."""
     out = Path(output_dir)
+    _, owned = _owned(out)
     for name in (*names, SUMMARY):
-        (out / name).unlink(missing_ok=True)
-    for marker in out.glob(".fault_injected_step*"):
-        marker.unlink()
+        if name in owned:
+            (out / name).unlink(missing_ok=True)
+        elif (out / name).exists():
+            log.warning("%s: not deleting %s, which stmed did not write here", out, name)
+    if owned:
+        for marker in out.glob(".fault_injected_step*"):
+            marker.unlink()
 
 
 def training_run_name(output_dir: str | os.PathLike, stage: str, requested: str | None,

@@ -155,6 +155,9 @@ def test_import_stmed_does_not_import_ray_or_vllm():
 def test_clear_run_logs_keeps_everything_but_the_old_runs_logs(tmp_path):
     from stmed.runs import MetricsLog, clear_run_logs, read_summary, write_summary
 
+    from stmed.runs import claim_output_dir
+
+    claim_output_dir(tmp_path, "sft", ("metrics.jsonl", "summary.json", "merged"))
     MetricsLog(tmp_path / "metrics.jsonl").write({"step": 1})
     write_summary(tmp_path, {"steps": 1})
     (tmp_path / ".fault_injected_step3").touch()

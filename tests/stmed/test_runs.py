@@ -124,3 +124,31 @@ def test_a_dpo_summary_after_a_torn_metrics_line_completes(tmp_path):
     metrics.write({"step": 2, **row, "loss": 0.5})
     summary = _summarise(tmp_path, "dpo-x", None, 1.0)
     assert (summary["steps"], summary["final"]["loss"], summary["pairs_trained"]) == (2, 0.5, 4)
+
+
+def test_a_folder_of_files_stmed_did_not_write_is_refused_and_left_untouched(tmp_path):
+    from stmed.runs import OWNER_FILE, TRAINING_OUTPUTS, OutputDirError, claim_output_dir, clear_run_logs
+
+    theirs = {"summary.json": "{}", "metrics.jsonl": "their log\n", "data_report.json": "[1]", "notes.txt": "x"}
+    for name, text in theirs.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(OutputDirError, match=r"holds data_report.json, metrics.jsonl, summary.json that stmed did "
+                                          r"not write .* nothing was changed") as err:
+        claim_output_dir(tmp_path, "dpo", TRAINING_OUTPUTS)
+    assert "\n" not in str(err.value) and not (tmp_path / OWNER_FILE).exists()
+    clear_run_logs(tmp_path, ("metrics.jsonl", "data_report.json"))  # called without a claim: deletes nothing
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == theirs
+
+
+def test_a_claimed_folder_is_cleared_of_its_own_logs_only_and_keeps_its_stage(tmp_path):
+    from stmed.runs import TRAINING_OUTPUTS, OutputDirError, claim_output_dir, clear_run_logs, write_summary
+
+    (tmp_path / "notes.txt").write_text("mine")  # a user's file beside the outputs: never touched
+    claim_output_dir(tmp_path, "dpo", TRAINING_OUTPUTS)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    write_summary(tmp_path, {"steps": 1})
+    claim_output_dir(tmp_path, "dpo", TRAINING_OUTPUTS)  # a rerun: the same stage's own files
+    clear_run_logs(tmp_path, ("metrics.jsonl",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".stmed-outputs.json", "notes.txt"]
+    with pytest.raises(OutputDirError, match="holds the outputs of stage 'dpo', not 'sft'"):
+        claim_output_dir(tmp_path, "sft", TRAINING_OUTPUTS)
