@@ -27,7 +27,14 @@ from stmed.data.records import DataError, read_preferences, write_preferences
 from stmed.log import get_logger
 from stmed.model.build import image_seq_len, load_processor
 from stmed.review.export import apply_labels, read_labels
-from stmed.runs import TIMINGS, MetricsLog, training_run_name, write_summary
+from stmed.runs import (
+    TIMINGS,
+    TRAINING_OUTPUTS,
+    MetricsLog,
+    claim_output_dir,
+    training_run_name,
+    write_summary,
+)
 from stmed.train.dpo import DPOLoopConfig, DPOLoRAConfig, DPOSettings, DPOTrainConfig, train_dpo
 from stmed.train.stage import (
     ATTEMPTS_FILE,
@@ -112,6 +119,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
         raise ConfigError(f"image_root: folder not found: {image_root}")
     if not read_preferences(preferences):  # a parse here, before any worker: a bad file fails fast
         raise DataError(f"preferences: {preferences} holds no pairs (did jobs.generate finish?)")
+    claim_output_dir(out, "dpo", TRAINING_OUTPUTS)  # refuses a folder of files stmed did not write
     write_config(cfg, out)
     reviewed = None
     if cfg.clinician_labels:
