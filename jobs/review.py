@@ -15,6 +15,7 @@ On a cluster, run it as a RayService through :func:`app_builder` (``cluster/kube
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -112,6 +113,26 @@ def export(cfg: ReviewConfig) -> dict[str, Any]:
     write_summary(out, summary)
     log.info("%d labels exported to %s; %s", len(labels), out, calibration["verdict"])
     return summary
+
+
+def simulated_round(cfg: ReviewConfig, findings: str | Path) -> dict[str, Any]:
+    """The embedded default's review stage: serve the round on loopback (a free port), let simulated
+    clinicians (``reviewers_per_item`` of them) review it through the HTTP API, then export."""
+    from stmed.judge.reference import load_digest_index
+    from stmed.review.simulated import SimulatedClinician
+
+    cfg = dataclasses.replace(cfg, blocking=False, http=HTTPConfig(port=0))
+    running = serve(cfg)
+    try:
+        index, store, counts = load_digest_index(findings), open_store(cfg), []
+        for _ in range(cfg.queue.reviewers_per_item):
+            token = store.add_reviewer(f"simulated-clinician-{store.counts()['reviewers'] + 1}")
+            counts.append(SimulatedClinician(running.url, token, index).review())
+    finally:
+        running.stop()
+    summary = export(cfg)
+    write_summary(cfg.output_dir, {**summary, "simulated_clinicians": counts})
+    return {**summary, "simulated_clinicians": counts}
 
 
 def add_reviewer(cfg: ReviewConfig, name: str) -> str:
