@@ -127,6 +127,18 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True)
+class ReviewStage:
+    """Clinicians review round 1's judged pairs (``jobs.review``); on synthetic data a simulated clinician
+    does, through the app's HTTP API, so the report shows the judge's κ against it."""
+
+    enabled: bool = False
+    items: int = 40
+    """Pairs of round 1 to queue (stratified over margin and question kind)."""
+    reviewers_per_item: int = 1
+    kappa_threshold: float = 0.6
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Self-training end to end: every stage as its own Ray job, then a report and a served endpoint."""
 
@@ -145,6 +157,7 @@ class PipelineConfig:
     ``overrides.dpo`` applies to every round's DPO."""
     ray: JobsConfig = field(default_factory=JobsConfig)
     serve: EndpointConfig = field(default_factory=EndpointConfig)
+    review: ReviewStage = field(default_factory=ReviewStage)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.overrides) - set(STAGES))
@@ -408,6 +421,25 @@ def usage(cfg: PipelineConfig, run_dir: Path, report: Path, endpoint: dict[str, 
     return "\n".join(lines)
 
 
+def review_round(cfg: PipelineConfig, run_dir: Path, fresh: bool) -> None:
+    """Round 1's pairs reviewed by a simulated clinician (synthetic data only; a lab runs jobs.review with
+    people instead), in this process: a few dozen items take seconds."""
+    from jobs.review import ReviewConfig, simulated_round
+    from stmed.review.queue import QueueConfig
+
+    out, preferences = run_dir / "review", stage_dir(cfg, run_dir, "generate1") / "preferences.parquet"
+    if not cfg.data.synthetic or not preferences.is_file() or ((out / "summary.json").is_file() and not fresh):
+        return
+    if out.exists():
+        out.rename(out.with_name(f"review.stale-{int(time.time())}"))
+    queue = QueueConfig(preferences=str(preferences), items=cfg.review.items,
+                        reviewers_per_item=cfg.review.reviewers_per_item)
+    summary = simulated_round(ReviewConfig(output_dir=str(out), queue=queue,
+                                           kappa_threshold=cfg.review.kappa_threshold),
+                              SyntheticPaths.under(run_dir / "data").findings)
+    log.info("review: %d decisions by a simulated clinician; %s", summary["labels"], summary["verdict"])
+
+
 def main(cfg: PipelineConfig) -> dict[str, Any]:
     run_dir = Path(cfg.output_dir).resolve()
     write_config(cfg, run_dir)
@@ -447,6 +479,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     if endpoint and cfg.ray.address and not cfg.serve.keep_running:
         shutdown = "import ray; from ray import serve; ray.init(); serve.shutdown()"
         submit_job(cfg.ray.address, shlex.join(["python", "-c", shutdown]), REPO, cfg.ray.stage_timeout_s)
+    if cfg.review.enabled:
+        review_round(cfg, run_dir, fresh="generate1" in ran)
     report = write_report(run_dir)
     if ran:
         log.info("where each stage's time went (also in %s):\n%s", report, overhead_table(run_dir))

@@ -63,3 +63,17 @@ def test_the_command_line(tmp_path: Path, capsys):
         build_config(ReviewConfig, {"output_dir": str(tmp_path), "http": {"host": "0.0.0.0"}})
     build_config(ReviewConfig, {"output_dir": str(tmp_path),
                                 "http": {"host": "0.0.0.0", "allow_plain_http_beyond_loopback": True}})
+
+
+def test_the_pipeline_review_stage(tmp_path: Path):
+    from jobs.pipeline import PipelineConfig, ReviewStage, review_round
+    from stmed.config import ModelConfig
+    from stmed.eval.report import write_report
+
+    generated = generate_run(tmp_path, images=6)  # tmp_path/data and tmp_path/generate/preferences.parquet
+    generated.parent.rename(tmp_path / "generate1")
+    cfg = PipelineConfig(output_dir=str(tmp_path), model=ModelConfig(preset="tiny"),
+                         review=ReviewStage(enabled=True, items=8))
+    review_round(cfg, tmp_path, fresh=False)
+    assert json.loads((tmp_path / "review" / "summary.json").read_text())["labels"] == 8
+    assert "## Judge calibration against clinicians" in write_report(tmp_path).read_text()
