@@ -140,7 +140,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     the frozen inputs do not require grad, so no ``enable_input_require_grads`` hook is needed.
     """
     hf = hf_model(model)
-    hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # transformers 5.16 name
     hf.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
     hf.config.text_config.use_cache = False
 

@@ -80,7 +80,9 @@ def build_tiny(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProce
 
 
 def load_processor(name_or_path: str) -> LlavaProcessor:
-    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+    """The checkpoint's processor with the PIL image processor, whether or not torchvision is installed
+    (transformers picks the torchvision one when it is, whose resize differs in the last bits)."""
+    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False, backend="pil")
 
 
 def complete_processor(processor: LlavaProcessor, raw: dict, where: str) -> None:
