@@ -33,7 +33,7 @@ from typing import Any
 
 from actors.generator import Generator, KeptPairJudge
 from jobs.runtime import NothingProduced, init_ray, pass_timings, run_job, stage_clock
-from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, read_yaml, write_config
+from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, write_config
 from stmed.data.records import DataError, export_dpo_json, list_images, sample_images, write_preferences
 from stmed.judge.judging import JudgeSettings
 from stmed.log import get_logger
@@ -41,7 +41,17 @@ from stmed.privacy.audit import audit_lines, audit_totals, write_audit
 from stmed.privacy.contamination import ContaminationSettings, remove_benchmark_copies
 from stmed.privacy.gate import PrivacySettings
 from stmed.privacy.hosts import url_host
-from stmed.runs import TIMINGS, StageClock, write_summary
+from stmed.runs import (
+    FINGERPRINT_FILE,
+    SUMMARY,
+    TIMINGS,
+    StageClock,
+    claim_output_dir,
+    content_digest,
+    fingerprint_changes,
+    write_fingerprint,
+    write_summary,
+)
 from stmed.selfplay.generation import GenerationSettings
 from stmed.selfplay.preferences import (
     assemble,
@@ -232,26 +242,50 @@ SAMPLING_ONLY = frozenset({"batch_size", "device", "vllm_engine_kwargs", "vllm_c
 """``generation`` settings that do not change the rows written (how they are computed, not what)."""
 
 
+JUDGE_ROWS = ("base_url", "model", "temperature", "max_tokens", "swap_positions", "reference_findings")
+"""``judge`` settings that change the verdicts in the rows (the rest paces, retries or caches)."""
+GENERATE_OUTPUTS = ("config.yaml", SUMMARY, FINGERPRINT_FILE, "parts", "preferences.parquet", "dpo.json",
+                    "failures.jsonl", "judge_cache", "audit.jsonl", "contamination.jsonl")
+
+
+def fingerprint(cfg: GenerateConfig) -> dict[str, Any]:
+    """What makes the rows in ``parts/``: the model (its settings and a content digest of a local
+    checkpoint), the judge, the image manifest and the generation settings that change rows."""
+    values = config_to_dict(cfg)
+    out: dict[str, Any] = {f"model.{k}": v for k, v in values["model"].items()}
+    out["model.content"] = content_digest(cfg.model.name_or_path)
+    out |= {f"judge.{k}": values["judge"][k] for k in JUDGE_ROWS}
+    if cfg.judge.reference_findings:  # the offline judge: a fresh loopback port each run, its findings count
+        out["judge.base_url"] = None
+        out["judge.reference_findings.content"] = content_digest(cfg.judge.reference_findings)
+    out |= {"images": cfg.images, "image_root": str(image_root(cfg)),
+            "images.content": content_digest(cfg.images, folder_listing_only=True)}
+    out |= {f"generation.{k}": v for k, v in values["generation"].items() if k not in SAMPLING_ONLY}
+    out |= {f"privacy.{k}": v for k, v in (values.get("privacy") or {}).items()}
+    return out
+
+
 def check_resume_settings(cfg: GenerateConfig, out: Path) -> None:
-    """Refuse to resume rows that were written under other ``generation`` settings: their questions,
-    answers and sub-pairs would be mixed with the new ones."""
-    previous = out / "config.yaml"
-    if not previous.is_file() or not any((out / "parts").glob("part-*.parquet")):
-        return
-    before = read_yaml(previous).get("generation") or {}
-    now = config_to_dict(cfg)["generation"]
-    changed = sorted(k for k in now if k not in SAMPLING_ONLY and k in before and before[k] != now[k])
-    if changed:
-        raise ConfigError(
-            f"{out} holds rows generated with other settings: "
-            + ", ".join(f"generation.{k} was {before[k]!r}, now {now[k]!r}" for k in changed)
-            + f"; use a new output_dir (or delete {out / 'parts'} to start over)")
+    """Refuse to resume rows written under another fingerprint (another model, judge, manifest or
+    generation settings: their rows would be mixed with the new ones), naming each key with its old and
+    new value; otherwise record this run's fingerprint before any row is written."""
+    has_rows = any((out / "parts").glob("part-*.parquet"))
+    now = fingerprint(cfg)
+    changes = fingerprint_changes(out, now)
+    fix = f"use a new output_dir (or delete {out / 'parts'} to start over)"
+    if has_rows and changes is None:
+        raise ConfigError(f"{out} holds rows without a {FINGERPRINT_FILE} (an older stmed wrote them): what "
+                          f"made them is unknown; {fix}")
+    if has_rows and changes:
+        raise ConfigError(f"{out} holds rows made under other settings: {', '.join(changes)}; {fix}")
+    write_fingerprint(out, now)
 
 
 def main(cfg: GenerateConfig) -> GenerateResult:
     clock = stage_clock()
     start = time.monotonic()
     out = Path(cfg.output_dir)
+    claim_output_dir(out, "generate", GENERATE_OUTPUTS)  # refuses a folder of files stmed did not write
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     check_resume_settings(cfg, out)

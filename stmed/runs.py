@@ -3,6 +3,7 @@ stage's wall time went (the summary's ``timings`` block)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -144,6 +145,66 @@ def claim_output_dir(output_dir: str | os.PathLike, stage: str, names: tuple[str
                           "use a new or empty output_dir")
     write_json(out / OWNER_FILE, {"stage": stage, "files": sorted(owned | set(names))})
     return out
+
+
+FINGERPRINT_FILE = "fingerprint.json"
+"""What made a resumable stage's rows (model, judge, data, the settings that change rows), as flat
+``key: value`` pairs: a rerun under another fingerprint must not add its rows to these."""
+_SAMPLE = 1 << 20
+
+
+def _file_digest(path: Path, h: Any) -> None:
+    """Size, then the whole file when small, else 16 evenly spaced 1 MiB samples: a changed checkpoint
+    (a merged LoRA touches every layer) differs in them, and a 15 GB model is read in 16 MiB."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}:".encode())
+    with path.open("rb") as fh:
+        if size <= 16 * _SAMPLE:
+            h.update(fh.read())
+            return
+        for i in range(16):
+            fh.seek((size - _SAMPLE) * i // 15)
+            h.update(fh.read(_SAMPLE))
+
+
+def content_digest(path: str | os.PathLike | None, folder_listing_only: bool = False) -> str | None:
+    """A cheap content identity of a file or a folder (every file under it, by relative path), or None
+    when ``path`` is not on this machine (a hub id). ``folder_listing_only``: a folder's names and sizes
+    only (an image folder of thousands of files)."""
+    if path is None or not Path(path).exists():
+        return None
+    root, h = Path(path), hashlib.sha256()
+    if root.is_file():
+        _file_digest(root, h)
+        return h.hexdigest()[:16]
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root).as_posix()
+        if folder_listing_only:
+            h.update(f"{relative}:{file.stat().st_size}\n".encode())
+        else:
+            h.update(relative.encode())
+            _file_digest(file, h)
+    return h.hexdigest()[:16]
+
+
+def fingerprint_changes(output_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> list[str] | None:
+    """``"key was A, now B"`` for each key whose value differs from the folder's ``FINGERPRINT_FILE`` (an
+    empty list: the same); None when the folder has none."""
+    path = Path(output_dir) / FINGERPRINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:
+        before = {}
+    before = before if isinstance(before, dict) else {}
+    now = _jsonable(fingerprint)
+    return [f"{key} was {before.get(key)!r}, now {now.get(key)!r}" for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key)]
+
+
+def write_fingerprint(output_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
+    return write_json(Path(output_dir) / FINGERPRINT_FILE, fingerprint)
 
 
 def clear_run_logs(output_dir: str | os.PathLike, names: tuple[str, ...]) -> None:

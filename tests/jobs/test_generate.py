@@ -263,17 +263,50 @@ def test_an_empty_manifest_is_an_input_error(tmp_path):
 def test_resuming_under_other_generation_settings_is_refused(data, tmp_path):
     import pyarrow as pa
 
-    from stmed.config import ConfigError, write_config
+    from stmed.config import ConfigError
     from stmed.selfplay.preferences import make_row, write_part
 
     out, model = tmp_path / "run", tmp_path / "model"
-    write_config(config(out, data, model), out)
-    more = {"generation.answers_per_question": 4}
-    generate.check_resume_settings(config(out, data, model, **more), out)  # nothing written: may start
-    (out / "parts").mkdir()
+    (out / "parts").mkdir(parents=True)
+    generate.check_resume_settings(config(out, data, model), out)  # nothing written: may start
     write_part(out / "parts", "part-a-000000", pa.Table.from_pylist([make_row("a.png", "/a.png", index=0)]))
     generate.check_resume_settings(config(out, data, model, **{"generation.batch_size": 3}), out)
-    changed = config(out, data, model, **more, **{"generation.closed_suffix_fraction": 0.5})
+    changed = config(out, data, model, **{"generation.answers_per_question": 4,
+                                          "generation.closed_suffix_fraction": 0.5})
     with pytest.raises(ConfigError, match=r"generation.answers_per_question was 2, now 4, generation."
                                           r"closed_suffix_fraction was 0.0, now 0.5; use a new output_dir"):
         generate.check_resume_settings(changed, out)
+
+
+def test_resuming_with_another_model_judge_or_manifest_is_refused_naming_the_keys(data, tmp_path):
+    """What mixed two models' rows in one folder: only ``generation.*`` was compared, rows had no model id."""
+    import pyarrow as pa
+
+    from stmed.config import ConfigError
+    from stmed.runs import FINGERPRINT_FILE
+    from stmed.selfplay.preferences import make_row, write_part
+
+    out, model = tmp_path / "run", tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights of model A")
+    (out / "parts").mkdir(parents=True)
+    generate.check_resume_settings(config(out, data, model), out)
+    assert json.loads((out / FINGERPRINT_FILE).read_text())["model.name_or_path"] == str(model)
+    write_part(out / "parts", "part-a-000000", pa.Table.from_pylist([make_row("a.png", "/a.png", index=0)]))
+    generate.check_resume_settings(config(out, data, model, **{"judge.rpm": 60}), out)  # pacing only: fine
+    other = tmp_path / "other"
+    other.mkdir()
+    cases = [
+        ({"model.name_or_path": str(other)}, rf"model.name_or_path was '{model}', now '{other}'"),
+        ({"judge.model": "gpt-4o-mini"}, r"judge.model was 'stmed-reference-judge', now 'gpt-4o-mini'"),
+        ({"images": str(data.instruct)}, r"images was '.*unlabelled.json', now '.*instruct.json'"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message + ".*; use a new output_dir"):
+            generate.check_resume_settings(config(out, data, model, **overrides), out)
+    (model / "model.safetensors").write_bytes(b"weights of model B")  # the same path, other weights
+    with pytest.raises(ConfigError, match=r"model.content was '\w+', now '\w+'"):
+        generate.check_resume_settings(config(out, data, model), out)
+    (out / FINGERPRINT_FILE).unlink()  # rows of an older stmed: what made them is unknown
+    with pytest.raises(ConfigError, match=r"holds rows without a fingerprint.json"):
+        generate.check_resume_settings(config(out, data, model), out)
