@@ -46,7 +46,7 @@ class ContaminationSettings:
     folder, a JSON list); empty: no check."""
     benchmark_root: str | None = None
     """Where the benchmark files' relative image paths live (default: each file's folder)."""
-    max_distance: int = 40
+    max_distance: int = 44
     """Hamming distance (of 255 bits) at or below which a pool image is a copy of a benchmark image."""
     remove: bool = True
     """Remove the near-duplicates from the pool (false: only list them)."""
