@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from stmed.config import build_config
+from stmed.data.images import ImageLoadError
 from stmed.judge.cache import ReplyCache
 from stmed.judge.judging import JudgeSettings, JudgeVerdict, judge_pair, make_limiter, make_transport
 from stmed.privacy.gate import REFUSED, PrivacySettings, TextGate
@@ -100,8 +101,11 @@ class Judge:
                 continue
             url = str(batch["image_data_url"][i])
             if url not in self.gated_urls:
-                result = self.gate.check_data_url(url)
-                self.gated_urls[url] = (result.data_url, result.action, result.regions, result.sent_digest)
+                try:
+                    result = self.gate.check_data_url(url)
+                    self.gated_urls[url] = (result.data_url, result.action, result.regions, result.sent_digest)
+                except ImageLoadError:  # pixels the gate cannot read (a remote URL, a bad image) are not sent
+                    self.gated_urls[url] = (None, REFUSED, 0, "")
             sent, action, regions, digest = self.gated_urls[url]
             columns["image_data_url"][i] = sent or ""
             columns["gate_action"][i], columns["gate_regions"][i], columns["sent_digest"][i] = action, regions, digest

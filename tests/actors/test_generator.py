@@ -170,10 +170,10 @@ def test_kept_pair_judge_judges_ok_rows_and_passes_the_rest():
     url = "data:image/png;base64,iVBORw0KGgo="
     rows = [make_row("i", "/i.png", "question_filtered", "duplicate", 1, "Q?", 11),
             make_row("i", "/i.png", index=0, question="Which side?", question_seed=10,
-                     answers=("Left.", "Right."), seeds=(1, 2), image_data_url=url),
+                     answers=("Left.", "Right."), seeds=(1, 2), image_data_url=url, gate=("passed", 0, "d")),
             make_row("j", "/j.png", "image_error", "file not found"),
             make_row("j", "/j.png", index=2, question="What?", question_seed=12, answers=("A", "B"),
-                     seeds=(3, 4), image_data_url=url)]
+                     seeds=(3, 4), image_data_url=url, gate=("passed", 0, "d"))]  # gated upstream
     judge = KeptPairJudge(JudgeSettings(base_url="http://127.0.0.1:9/v1", model="m"),
                           http_client=httpx.AsyncClient(transport=httpx.MockTransport(_reply)))
     out = asyncio.run(judge(to_columns(rows)))
