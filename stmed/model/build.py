@@ -12,6 +12,8 @@ LoRA, the optimiser's parameter groups and the merged export are in ``stmed.mode
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
@@ -86,11 +88,26 @@ def load_processor(cfg: ModelConfig):
     if cfg.preset is not None:
         return load_model(cfg)[1]
     raw = check_checkpoint(cfg.name_or_path)
+    check_safetensors(cfg.name_or_path)  # here too: a driver checks before any worker starts
     family = family_of(raw)
     processor = family.load_processor(cfg.name_or_path)
     family.complete_processor(processor, raw, cfg.name_or_path)
     family.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
     return processor
+
+
+def check_safetensors(name_or_path: str) -> None:
+    """A local checkpoint must hold ``*.safetensors`` weights: ``.bin`` files are pickles, which stmed
+    never loads (a crafted one would otherwise end in an ``UnpicklingError`` traceback, or worse)."""
+    folder = Path(name_or_path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise ConfigError(f"model.name_or_path: {name_or_path} holds only pickled weights ({', '.join(pickles[:3])}), "
+                          "which stmed does not load; convert them to safetensors first (e.g. load and "
+                          "save_pretrained(safe_serialization=True) where you trust the file)")
+    raise ConfigError(f"model.name_or_path: {name_or_path} holds no *.safetensors weights")
 
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
@@ -106,8 +123,9 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
         return model.to(dtype), processor
     processor = load_processor(cfg)
     family = family_of(processor)
+    check_safetensors(cfg.name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(
-        cfg.name_or_path, dtype=dtype, trust_remote_code=False
+        cfg.name_or_path, dtype=dtype, trust_remote_code=False, use_safetensors=True
     )
     _check_layout(model, family, cfg.name_or_path)
     if model.generation_config.pad_token_id is None:

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from PIL import Image
 
-from stmed.config import LoRAConfig, ModelConfig
+from stmed.config import ConfigError, LoRAConfig, ModelConfig
 from stmed.model.build import PROJECTOR, build_tiny, image_seq_len, load_model, pixel_values
 from stmed.model.lora import (
     attach_lora,
@@ -107,6 +107,44 @@ def test_save_then_load_model_gives_identical_logits(tiny, inputs, tmp_path: Pat
     again = loaded_proc(text=[PROMPT], images=[_image(0)], return_tensors="pt")
     assert torch.equal(again["input_ids"], inputs["input_ids"])
     assert torch.equal(again["pixel_values"], inputs["pixel_values"])
+
+
+def test_a_bin_only_checkpoint_is_a_one_line_config_error_and_its_pickle_never_runs(tiny, tmp_path: Path):
+    import pickle
+    import subprocess
+    import sys
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    for weights in tmp_path.glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "owned"
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(_Planted(marker)))
+    with pytest.raises(ConfigError, match=r"holds only pickled weights \(pytorch_model.bin\).*safetensors") as err:
+        load_model(ModelConfig(name_or_path=str(tmp_path)))
+    assert "\n" not in str(err.value) and not marker.exists()
+    # Through a job's entry point: one stderr line, exit 2, no traceback.
+    repo = Path(__file__).resolve().parents[3]
+    code = ("import sys; from jobs.runtime import run_job; from jobs.sft import SFTConfig, main;"
+            "run_job(main, SFTConfig, sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, f"output_dir={tmp_path / 'out'}", "data.synthetic=true",
+                           "data.synthetic_images=4", "model.preset=null", f"model.name_or_path={tmp_path}"],
+                          cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not marker.exists()
+    lines = proc.stderr.strip().splitlines()  # the synthetic data's log line, then the verdict
+    verdicts = [line for line in lines if line.startswith(("config error:", "input error:", "failed:"))]
+    assert verdicts == [lines[-1]] and "pickled weights" in lines[-1]
+
+
+class _Planted:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_load_model_preset_honours_dtype():
