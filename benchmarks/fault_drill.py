@@ -14,6 +14,13 @@ drill also kills the replica under an in-flight request (a JSON 500 from the pro
 Jobs (``python -m jobs.<stage>`` subprocesses on the shipped local configs): each input mistake exits 2
 with one stderr line naming it and no traceback; generate with its judge down exits 1 with one line.
 
+Hardening (``benchmarks/hardening_drill.py``): a row per finding of the second red team: pickles planted in
+a checkpoint (no marker file written), ambiguous judge score lines (none read as a pair), a gzip bomb, an
+endless body and a 307 from the judge (a recorded failure, the client's RSS growth measured, no redirect
+followed), malformed judge bodies, a resume under another model or judge, a torn metrics line, a folder of
+someone else's files, a truncated part, a YAML alias bomb, manifest paths out of the image root, a prompt
+injection of the reference judge, and the endpoint's ``n`` and ``bearer``.
+
 Prints tried | expected | observed | ok for every row, the counts the issue's "done when" asks for and the
 wall time; exits 1 if any row fails. Every "observed" is measured in this run.
 """
@@ -496,14 +503,22 @@ def summary_lines(drill: Drill, wall_s: float) -> list[str]:
     poisoned = next((r.observed for r in rows if r.tried.startswith("lone-surrogate")), "not run")
     health = next((r.observed for r in rows if "stalled uploads" in r.tried), "not run")
     jobs = [r for r in rows if r.area == "job" and r.expected.startswith("exit 2")]
+    hardening = [r for r in rows if r.area.startswith("hardening")]
     return [
         f"patient values in logs/outputs/replies: {leak.split(';')[0]}",
         f"5xx for bad input: {fives} of {len(drill.bad_statuses)} requests",
         f"poisoned batch: {poisoned}",
         f"/healthz, question while uploads stall: {health}",
         f"job input mistakes exiting 2 with one line: {sum(r.ok for r in jobs)}/{len(jobs)}",
+        f"hardening rows passed: {sum(r.ok for r in hardening)}/{len(hardening)}",
         f"rows passed: {sum(r.ok for r in rows)}/{len(rows)}; wall time {wall_s:.0f} s",
     ]
+
+
+def hardening_section(drill: Drill, work: Path, quick: bool) -> None:
+    from benchmarks.hardening_drill import hardening_rows
+
+    hardening_rows(lambda area, *rest: drill.add(f"hardening {area}", *rest), work, quick)
 
 
 def main() -> None:
@@ -515,7 +530,8 @@ def main() -> None:
     started = time.perf_counter()
     drill = Drill()
     sections: list[tuple[str, Callable[[Drill, Path, bool], None]]] = [("endpoint", endpoint_rows),
-                                                                       ("jobs", job_rows)]
+                                                                       ("jobs", job_rows),
+                                                                       ("hardening", hardening_section)]
     with tempfile.TemporaryDirectory(prefix="fault-drill-") as tmp:
         for name, section in sections:
             print(f"== {name}", flush=True)
