@@ -39,9 +39,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which vision-language model to build or load."""
 
-    preset: Literal["tiny", "tiny-qwen2.5-vl"] | None = None
+    preset: Literal["tiny", "tiny-qwen2.5-vl", "tiny-gemma3", "tiny-qwen3-vl"] | None = None
     """Build a model locally from a preset (no download): ``tiny`` is LLaVA-1.5, ``tiny-qwen2.5-vl``
-    Qwen2.5-VL. Exactly one of preset / name_or_path."""
+    Qwen2.5-VL, ``tiny-gemma3`` Gemma 3 (MedGemma), ``tiny-qwen3-vl`` Qwen3-VL. Exactly one of preset /
+    name_or_path."""
     name_or_path: str | None = None
     """A Hugging Face checkpoint of a supported family (LLaVA-1.5 in the llava-hf layout, Qwen2.5-VL;
     hub id or local directory), loaded via the Auto classes."""

@@ -198,6 +198,17 @@ def _special_id(tokenizer, token: str) -> int:
     return token_id
 
 
+def _processor_text(rendered: Rendered, chat: ChatFormat) -> Rendered:
+    """``rendered`` with its image placeholder written as the processor writes it (``chat.image_text``),
+    every span after it moved along; unchanged for a format whose processor expands the token in place."""
+    at = rendered.text.find(chat.image_block)
+    if not chat.image_text or at < 0:
+        return rendered
+    end, shift = at + len(chat.image_block), len(chat.image_text) - len(chat.image_block)
+    spans = [Span(s.start + shift, s.end + shift, s.kind) if s.start >= end else s for s in rendered.spans]
+    return Rendered(rendered.text[:at] + chat.image_text + rendered.text[end:], spans)
+
+
 def encode(rendered: Rendered, tokenizer, image_seq_len: int, max_length: int,
            chat: ChatFormat = VICUNA) -> Encoded:  # fmt: skip
     """Token ids, labels and loss kinds of ``rendered``, the image token expanded to ``image_seq_len``
@@ -210,6 +221,7 @@ def encode(rendered: Rendered, tokenizer, image_seq_len: int, max_length: int,
         raise ValueError(f"image_seq_len and max_length must be >= 1, got {image_seq_len}, {max_length}")
     image_token, eos = chat.image_token, chat.eos
     image_id, eos_id = _special_id(tokenizer, image_token), _special_id(tokenizer, eos)
+    rendered = _processor_text(rendered, chat)
     batch = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
     ids, offsets = list(batch["input_ids"]), batch["offset_mapping"]
     # The template writes </s> as text; a tokenizer that splits it would train a different end token.

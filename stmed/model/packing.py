@@ -20,7 +20,9 @@ its own label row (``chosen_labels``, ``rejected_labels``).
 Positions come from the family (``Family.text_positions``: ``arange`` for LLaVA, M-RoPE's three rows
 for Qwen2.5-VL), computed over the shared and chosen segments as one ordinary sequence; the rejected
 branch repeats the chosen branch's positions from ``s - 1`` on (text after the image advances every
-row by one). The mask is boolean for SDPA and additive for eager attention; kernels that cannot take a
+row by one). A family whose own attention is not plain causal adapts the mask (``Family.packed_mask``:
+Gemma 3's image tokens attend to each other both ways, and its sliding-window layers get the window counted
+in positions). The mask is boolean for SDPA and additive for eager attention; kernels that cannot take a
 custom mask (FlashAttention) use the unshared path.
 """
 
@@ -112,10 +114,18 @@ def block_attention_mask(segments: torch.Tensor, dtype: torch.dtype | None = Non
     same_branch = (key == SHARED) | (key == query)
     allowed = causal & same_branch & (key != PAD) & (query != PAD)
     allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
+    return attention_mask_as(allowed[:, None], dtype)
+
+
+def attention_mask_as(allowed, dtype: torch.dtype | None):
+    """A boolean mask (or a dict of them by layer type) as it is, for SDPA (``dtype`` None), or additive in
+    ``dtype`` (0 where allowed, else its minimum) for eager attention."""
+    if isinstance(allowed, dict):
+        return {key: attention_mask_as(mask, dtype) for key, mask in allowed.items()}
     if dtype is None:
-        return allowed[:, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                       torch.finfo(dtype).min)
 
 
 def branch_positions(

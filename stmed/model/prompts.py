@@ -71,6 +71,14 @@ class ChatFormat:
     """The token an image expands into (repeated once per image feature)."""
     image_block: str
     """What the canonical ``"<image>\\n"`` of a first question is written as."""
+    image_text: str = ""
+    """The text the family's processor writes for one image in place of ``image_block``, with one
+    ``image_token`` standing for all of them (Gemma 3 wraps the soft tokens in ``\\n\\n<start_of_image>`` …
+    ``<end_of_image>\\n\\n``); empty when it expands ``image_token`` in place. Training text is encoded
+    in this form, so its tokens are the processor's (``stmed.model.conversation.encode``)."""
+    system_in_first_turn: bool = False
+    """The template has no system role and writes the system prompt at the start of the first user turn
+    (Gemma 3): ``header`` opens that turn, and the first question (the one with the image) has no prefix."""
 
     @property
     def lead(self) -> str:
@@ -85,6 +93,8 @@ class ChatFormat:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
         prefix = self.prefix.format(role=self.names[role])
+        if role == USER and self.system_in_first_turn and IMAGE_TOKEN in text:
+            prefix = ""  # the header opened this turn
         if role == USER:
             return prefix, text.replace(IMAGE_TOKEN + "\n", self.image_block), self.user_tail
         if role == ASSISTANT:

@@ -56,6 +56,7 @@ from stmed.model.packing import (
     CHOSEN,
     MASKABLE_ATTENTION,
     SHARED,
+    attention_mask_as,
     block_attention_mask,
     branch_positions,
 )
@@ -192,10 +193,11 @@ def forward_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     if "segments" in batch:
         hf, segments = hf_model(model), batch["segments"]
         images, ids = image_kwargs(batch), batch["input_ids"]
-        chosen_branch = ((segments == SHARED) | (segments == CHOSEN)).long()
-        positions = branch_positions(family_of(hf).text_positions(hf, ids, chosen_branch, images), segments,
+        family, chosen_branch = family_of(hf), ((segments == SHARED) | (segments == CHOSEN)).long()
+        positions = branch_positions(family.text_positions(hf, ids, chosen_branch, images), segments,
                                      batch["branch_start"])  # fmt: skip
-        mask = block_attention_mask(segments, None if _attention(hf) == "sdpa" else hf.dtype)
+        allowed = family.packed_mask(hf, block_attention_mask(segments), ids, positions)
+        mask = attention_mask_as(allowed, None if _attention(hf) == "sdpa" else hf.dtype)
         inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **images}
     else:
         inputs = forward_inputs(model, batch)

@@ -4,6 +4,7 @@
 |---|---|---|---|
 | LLaVA-1.5 | ``llava`` | ``LlavaForConditionalGeneration`` | ``tiny`` |
 | Qwen2.5-VL | ``qwen2_5_vl`` | ``Qwen2_5_VLForConditionalGeneration`` | ``tiny-qwen2.5-vl`` |
+| Gemma 3 (MedGemma) | ``gemma3`` | ``Gemma3ForConditionalGeneration`` | ``tiny-gemma3`` |
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import torch
 from torch import nn
 
 from stmed.model.families.base import IMAGE_KEYS, Family, collate_images, hf_model, image_kwargs
+from stmed.model.families.gemma3 import GEMMA3
 from stmed.model.families.llava import LLAVA
 from stmed.model.families.qwen2_5_vl import QWEN2_5_VL
 
-FAMILIES: dict[str, Family] = {family.model_type: family for family in (LLAVA, QWEN2_5_VL)}
+FAMILIES: dict[str, Family] = {family.model_type: family for family in (LLAVA, QWEN2_5_VL, GEMMA3)}
 """Every supported family by its ``model_type``."""
 PRESETS: dict[str, Family] = {family.preset: family for family in FAMILIES.values()}
 
 __all__ = [
     "FAMILIES",
+    "GEMMA3",
     "IMAGE_KEYS",
     "LLAVA",
     "PRESETS",
@@ -60,8 +63,10 @@ def family_of(obj: Any) -> Family:
 def forward_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A collated training batch as the forward pass's keyword arguments: ids, mask, images and the family's
     own positions (``Family.text_positions``; M-RoPE for Qwen2.5-VL, which our batches would otherwise
-    not get)."""
+    not get) and per-token inputs (``Family.text_inputs``; Gemma 3's ``token_type_ids``)."""
     hf, images = hf_model(model), image_kwargs(batch)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    positions = family_of(hf).text_positions(hf, ids, mask, images)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **images}
+    family = family_of(hf)
+    positions = family.text_positions(hf, ids, mask, images)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **images,
+            **family.text_inputs(hf, ids)}

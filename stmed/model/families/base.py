@@ -77,6 +77,15 @@ class Family:
     shares_prefix: bool = True
     """Whether a preference pair's answers can be packed on one copy of the prompt (``dpo.shared_prefix``):
     the family's forward takes explicit positions and a 4D attention mask."""
+    text_inputs: Callable[[PreTrainedModel, torch.Tensor], dict[str, torch.Tensor]] = lambda model, ids: {}
+    """``(model, input_ids) -> extra per-token forward inputs`` that the family's processor would add to a
+    batch (Gemma 3's ``token_type_ids``, which switch on attention both ways among an image's tokens)."""
+    packed_mask: Callable[[PreTrainedModel, torch.Tensor, torch.Tensor, torch.Tensor], Any] = (
+        lambda model, allowed, ids, positions: allowed)
+    """``(model, allowed, input_ids, position_ids) -> attention_mask`` of packed pairs: ``allowed`` is the
+    boolean ``(B, 1, L, L)`` block mask of ``stmed.model.packing``; a family whose own mask differs from a
+    causal one (Gemma 3: images attend both ways, sliding-window layers) returns its version, a tensor or a
+    dict by layer type, still boolean."""
 
     def is_vision(self, name: str) -> bool:
         """Whether module ``name`` lies in the vision encoder proper (not its projector / merger)."""

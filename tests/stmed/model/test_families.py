@@ -1,6 +1,7 @@
 """Every model family through the same code: label masks, image tokens, LoRA groups, merged export.
 
-Each test runs once per family's tiny preset (LLaVA-1.5 ``tiny``, Qwen2.5-VL ``tiny-qwen2.5-vl``);
+Each test runs once per family's tiny preset (LLaVA-1.5 ``tiny``, Qwen2.5-VL ``tiny-qwen2.5-vl``, Gemma 3
+``tiny-gemma3``);
 what a family renders differently is spelled out per family, what must hold for all is asserted alike.
 """
 
@@ -21,7 +22,7 @@ from stmed.model.lora import attach_lora, lora_targets, merge_and_export, param_
 from stmed.model.prompts import DESCRIBE_QUESTION, SYSTEM_SQ, answer_prompt, question_prompt
 from tests.helpers import perturb_trainable
 
-PRESET_NAMES = ["tiny", "tiny-qwen2.5-vl"]
+PRESET_NAMES = ["tiny", "tiny-qwen2.5-vl", "tiny-gemma3"]
 LORA = LoRAConfig(llm_r=4, llm_alpha=8, vit_r=2, vit_alpha=4)
 Q1, A1 = "What modality is used?", "This is a chest X-ray."
 Q2, A2 = "Where is the lesion?", "The lesion is in the left lower lobe."
@@ -36,6 +37,8 @@ TARGETS = {
              ("qa", f" {A3}</s>")],
     "tiny-qwen2.5-vl": [("qa", f"{A1}<|im_end|>"), ("vq", f"{Q2}<|im_end|>"), ("qa", f"{A2}<|im_end|>"),
                         ("vq", f"{Q3}<|im_end|>"), ("qa", f"{A3}<|im_end|>")],
+    "tiny-gemma3": [("qa", f"{A1}<end_of_turn>"), ("vq", f"{Q2}<end_of_turn>"), ("qa", f"{A2}<end_of_turn>"),
+                    ("vq", f"{Q3}<end_of_turn>"), ("qa", f"{A3}<end_of_turn>")],
 }  # fmt: skip
 RENDERED = {
     "tiny": f"{SYSTEM_SQ} USER: <image>\n{Q1} ASSISTANT: {A1}</s>VUSER: {Q2}</s> ASSISTANT: {A2}</s>"
@@ -45,7 +48,14 @@ RENDERED = {
                        f"<|im_start|>assistant\n{A1}<|im_end|>\n<|im_start|>questioner\n{Q2}<|im_end|>\n"
                        f"<|im_start|>assistant\n{A2}<|im_end|>\n<|im_start|>questioner\n{Q3}<|im_end|>\n"
                        f"<|im_start|>assistant\n{A3}<|im_end|>\n",
+    # Gemma has no system role: the system prompt opens the first user turn, which holds the image.
+    "tiny-gemma3": f"<start_of_turn>user\n{SYSTEM_SQ}\n\n<start_of_image>{Q1}<end_of_turn>\n"
+                   f"<start_of_turn>model\n{A1}<end_of_turn>\n<start_of_turn>questioner\n{Q2}<end_of_turn>\n"
+                   f"<start_of_turn>model\n{A2}<end_of_turn>\n<start_of_turn>questioner\n{Q3}<end_of_turn>\n"
+                   f"<start_of_turn>model\n{A3}<end_of_turn>\n",
 }  # fmt: skip
+OPEN_ANSWER = {"tiny": "ASSISTANT:", "tiny-qwen2.5-vl": "<|im_start|>assistant\n",
+               "tiny-gemma3": "<start_of_turn>model\n"}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=PRESET_NAMES)
@@ -95,7 +105,7 @@ def test_unknown_preset_and_model_type_are_refused_by_name():
     with pytest.raises(ConfigError, match="tiny-qwen2.5-vl"):
         load_model(ModelConfig(preset="nope"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a supported family"):
-        family_of({"model_type": "gemma3"})
+        family_of({"model_type": "paligemma"})
 
 
 # ----------------------------------------------------------------------------- label masks
@@ -136,7 +146,7 @@ def test_prompts_end_where_the_model_continues_like_training_text(tiny):
     rendered = render(to_turns(described, 1.0, random.Random(0)), SYSTEM_SQ, chat)
     prompt = question_prompt(A1, chat=chat)
     assert rendered.text.startswith(prompt) and rendered.text[len(prompt):].startswith(chat.lead + Q2)
-    assert answer_prompt(Q1, chat=chat).endswith("ASSISTANT:" if preset == "tiny" else "<|im_start|>assistant\n")
+    assert answer_prompt(Q1, chat=chat).endswith(OPEN_ANSWER[preset])
 
 
 def test_image_token_count_follows_the_processor(tiny):
@@ -144,6 +154,8 @@ def test_image_token_count_follows_the_processor(tiny):
     small, large = image_tokens(processor, _image(0, (64, 32))), image_tokens(processor, _image(0, (96, 96)))
     if preset == "tiny":  # LLaVA crops every image to one size
         assert small == large == image_seq_len(processor) == image_seq_len(model) == 64
+    elif preset == "tiny-gemma3":  # Gemma 3 resizes to one square and pools to mm_tokens_per_image
+        assert small == large == image_seq_len(processor) == image_seq_len(model) == 16
     else:  # Qwen2.5-VL: 16 px per token side within [min_pixels, max_pixels]
         assert (small, large) == (8, 16) and image_seq_len(processor) == 16
         grid = image_inputs(processor, [_image(0, (64, 32))])["image_grid_thw"]
@@ -155,6 +167,8 @@ def test_pixel_bounds_set_the_image_token_budget():
     assert image_seq_len(processor) == 4 == image_tokens(processor, _image(0, (96, 96)))
     with pytest.raises(ConfigError, match="LLaVA-1.5 resizes and crops"):
         load_model(ModelConfig(preset="tiny", max_pixels=64 * 64))
+    with pytest.raises(ConfigError, match="Gemma 3 resizes every image"):
+        load_model(ModelConfig(preset="tiny-gemma3", min_pixels=32 * 32))
     with pytest.raises(ConfigError, match="model.min_pixels"):
         ModelConfig(preset="tiny-qwen2.5-vl", min_pixels=64 * 64, max_pixels=32 * 32)
     with pytest.raises(ConfigError, match="one merged patch"):
@@ -235,9 +249,10 @@ def test_training_positions_are_the_ones_the_processor_path_uses(tiny):
     model.eval()
     with torch.no_grad():
         expected = model(**reference).logits
-        batch = {k: v for k, v in reference.items() if k != "mm_token_type_ids"}  # what collate() builds
+        # What collate() builds: no mm_token_type_ids (Qwen), no token_type_ids (Gemma 3).
+        batch = {k: v for k, v in reference.items() if k not in ("mm_token_type_ids", "token_type_ids")}
         got = model(**forward_inputs(model, batch)).logits
         implicit = model(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    if name == "tiny-qwen2.5-vl":  # what training computed before positions were passed: 1D, not M-RoPE
-        assert not torch.allclose(implicit, expected, atol=1e-4)
+    if name != "tiny":  # Qwen without explicit positions: 1D, not M-RoPE; Gemma 3 without token types:
+        assert not torch.allclose(implicit, expected, atol=1e-4)  # its image tokens attend causally only

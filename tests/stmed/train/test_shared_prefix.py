@@ -75,6 +75,7 @@ def test_the_block_mask_lets_each_branch_see_the_prompt_and_itself_only():
 def _models():
     yield "tiny", lambda _: ModelConfig(preset="tiny")
     yield "tiny-qwen2.5-vl", lambda _: ModelConfig(preset="tiny-qwen2.5-vl")
+    yield "tiny-gemma3", lambda _: ModelConfig(preset="tiny-gemma3")
     yield "llava-1.5-7b-hf-shrunk", lambda tmp: ModelConfig(name_or_path=str(build_llava_hf(tmp / "m")))
     yield "qwen2.5-vl-7b-shrunk", lambda tmp: ModelConfig(name_or_path=str(build_qwen2_5_vl(tmp / "m")),
                                                           max_pixels=112 * 112)  # fmt: skip
