@@ -32,6 +32,7 @@ from stmed.runs import (
     TRAINING_OUTPUTS,
     MetricsLog,
     claim_output_dir,
+    training_fingerprint,
     training_run_name,
     write_summary,
 )
@@ -131,8 +132,10 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
         init_ray(cfg.ray)
     loop = DPOLoopConfig(model=cfg.model, preferences_path=str(preferences), image_root=str(image_root),
                          output_dir=str(out), lora=cfg.lora, train=cfg.train, dpo=cfg.dpo)  # fmt: skip
-    name = training_run_name(out, "dpo", cfg.run_name, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
-    run = run_training(train_dpo, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
+    loop_values = config_to_dict(loop, redact=False)
+    name = training_run_name(out, "dpo", cfg.run_name, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE),
+                             training_fingerprint(loop_values))
+    run = run_training(train_dpo, loop_values, cfg.ray, name, out / "checkpoints")
     clock.add_all(training_timings(run, out))
     with clock.phase("writing"):
         checkpoint = run.checkpoint.path if run.checkpoint else None

@@ -36,6 +36,7 @@ from stmed.runs import (
     TRAINING_OUTPUTS,
     MetricsLog,
     claim_output_dir,
+    training_fingerprint,
     training_run_name,
     write_summary,
 )
@@ -139,8 +140,10 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
         init_ray(cfg.ray)
     loop = SFTLoopConfig(model=cfg.model, lora=cfg.lora, train=cfg.train, instruct_path=str(instruct),
                          image_root=str(image_root), output_dir=str(out))  # fmt: skip
-    name = training_run_name(out, "sft", cfg.run_name, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE))
-    run = run_training(train_sft, config_to_dict(loop, redact=False), cfg.ray, name, out / "checkpoints")
+    loop_values = config_to_dict(loop, redact=False)
+    name = training_run_name(out, "sft", cfg.run_name, (METRICS_FILE, ATTEMPTS_FILE, DATA_REPORT_FILE),
+                             training_fingerprint(loop_values))
+    run = run_training(train_sft, loop_values, cfg.ray, name, out / "checkpoints")
     clock.add_all(training_timings(run, out))
     with clock.phase("writing"):
         checkpoint = run.checkpoint.path if run.checkpoint else None

@@ -114,7 +114,7 @@ OWNER_FILE = ".stmed-outputs.json"
 folders it writes there. A name is listed only when nothing held it at the first claim, so whatever is
 there later is stmed's: the only files a stage ever deletes or overwrites."""
 TRAINING_OUTPUTS = ("config.yaml", RUN_FILE, SUMMARY, "metrics.jsonl", "attempts.jsonl", "data_report.json",
-                    "adapter", "merged", "checkpoints")
+                    "adapter", "merged", "checkpoints", "fingerprint.json")
 """What a training stage (``jobs.sft``, ``jobs.dpo``, ``jobs.warmup``) writes in its ``output_dir``."""
 
 
@@ -223,13 +223,41 @@ def clear_run_logs(output_dir: str | os.PathLike, names: tuple[str, ...]) -> Non
             marker.unlink()
 
 
+RESUME_NEUTRAL = frozenset({"train.log_every", "train.checkpoint_every", "output_dir"})
+"""Training settings a resumed run may change: when it reports and saves, not what it learns."""
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def training_fingerprint(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """What a training run learns from, for a resume to check: its loop's settings (flattened), a content
+    digest of the start model (``model.content``) and of each input file (``<key>.content`` for the loop's
+    ``*_path`` keys: the instruct file, the preference pairs)."""
+    out = {k: v for k, v in _flat(loop_config).items() if k not in RESUME_NEUTRAL}
+    model = loop_config.get("model") or {}
+    out["model.content"] = content_digest(model.get("name_or_path"))
+    for key, value in loop_config.items():
+        if key.endswith("_path") and isinstance(value, str):
+            out[f"{key}.content"] = content_digest(value)
+    return out
+
+
 def training_run_name(output_dir: str | os.PathLike, stage: str, requested: str | None,
-                      logs: tuple[str, ...]) -> str:  # fmt: skip
+                      logs: tuple[str, ...], fingerprint: dict[str, Any] | None = None) -> str:  # fmt: skip
     """The Ray Train run name of a training stage in ``output_dir``, recorded in ``run.json``.
 
     ``requested`` when given. Otherwise the folder's unfinished run (``run.json`` but no summary: its
     driver died), so that a rerun resumes from that run's checkpoints; otherwise a fresh name, and the
-    old run's logs go (a finished stage run again starts anew).
+    old run's logs go (a finished stage run again starts anew). With a ``fingerprint``
+    (``training_fingerprint``), resuming under another one is refused, naming the keys that changed.
     """
     out = Path(output_dir)
     record = out / RUN_FILE
@@ -240,10 +268,17 @@ def training_run_name(output_dir: str | os.PathLike, stage: str, requested: str 
         except (ValueError, KeyError, TypeError):
             name = None
         if name:
+            changes = fingerprint_changes(out, fingerprint) if fingerprint is not None else None
+            if changes:
+                raise OutputDirError(f"{out} holds the unfinished run {name}, made under other settings: "
+                                     f"{', '.join(changes)}; rerun with those settings to resume it, or use a "
+                                     f"new output_dir (or delete {record} to start afresh here)")
             log.info("%s: resuming the unfinished run %s from its checkpoints", out, name)
     if name is None:
         name = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         clear_run_logs(out, logs)
+    if fingerprint is not None:
+        write_fingerprint(out, fingerprint)
     write_json(record, {"run_name": name})
     return name
 

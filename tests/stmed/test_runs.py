@@ -152,3 +152,31 @@ def test_a_claimed_folder_is_cleared_of_its_own_logs_only_and_keeps_its_stage(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == [".stmed-outputs.json", "notes.txt"]
     with pytest.raises(OutputDirError, match="holds the outputs of stage 'dpo', not 'sft'"):
         claim_output_dir(tmp_path, "sft", TRAINING_OUTPUTS)
+
+
+def test_an_unfinished_training_run_resumes_only_under_its_own_fingerprint(tmp_path):
+    from stmed.runs import (
+        TRAINING_OUTPUTS,
+        OutputDirError,
+        claim_output_dir,
+        training_fingerprint,
+        training_run_name,
+        write_summary,
+    )
+
+    instruct = tmp_path / "instruct.json"
+    instruct.write_text("[1]")
+    loop = {"model": {"preset": "tiny", "name_or_path": None}, "train": {"lr_llm": 1e-3, "log_every": 1},
+            "instruct_path": str(instruct), "output_dir": str(tmp_path / "out")}
+    out = claim_output_dir(tmp_path / "out", "sft", TRAINING_OUTPUTS)
+    first = training_run_name(out, "sft", None, ("metrics.jsonl",), training_fingerprint(loop))
+    again = {**loop, "train": {"lr_llm": 1e-3, "log_every": 5}}  # when it logs: not what it learns
+    assert training_run_name(out, "sft", None, ("metrics.jsonl",), training_fingerprint(again)) == first
+    other = {**loop, "train": {"lr_llm": 2e-3, "log_every": 1}}
+    with pytest.raises(OutputDirError, match=r"unfinished run sft-.*train.lr_llm was 0.001, now 0.002"):
+        training_run_name(out, "sft", None, ("metrics.jsonl",), training_fingerprint(other))
+    instruct.write_text("[2]")  # the same path, other data
+    with pytest.raises(OutputDirError, match=r"instruct_path.content was '\w+', now '\w+'"):
+        training_run_name(out, "sft", None, ("metrics.jsonl",), training_fingerprint(loop))
+    write_summary(out, {"steps": 1})  # finished: a rerun starts afresh under the new settings
+    assert training_run_name(out, "sft", None, ("metrics.jsonl",), training_fingerprint(other)) != first
