@@ -249,6 +249,23 @@ def row_fingerprint(add: Add, work: Path) -> None:
         named and digest_tree(out / "parts") == before)
 
 
+def row_training_fingerprint(add: Add, work: Path) -> None:
+    from stmed.runs import TRAINING_OUTPUTS, claim_output_dir, training_fingerprint, training_run_name
+
+    pairs = work / "preferences.parquet"
+    pairs.write_bytes(b"pairs of round 1")
+    loop = {"model": {"name_or_path": None, "preset": "tiny"}, "train": {"lr_llm": 5e-6},
+            "preferences_path": str(pairs)}
+    out = claim_output_dir(work / "dpo", "dpo", TRAINING_OUTPUTS)
+    name = training_run_name(out, "dpo", None, ("metrics.jsonl",), training_fingerprint(loop))
+    pairs.write_bytes(b"pairs of round 2")  # the driver died; the rerun points at other pairs
+    err = _refusal(lambda: training_run_name(out, "dpo", None, ("metrics.jsonl",), training_fingerprint(loop)))
+    ok = err is not None and "preferences_path.content was" in str(err) and name in str(err) and "\n" not in str(err)
+    add("5 fingerprint", "resume an unfinished DPO run with other pairs at the same path",
+        "refused naming preferences_path.content",
+        f"{type(err).__name__}, one line, naming {', '.join(re.findall(r'(\S+) was ', str(err)))}", ok)
+
+
 def row_torn_metrics(add: Add, work: Path) -> None:
     from jobs.dpo import _summarise
     from stmed.runs import MetricsLog
@@ -397,7 +414,8 @@ def hardening_rows(add: Add, work: Path, quick: bool, instruct: Path | None = No
     with ThreadPoolExecutor(max_workers=1) as pool:  # job subprocesses, while the unit rows run here
         futures = [(pool.submit(start), check) for _, start, check in jobs]
         for row in (row_checkpoint_pickles, row_bin_checkpoint, row_parser, row_injection, row_fingerprint,
-                    row_torn_metrics, row_truncated_part, row_manifest, row_serve_fields):
+                    row_training_fingerprint, row_torn_metrics, row_truncated_part, row_manifest, row_serve_fields):
+            (work / row.__name__).mkdir(parents=True, exist_ok=True)
             row(add, work / row.__name__)
         row_http(add, work, quick)
         for future, check in futures:
