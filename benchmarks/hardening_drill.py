@@ -261,9 +261,10 @@ def row_training_fingerprint(add: Add, work: Path) -> None:
     pairs.write_bytes(b"pairs of round 2")  # the driver died; the rerun points at other pairs
     err = _refusal(lambda: training_run_name(out, "dpo", None, ("metrics.jsonl",), training_fingerprint(loop)))
     ok = err is not None and "preferences_path.content was" in str(err) and name in str(err) and "\n" not in str(err)
+    keys = ", ".join(re.findall(r"(\S+) was ", str(err)))
     add("5 fingerprint", "resume an unfinished DPO run with other pairs at the same path",
         "refused naming preferences_path.content",
-        f"{type(err).__name__}, one line, naming {', '.join(re.findall(r'(\S+) was ', str(err)))}", ok)
+        f"{type(err).__name__}, one line, naming {keys}", ok)
 
 
 def row_torn_metrics(add: Add, work: Path) -> None:
