@@ -5,6 +5,7 @@
 | LLaVA-1.5 | ``llava`` | ``LlavaForConditionalGeneration`` | ``tiny`` |
 | Qwen2.5-VL | ``qwen2_5_vl`` | ``Qwen2_5_VLForConditionalGeneration`` | ``tiny-qwen2.5-vl`` |
 | Gemma 3 (MedGemma) | ``gemma3`` | ``Gemma3ForConditionalGeneration`` | ``tiny-gemma3`` |
+| Qwen3-VL | ``qwen3_vl`` | ``Qwen3VLForConditionalGeneration`` | ``tiny-qwen3-vl`` |
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from stmed.model.families.base import IMAGE_KEYS, Family, collate_images, hf_mod
 from stmed.model.families.gemma3 import GEMMA3
 from stmed.model.families.llava import LLAVA
 from stmed.model.families.qwen2_5_vl import QWEN2_5_VL
+from stmed.model.families.qwen3_vl import QWEN3_VL
 
-FAMILIES: dict[str, Family] = {family.model_type: family for family in (LLAVA, QWEN2_5_VL, GEMMA3)}
+FAMILIES: dict[str, Family] = {family.model_type: family for family in (LLAVA, QWEN2_5_VL, GEMMA3, QWEN3_VL)}
 """Every supported family by its ``model_type``."""
 PRESETS: dict[str, Family] = {family.preset: family for family in FAMILIES.values()}
 
@@ -30,6 +32,7 @@ __all__ = [
     "LLAVA",
     "PRESETS",
     "QWEN2_5_VL",
+    "QWEN3_VL",
     "Family",
     "collate_images",
     "family_for_preset",

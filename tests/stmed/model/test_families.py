@@ -1,7 +1,7 @@
 """Every model family through the same code: label masks, image tokens, LoRA groups, merged export.
 
 Each test runs once per family's tiny preset (LLaVA-1.5 ``tiny``, Qwen2.5-VL ``tiny-qwen2.5-vl``, Gemma 3
-``tiny-gemma3``);
+``tiny-gemma3``, Qwen3-VL ``tiny-qwen3-vl``);
 what a family renders differently is spelled out per family, what must hold for all is asserted alike.
 """
 
@@ -17,12 +17,12 @@ from PIL import Image
 from stmed.config import ConfigError, LoRAConfig, ModelConfig
 from stmed.model.build import image_inputs, image_seq_len, image_tokens, load_model
 from stmed.model.conversation import IGNORE_INDEX, LOSS_NONE, describe_targets, encode, render, to_turns
-from stmed.model.families import FAMILIES, PRESETS, collate_images, family_of, forward_inputs, image_kwargs
+from stmed.model.families import FAMILIES, PRESETS, collate_images, family_of, forward_inputs
 from stmed.model.lora import attach_lora, lora_targets, merge_and_export, param_groups
 from stmed.model.prompts import DESCRIBE_QUESTION, SYSTEM_SQ, answer_prompt, question_prompt
 from tests.helpers import perturb_trainable
 
-PRESET_NAMES = ["tiny", "tiny-qwen2.5-vl", "tiny-gemma3"]
+PRESET_NAMES = ["tiny", "tiny-qwen2.5-vl", "tiny-gemma3", "tiny-qwen3-vl"]
 LORA = LoRAConfig(llm_r=4, llm_alpha=8, vit_r=2, vit_alpha=4)
 Q1, A1 = "What modality is used?", "This is a chest X-ray."
 Q2, A2 = "Where is the lesion?", "The lesion is in the left lower lobe."
@@ -37,6 +37,8 @@ TARGETS = {
              ("qa", f" {A3}</s>")],
     "tiny-qwen2.5-vl": [("qa", f"{A1}<|im_end|>"), ("vq", f"{Q2}<|im_end|>"), ("qa", f"{A2}<|im_end|>"),
                         ("vq", f"{Q3}<|im_end|>"), ("qa", f"{A3}<|im_end|>")],
+    "tiny-qwen3-vl": [("qa", f"{A1}<|im_end|>"), ("vq", f"{Q2}<|im_end|>"), ("qa", f"{A2}<|im_end|>"),
+                      ("vq", f"{Q3}<|im_end|>"), ("qa", f"{A3}<|im_end|>")],
     "tiny-gemma3": [("qa", f"{A1}<end_of_turn>"), ("vq", f"{Q2}<end_of_turn>"), ("qa", f"{A2}<end_of_turn>"),
                     ("vq", f"{Q3}<end_of_turn>"), ("qa", f"{A3}<end_of_turn>")],
 }  # fmt: skip
@@ -48,6 +50,11 @@ RENDERED = {
                        f"<|im_start|>assistant\n{A1}<|im_end|>\n<|im_start|>questioner\n{Q2}<|im_end|>\n"
                        f"<|im_start|>assistant\n{A2}<|im_end|>\n<|im_start|>questioner\n{Q3}<|im_end|>\n"
                        f"<|im_start|>assistant\n{A3}<|im_end|>\n",
+    "tiny-qwen3-vl": f"<|im_start|>system\n{SYSTEM_SQ}<|im_end|>\n<|im_start|>user\n"
+                     f"<|vision_start|><|image_pad|><|vision_end|>{Q1}<|im_end|>\n"
+                     f"<|im_start|>assistant\n{A1}<|im_end|>\n<|im_start|>questioner\n{Q2}<|im_end|>\n"
+                     f"<|im_start|>assistant\n{A2}<|im_end|>\n<|im_start|>questioner\n{Q3}<|im_end|>\n"
+                     f"<|im_start|>assistant\n{A3}<|im_end|>\n",
     # Gemma has no system role: the system prompt opens the first user turn, which holds the image.
     "tiny-gemma3": f"<start_of_turn>user\n{SYSTEM_SQ}\n\n<start_of_image>{Q1}<end_of_turn>\n"
                    f"<start_of_turn>model\n{A1}<end_of_turn>\n<start_of_turn>questioner\n{Q2}<end_of_turn>\n"
@@ -55,7 +62,7 @@ RENDERED = {
                    f"<start_of_turn>model\n{A3}<end_of_turn>\n",
 }  # fmt: skip
 OPEN_ANSWER = {"tiny": "ASSISTANT:", "tiny-qwen2.5-vl": "<|im_start|>assistant\n",
-               "tiny-gemma3": "<start_of_turn>model\n"}  # fmt: skip
+               "tiny-gemma3": "<start_of_turn>model\n", "tiny-qwen3-vl": "<|im_start|>assistant\n"}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=PRESET_NAMES)
@@ -78,10 +85,11 @@ def _encoded(processor, image: Image.Image, sq_ratio: float = 1.0):
 
 
 def _logits(model, batch) -> torch.Tensor:
+    """Logits as training computes them: the family's positions and per-token inputs (Qwen3-VL refuses an
+    image batch without them)."""
     model.eval()
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     **image_kwargs(batch)).logits  # fmt: skip
+        return model(**forward_inputs(model, batch)).logits
 
 
 def _batch(processor, image: Image.Image) -> dict[str, torch.Tensor]:
@@ -214,8 +222,7 @@ def test_gradients_reach_every_group(tiny):
     perturb_trainable(peft_model)  # LoRA B starts at zero: A would get no gradient
     batch = _batch(processor, _image(0))
     peft_model.train()
-    out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["input_ids"], **image_kwargs(batch))  # fmt: skip
+    out = peft_model(**forward_inputs(peft_model, batch), labels=batch["input_ids"])
     out.loss.backward()
     got = {g["name"]: any(p.grad is not None and p.grad.abs().sum() > 0 for p in g["params"])
            for g in param_groups(peft_model, 1.0, 1.0, 1.0)}  # fmt: skip
@@ -252,6 +259,10 @@ def test_training_positions_are_the_ones_the_processor_path_uses(tiny):
         # What collate() builds: no mm_token_type_ids (Qwen), no token_type_ids (Gemma 3).
         batch = {k: v for k, v in reference.items() if k not in ("mm_token_type_ids", "token_type_ids")}
         got = model(**forward_inputs(model, batch)).logits
+        if name == "tiny-qwen3-vl":  # Qwen3-VL refuses to guess its positions
+            with pytest.raises(ValueError, match="mm_token_type_ids"):
+                model(**batch)
+            return
         implicit = model(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     if name != "tiny":  # Qwen without explicit positions: 1D, not M-RoPE; Gemma 3 without token types:

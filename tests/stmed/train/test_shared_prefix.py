@@ -76,6 +76,7 @@ def _models():
     yield "tiny", lambda _: ModelConfig(preset="tiny")
     yield "tiny-qwen2.5-vl", lambda _: ModelConfig(preset="tiny-qwen2.5-vl")
     yield "tiny-gemma3", lambda _: ModelConfig(preset="tiny-gemma3")
+    yield "tiny-qwen3-vl", lambda _: ModelConfig(preset="tiny-qwen3-vl")
     yield "llava-1.5-7b-hf-shrunk", lambda tmp: ModelConfig(name_or_path=str(build_llava_hf(tmp / "m")))
     yield "qwen2.5-vl-7b-shrunk", lambda tmp: ModelConfig(name_or_path=str(build_qwen2_5_vl(tmp / "m")),
                                                           max_pixels=112 * 112)  # fmt: skip
