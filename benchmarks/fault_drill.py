@@ -518,7 +518,11 @@ def summary_lines(drill: Drill, wall_s: float) -> list[str]:
 def hardening_section(drill: Drill, work: Path, quick: bool) -> None:
     from benchmarks.hardening_drill import hardening_rows
 
-    hardening_rows(lambda area, *rest: drill.add(f"hardening {area}", *rest), work, quick)
+    def add(area: str, tried: str, expected: str, observed: str, ok: bool) -> None:
+        number = area.split()[0]  # the finding's number, so that the table says which row is which
+        drill.add(f"hardening {area}", f"#{number} {tried}" if number[0].isdigit() else tried, expected, observed, ok)
+
+    hardening_rows(add, work, quick)
 
 
 def main() -> None:
