@@ -35,14 +35,13 @@ import torch
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, processors
 from transformers import (
-    AutoProcessor,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessorPil,
-    Gemma3Processor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers import Gemma3Processor as HFGemma3Processor
 
 from stmed.config import ConfigError
 from stmed.log import get_logger
@@ -71,6 +70,21 @@ TINY_IMAGE_SIZE, TINY_PATCH_SIZE, TINY_IMAGE_TOKENS = 64, 8, 16
 TINY_SLIDING_WINDOW = 24
 """Shorter than a tiny conversation, so the sliding-window layer really cuts (the release's: 1024)."""
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+
+
+class Gemma3Processor(HFGemma3Processor):
+    """Transformers' Gemma 3 processor taking one image per text from a flat list, as every stmed engine passes
+    them (the stock one reads a flat list as all images of the first text).
+
+    Named like the stock class on purpose: ``save_pretrained`` writes ``"processor_class"`` from the class
+    name, and an export must name the stock class so that transformers and vLLM load it as a release.
+    """
+
+    def __call__(self, images=None, text=None, **kwargs):
+        if isinstance(text, list) and isinstance(images, list) and len(images) == len(text) \
+                and all(isinstance(image, Image.Image) for image in images):  # fmt: skip
+            images = [[image] for image in images]
+        return super().__call__(images=images, text=text, **kwargs)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -124,10 +138,10 @@ def build_tiny(seed: int = 0) -> tuple[Gemma3ForConditionalGeneration, Gemma3Pro
 
 def load_processor(name_or_path: str) -> Gemma3Processor:
     """The checkpoint's processor with the PIL image processor, whether or not torchvision is installed."""
-    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False, backend="pil")
+    return Gemma3Processor.from_pretrained(name_or_path, trust_remote_code=False, backend="pil")
 
 
-def complete_processor(processor: Gemma3Processor, raw: dict, where: str) -> None:
+def complete_processor(processor: HFGemma3Processor, raw: dict, where: str) -> None:
     """Gemma releases name ``<eos>`` their tokenizer's eos; a turn ends with ``<end_of_turn>``, which is
     what the chat format trains and what generation must stop on."""
     tokenizer = processor.tokenizer
@@ -141,7 +155,7 @@ def complete_processor(processor: Gemma3Processor, raw: dict, where: str) -> Non
 
 def max_image_tokens(processor_or_model) -> int:
     """``mm_tokens_per_image``: every image is resized to one square and pooled to the same count."""
-    if isinstance(processor_or_model, Gemma3Processor):
+    if isinstance(processor_or_model, HFGemma3Processor):
         return processor_or_model.image_seq_length
     return hf_model(processor_or_model).config.mm_tokens_per_image
 
@@ -200,7 +214,7 @@ PUBLISHED_NAMES = (
 tied ``lm_head`` is not stored there."""
 
 GEMMA3 = Family(
-    name="gemma3", model_type="gemma3", model_class=Gemma3ForConditionalGeneration, processor_class=Gemma3Processor,
+    name="gemma3", model_type="gemma3", model_class=Gemma3ForConditionalGeneration, processor_class=HFGemma3Processor,
     load_processor=load_processor, chat=GEMMA, preset="tiny-gemma3", build_tiny=build_tiny,
     complete_processor=complete_processor, image_tokens=lambda processor, _image: max_image_tokens(processor),
     max_image_tokens=max_image_tokens, image_inputs=image_inputs, vision_tower="vision_tower",
