@@ -1,7 +1,8 @@
 """The burned-in-text gate: what a judge receives of an image, decided before any request is built.
 
-``privacy.burned_in_text`` chooses what happens to an image with text in its pixels (found by Tesseract,
-``stmed.privacy.ocr``, or declared by DICOM's Burned In Annotation (0028,0301) = YES):
+``privacy.burned_in_text`` chooses what happens to an image with text in its pixels (found by a DBNet text
+detector, ``stmed.privacy.textdet``, or by Tesseract, ``stmed.privacy.ocr``, as ``privacy.detector`` says;
+or declared by DICOM's Burned In Annotation (0028,0301) = YES):
 
 - ``mask`` (the default, for every judge including the offline reference judge): each text region is
   filled with one grey level, ``mask_margin_px`` wider on every side, and the masked pixels are sent; a
@@ -16,6 +17,7 @@ dictionary lookup. A ``GateResult`` holds counts and digests, never the recognis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,8 +27,10 @@ from PIL import Image
 from stmed.config import ConfigError
 from stmed.data.images import decode_data_url, image_to_data_url, pixel_digest
 from stmed.privacy.ocr import Box, find_text
+from stmed.privacy.textdet import DetectorSettings, find_text_regions
 
 GateMode = Literal["mask", "refuse", "allow"]
+Detector = Callable[[list[Image.Image]], list[list[Box]]]
 PASSED, MASKED, REFUSED, ALLOWED = "passed", "masked", "refused", "allowed"
 """Gate actions: no text found / text masked / image not sent / sent unchecked (``allow``)."""
 
@@ -42,12 +46,21 @@ class PrivacySettings:
     """Pixels added on every side of a found text region before it is filled."""
     mask_fill: int = 0
     """Grey level of the fill (0: black)."""
+    detector: Literal["dbnet", "tesseract"] = "dbnet"
+    """What finds text: ``dbnet`` (PP-OCRv6's text detector on onnxruntime, its model in the rapidocr
+    wheel; ``stmed.privacy.textdet``) or ``tesseract`` (Debian's tesseract-ocr; ``stmed.privacy.ocr``).
+    docs/medical-data.md has both measured."""
+    detector_threshold: float = 0.5
+    """``dbnet``: text probability from which a pixel is text."""
+    detector_target_side: int = 256
+    """``dbnet``: a small image is enlarged (at most 4x) until its shorter side is this many pixels."""
     ocr_upscale: int = 8
-    """Factor the image is enlarged by before OCR: burned-in text on a small scan is a few pixels high."""
+    """``tesseract``: factor the image is enlarged by (burned-in text on a small scan is a few pixels high)."""
     ocr_min_confidence: float = 0.0
-    """Tesseract word confidence (0-100) from which a word counts as text."""
+    """``tesseract``: word confidence (0-100) from which a word counts as text."""
     ocr_images_per_call: int = 16
-    """Images tiled into one Tesseract page (a process start is ~40 ms; a page's cost grows with it)."""
+    """Images given to one detector call (``tesseract``: tiled into one page, as a process start is ~40 ms;
+    ``dbnet``: one model call an image)."""
 
     def __post_init__(self) -> None:
         if self.burned_in_text not in ("mask", "refuse", "allow"):
@@ -57,6 +70,12 @@ class PrivacySettings:
             raise ConfigError(f"privacy.mask_margin_px must be in 0..64, got {self.mask_margin_px}")
         if not 0 <= self.mask_fill <= 255:
             raise ConfigError(f"privacy.mask_fill must be a grey level 0..255, got {self.mask_fill}")
+        if self.detector not in ("dbnet", "tesseract"):
+            raise ConfigError(f"privacy.detector must be 'dbnet' or 'tesseract', got {self.detector!r}")
+        if not 0.0 < self.detector_threshold < 1.0:
+            raise ConfigError(f"privacy.detector_threshold must be in (0, 1), got {self.detector_threshold}")
+        if not 16 <= self.detector_target_side <= 2048:
+            raise ConfigError(f"privacy.detector_target_side must be in 16..2048, got {self.detector_target_side}")
         if not 1 <= self.ocr_upscale <= 16:
             raise ConfigError(f"privacy.ocr_upscale must be in 1..16, got {self.ocr_upscale}")
         if not 0.0 <= self.ocr_min_confidence <= 100.0:
@@ -101,13 +120,23 @@ def _decide(settings: PrivacySettings, img: Image.Image, boxes: list[Box], decla
     return GateResult(MASKED, len(boxes), image_to_data_url(masked), pixel_digest(masked))
 
 
-class TextGate:
-    """Applies ``PrivacySettings`` to images, one OCR call per batch, each image's result kept by its
-    pixel digest (and DICOM flag)."""
+def make_detector(settings: PrivacySettings) -> Detector:
+    """The text finder ``privacy.detector`` names, with its settings bound."""
+    if settings.detector == "tesseract":
+        return lambda images: find_text(images, upscale=settings.ocr_upscale,
+                                        min_confidence=settings.ocr_min_confidence)
+    det = DetectorSettings(target_side=settings.detector_target_side, threshold=settings.detector_threshold)
+    return lambda images: find_text_regions(images, det)
 
-    def __init__(self, settings: PrivacySettings | None = None, ocr=find_text):
+
+class TextGate:
+    """Applies ``PrivacySettings`` to images, one detector call per ``ocr_images_per_call`` images, each
+    image's result kept by its pixel digest (and DICOM flag)."""
+
+    def __init__(self, settings: PrivacySettings | None = None, detect: Detector | None = None):
+        """``detect``: images -> their text boxes; by default the one ``settings.detector`` names."""
         self.settings = settings or PrivacySettings()
-        self.ocr = ocr
+        self.detect = detect or make_detector(self.settings)
         self.results: dict[tuple[str, bool], GateResult] = {}
 
     def check(self, images: list[Image.Image], declared: list[bool] | None = None) -> list[GateResult]:
@@ -121,8 +150,7 @@ class TextGate:
         step = self.settings.ocr_images_per_call
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
-            found = self.ocr([images[n] for n in chunk], upscale=self.settings.ocr_upscale,
-                             min_confidence=self.settings.ocr_min_confidence)
+            found = self.detect([images[n] for n in chunk])
             for n, boxes in zip(chunk, found):
                 self.results[keys[n]] = _decide(self.settings, images[n], boxes, declared[n])
         return [self.results[key] for key in keys]

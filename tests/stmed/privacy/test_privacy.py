@@ -24,6 +24,7 @@ from stmed.privacy.audit import audit_lines, audit_totals
 from stmed.privacy.contamination import ContaminationSettings, remove_benchmark_copies
 from stmed.privacy.gate import ALLOWED, MASKED, PASSED, REFUSED, PrivacySettings, TextGate, mask_regions
 from stmed.privacy.ocr import Box, tesseract_available
+from stmed.privacy.textdet import detector_available
 
 FINDINGS = Findings("ct", "chest", True, "left", 2, "large")
 
@@ -35,6 +36,15 @@ def needs_tesseract() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail("tesseract is not installed: .ci/run installs Debian's tesseract-ocr")
     pytest.skip("tesseract is not installed (apt-get install tesseract-ocr); CI runs this test")
+
+
+def needs_detector() -> None:
+    """Skip without onnxruntime and the rapidocr wheel (pyproject dependencies), except in CI."""
+    if detector_available():
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("the DBNet text detector is not installed: pip install rapidocr==3.10.0 onnxruntime")
+    pytest.skip("the DBNet text detector is not installed (pip install rapidocr onnxruntime); CI runs this test")
 
 
 def phantom(n: int = 0) -> Image.Image:
@@ -66,7 +76,7 @@ class CountingOCR:
     def __init__(self, boxes: list[Box]):
         self.boxes, self.calls, self.images = boxes, 0, 0
 
-    def __call__(self, images, upscale, min_confidence):
+    def __call__(self, images):
         self.calls += 1
         self.images += len(images)
         return [list(self.boxes) for _ in images]
@@ -75,7 +85,7 @@ class CountingOCR:
 def test_gate_modes_once_per_image_and_the_dicom_flag():
     img, other = phantom(0), phantom(1)
     ocr = CountingOCR([Box(2, 2, 20, 10)])
-    gate = TextGate(PrivacySettings(burned_in_text="mask"), ocr=ocr)
+    gate = TextGate(PrivacySettings(burned_in_text="mask"), detect=ocr)
     first = gate.check([img, other, img])
     again = gate.check([img])
     assert ocr.calls == 1 and ocr.images == 2  # the repeated image is looked at once, then remembered
@@ -84,12 +94,12 @@ def test_gate_modes_once_per_image_and_the_dicom_flag():
     assert first[0].sent_digest == pixel_digest(sent) != pixel_digest(img)
     assert (np.asarray(sent)[0:12, 0:22] == 0).all()
 
-    refused = TextGate(PrivacySettings(burned_in_text="refuse"), ocr=CountingOCR([Box(2, 2, 20, 10)])).check([img])
+    refused = TextGate(PrivacySettings(burned_in_text="refuse"), detect=CountingOCR([Box(2, 2, 20, 10)])).check([img])
     assert refused[0].action == REFUSED and refused[0].data_url is None and "1 text region" in refused[0].reason
-    allowed = TextGate(PrivacySettings(burned_in_text="allow"), ocr=CountingOCR([Box(2, 2, 20, 10)])).check([img])
+    allowed = TextGate(PrivacySettings(burned_in_text="allow"), detect=CountingOCR([Box(2, 2, 20, 10)])).check([img])
     assert allowed[0].action == ALLOWED and decode_data_url(allowed[0].data_url).tobytes() == img.tobytes()
 
-    nothing = TextGate(ocr=CountingOCR([]))
+    nothing = TextGate(detect=CountingOCR([]))
     assert nothing.check([img])[0].action == PASSED
     declared = nothing.check([img], declared=[True])[0]  # DICOM says text, OCR locates none: not sent
     assert declared.action == REFUSED and "Burned In Annotation" in declared.reason
@@ -128,11 +138,25 @@ def test_dicom_burned_in_annotation_flag_is_read_from_the_header(tmp_path):
     assert burned_in_annotation(tmp_path / "p.png") is False
 
 
+def test_dbnet_gate_masks_small_burned_in_text_and_leaves_clean_phantoms_alone():
+    needs_detector()
+    gate = TextGate(PrivacySettings(detector="dbnet"))
+    for n, (height, font) in enumerate(((8, "sans"), (10, "pixel"), (11, "sans"))):
+        img, overlay = draw_overlay(phantom(n), "record_number", random.Random(n), height=height, font=font,
+                                    position="bottom", contrast=120)
+        result = gate.check([img])[0]
+        assert result.action == MASKED, (height, font)
+        sent = np.asarray(decode_data_url(result.data_url))[..., 0]
+        x0, y0, x1, y1 = overlay.box
+        assert (sent[y0:y1, x0:x1] == 0).mean() >= 0.8  # the line's box is filled
+    assert [r.action for r in gate.check([phantom(n) for n in range(10, 14)])] == [PASSED] * 4
+
+
 def test_tesseract_gate_masks_large_burned_in_text():
     needs_tesseract()
     img, overlay = draw_overlay(phantom(), "record_number", random.Random(0), height=14, font="sans",
                                 position="top", contrast=200)
-    result = TextGate().check([img])[0]
+    result = TextGate(PrivacySettings(detector="tesseract")).check([img])[0]
     assert result.action == MASKED and result.regions >= 1
     sent = np.asarray(decode_data_url(result.data_url))[..., 0]
     x0, y0, x1, y1 = overlay.box
