@@ -141,8 +141,8 @@ def claim_output_dir(output_dir: str | os.PathLike, stage: str, names: tuple[str
     foreign = sorted(name for name in names if (out / name).exists() and name not in owned)
     if foreign:
         raise OutputDirError(f"output_dir: {out} holds {', '.join(foreign[:4])} that stmed did not write "
-                          f"(no {OWNER_FILE} lists them), and {stage} would replace them; nothing was changed: "
-                          "use a new or empty output_dir")
+                          f"(no {OWNER_FILE} lists them), and {stage} would replace them; nothing was "
+                          "changed: use a new or empty output_dir")
     write_json(out / OWNER_FILE, {"stage": stage, "files": sorted(owned | set(names))})
     return out
 
@@ -271,8 +271,8 @@ def training_run_name(output_dir: str | os.PathLike, stage: str, requested: str 
             changes = fingerprint_changes(out, fingerprint) if fingerprint is not None else None
             if changes:
                 raise OutputDirError(f"{out} holds the unfinished run {name}, made under other settings: "
-                                     f"{', '.join(changes)}; rerun with those settings to resume it, or use a "
-                                     f"new output_dir (or delete {record} to start afresh here)")
+                                     f"{', '.join(changes)}; rerun with those settings to resume it, or "
+                                     f"use a new output_dir (or delete {record} to start afresh here)")
             log.info("%s: resuming the unfinished run %s from its checkpoints", out, name)
     if name is None:
         name = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -309,6 +309,7 @@ PHASES: dict[str, tuple[str, str]] = {
     "exit": (OVERHEAD, ("the job's summary written until the submitter saw the job end and fetched its log "
                        "(process exit, Ray disconnect, status polling)")),
     "data": (WORK, "making or reading the stage's own data in the job's process (warm-up phantoms, checks)"),
+    "contamination": (WORK, "self-play: hashing the pool against the benchmarks' images, copies removed"),
     "work": (WORK, ("Ray Train: the steps (and DPO's reference pass); Ray Data: the rest of each pass "
                    "(generation, judging, answering)")),
     "checkpoints": (WRITING, ("Ray Train, rank 0: ready to step until the last report, outside the steps "
