@@ -21,6 +21,10 @@ followed), malformed judge bodies, a resume under another model or judge, a torn
 someone else's files, a truncated part, a YAML alias bomb, manifest paths out of the image root, a prompt
 injection of the reference judge, and the endpoint's ``n`` and ``bearer``.
 
+Privacy (``benchmarks/privacy_drill.py``, issue 29): phantoms with fake identifiers through the Judge actor
+to a loopback judge that keeps what it receives (Tesseract recovers none of them there), a judge URL
+outside ``judge.allowed_hosts`` refused before any request, planted benchmark copies removed from a pool.
+
 Prints tried | expected | observed | ok for every row, the counts the issue's "done when" asks for and the
 wall time; exits 1 if any row fails. Every "observed" is measured in this run.
 """
@@ -504,6 +508,7 @@ def summary_lines(drill: Drill, wall_s: float) -> list[str]:
     health = next((r.observed for r in rows if "stalled uploads" in r.tried), "not run")
     jobs = [r for r in rows if r.area == "job" and r.expected.startswith("exit 2")]
     hardening = [r for r in rows if r.area.startswith("hardening")]
+    privacy = [r for r in rows if r.area == "privacy"]
     return [
         f"patient values in logs/outputs/replies: {leak.split(';')[0]}",
         f"5xx for bad input: {fives} of {len(drill.bad_statuses)} requests",
@@ -511,6 +516,7 @@ def summary_lines(drill: Drill, wall_s: float) -> list[str]:
         f"/healthz, question while uploads stall: {health}",
         f"job input mistakes exiting 2 with one line: {sum(r.ok for r in jobs)}/{len(jobs)}",
         f"hardening rows passed: {sum(r.ok for r in hardening)}/{len(hardening)}",
+        f"privacy rows passed: {sum(r.ok for r in privacy)}/{len(privacy)}",
         f"rows passed: {sum(r.ok for r in rows)}/{len(rows)}; wall time {wall_s:.0f} s",
     ]
 
@@ -525,6 +531,12 @@ def hardening_section(drill: Drill, work: Path, quick: bool) -> None:
     hardening_rows(add, work, quick)
 
 
+def privacy_section(drill: Drill, work: Path, quick: bool) -> None:
+    from benchmarks.privacy_drill import privacy_rows
+
+    privacy_rows(drill.add, work, quick)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -535,7 +547,8 @@ def main() -> None:
     drill = Drill()
     sections: list[tuple[str, Callable[[Drill, Path, bool], None]]] = [("endpoint", endpoint_rows),
                                                                        ("jobs", job_rows),
-                                                                       ("hardening", hardening_section)]
+                                                                       ("hardening", hardening_section),
+                                                                       ("privacy", privacy_section)]
     with tempfile.TemporaryDirectory(prefix="fault-drill-") as tmp:
         for name, section in sections:
             print(f"== {name}", flush=True)
