@@ -526,7 +526,8 @@ def hardening_section(drill: Drill, work: Path, quick: bool) -> None:
 
     def add(area: str, tried: str, expected: str, observed: str, ok: bool) -> None:
         number = area.split()[0]  # the finding's number, so that the table says which row is which
-        drill.add(f"hardening {area}", f"#{number} {tried}" if number[0].isdigit() else tried, expected, observed, ok)
+        tried = f"#{number} {tried}" if number[0].isdigit() else tried
+        drill.add(f"hardening {area}", tried, expected, observed, ok)
 
     hardening_rows(add, work, quick)
 

@@ -97,7 +97,8 @@ def row_bin_checkpoint(add: Add, work: Path) -> None:
         weights.unlink()
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Planted(marker)))
     err = _refusal(lambda: load_model(ModelConfig(name_or_path=str(folder))))
-    add("1 checkpoint", "a model folder with only a pickled pytorch_model.bin", "ConfigError, one line; no marker",
+    add("1 checkpoint", "a model folder with only a pickled pytorch_model.bin",
+        "ConfigError, one line; no marker",
         f"{type(err).__name__}: {one_line(err)[:80]}; marker written: {marker.exists()}",
         type(err).__name__ == "ConfigError" and "\n" not in str(err) and not marker.exists())
 
@@ -106,7 +107,8 @@ def row_bin_checkpoint(add: Add, work: Path) -> None:
 
 
 FLIPS = ["Assistant 2: 3, Assistant 1: 9", "Assistant 2 gets 2 and Assistant 1 gets 9", "-3 7",
-         "Answer 2 - 4; Answer 1 - 8", "9 for Assistant 2, 3 for Assistant 1", "Assistant 1: -3, Assistant 2: 7"]
+         "Answer 2 - 4; Answer 1 - 8", "9 for Assistant 2, 3 for Assistant 1",
+         "Assistant 1: -3, Assistant 2: 7"]
 KEPT = {"Assistant 1: 7, Assistant 2: 9": (7.0, 9.0), "7 9": (7.0, 9.0), "**8/10 6/10**": (8.0, 6.0)}
 
 
@@ -176,11 +178,12 @@ print(json.dumps({"error": verdict.error, "score1": verdict.score1, "attempts": 
 
 
 def hostile_client(kind: str, reply: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-c", CLIENT, kind, reply], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run([sys.executable, "-c", CLIENT, kind, reply], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
     if proc.returncode != 0:
         return {"error": f"client exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}",
-                "score1": None, "rss_growth_mb": float("nan"), "seconds": 0.0, "followed": None, "requests": 0}
+                "score1": None, "rss_growth_mb": float("nan"), "seconds": 0.0, "followed": None,
+                "requests": 0}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -200,12 +203,13 @@ def row_http(add: Add, work: Path, quick: bool) -> None:
         ok = got["score1"] is None and bool(got["error"]) and got["rss_growth_mb"] <= RSS_BOUND_MB
         if reply == "redirect":
             ok = ok and got["error"].startswith("http 307") and not got["followed"] and got["requests"] == 1
-        add(area, f"judge ({kind}) gets {what}", f"recorded failure, RSS growth <= {RSS_BOUND_MB} MB, no raise",
+        add(area, f"judge ({kind}) gets {what}",
+            f"recorded failure, RSS growth <= {RSS_BOUND_MB} MB, no raise",
             f"{got['error'][:58]}; RSS +{got['rss_growth_mb']:.0f} MB; {got['seconds']:.1f} s"
             + (f"; followed: {got['followed']}" if reply == "redirect" else ""), ok)
 
 
-# ----------------------------------------------------------------------------- 5, 6, 7, 9: resumes and folders
+# ------------------------------------------------------------------------ 5, 6, 7, 9: resumes and folders
 
 
 def digest_tree(root: Path) -> dict[str, str]:
@@ -240,8 +244,8 @@ def row_fingerprint(add: Add, work: Path) -> None:
         err = _refusal(lambda c=config: generate.check_resume_settings(c, out))
         refusals.append((what, err))
     named = all(err is not None and "\n" not in str(err) for _, err in refusals)
-    named = named and "model.name_or_path was" in str(refusals[0][1]) and "judge.temperature was 0.2, now 0.7" in str(
-        refusals[1][1])
+    named = (named and "model.name_or_path was" in str(refusals[0][1])
+             and "judge.temperature was 0.2, now 0.7" in str(refusals[1][1]))
     keys = "; ".join(f"{what}: " + ", ".join(re.findall(r"(\S+) was ", str(err))) for what, err in refusals)
     add("5 fingerprint", "resume generate with another model.name_or_path, then another judge.temperature",
         "refused naming key, old and new value; rows unchanged",
@@ -259,8 +263,10 @@ def row_training_fingerprint(add: Add, work: Path) -> None:
     out = claim_output_dir(work / "dpo", "dpo", TRAINING_OUTPUTS)
     name = training_run_name(out, "dpo", None, ("metrics.jsonl",), training_fingerprint(loop))
     pairs.write_bytes(b"pairs of round 2")  # the driver died; the rerun points at other pairs
-    err = _refusal(lambda: training_run_name(out, "dpo", None, ("metrics.jsonl",), training_fingerprint(loop)))
-    ok = err is not None and "preferences_path.content was" in str(err) and name in str(err) and "\n" not in str(err)
+    err = _refusal(lambda: training_run_name(out, "dpo", None, ("metrics.jsonl",),
+                                             training_fingerprint(loop)))
+    ok = (err is not None and "preferences_path.content was" in str(err) and name in str(err)
+          and "\n" not in str(err))
     keys = ", ".join(re.findall(r"(\S+) was ", str(err)))
     add("5 fingerprint", "resume an unfinished DPO run with other pairs at the same path",
         "refused naming preferences_path.content",
@@ -315,7 +321,8 @@ def row_foreign_folder(add: Add, work: Path, instruct: Path) -> tuple[str, Calla
         ok = code == 2 and len(lines) == 1 and "did not write" in lines[0] and digest_tree(folder) == before
         add("7 deletes", "jobs.sft into a folder holding summary.json, metrics.jsonl, data_report.json",
             "exit 2, one line; every file unchanged",
-            f"exit {code}, {len(lines)} line(s) in {seconds:.0f} s; unchanged: {digest_tree(folder) == before}", ok)
+            f"exit {code}, {len(lines)} line(s) in {seconds:.0f} s; "
+            f"unchanged: {digest_tree(folder) == before}", ok)
 
     return "sft", lambda: run_stage("sft", ["--config", str(REPO / "jobs/configs/local/sft.yaml"),
                                             f"output_dir={folder}", f"data.instruct={instruct}"]), check
@@ -347,8 +354,10 @@ def row_truncated_part(add: Add, work: Path) -> None:
     path = write_part(parts, "part-x-000000", pa.Table.from_pylist([make_row("a.png", "/a.png", index=0)]))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     err = _refusal(lambda: read_parts(parts))
-    ok = type(err).__name__ == "DataError" and "\n" not in str(err) and "delete" in str(err) and path.name in str(err)
-    add("9 truncated part", "parts/part-*.parquet cut in half; resume", "DataError, one line, file and fix named",
+    ok = (type(err).__name__ == "DataError" and "\n" not in str(err) and "delete" in str(err)
+          and path.name in str(err))
+    add("9 truncated part", "parts/part-*.parquet cut in half; resume",
+        "DataError, one line, file and fix named",
         f"{type(err).__name__}: {one_line(err)[len(str(parts)) + 1:][:80]}", ok)
 
 
@@ -397,7 +406,8 @@ def row_serve_fields(add: Add, work: Path) -> None:
     request = type("Request", (), {"headers": {"authorization": "bearer sk-drill"}})()
     lower = _refusal(lambda: authorize(request, api_key_digest("sk-drill")))
     add("extras", "chat n=true, n=1.0, n=1; 'bearer' in lowercase", "400, 400, accepted; lowercase accepted",
-        f"{statuses}; lowercase bearer {'refused' if lower else 'accepted'}", statuses == [400, 400, 200] and not lower)
+        f"{statuses}; lowercase bearer {'refused' if lower else 'accepted'}",
+        statuses == [400, 400, 200] and not lower)
 
 
 # ----------------------------------------------------------------------------- the section
@@ -415,7 +425,8 @@ def hardening_rows(add: Add, work: Path, quick: bool, instruct: Path | None = No
     with ThreadPoolExecutor(max_workers=1) as pool:  # job subprocesses, while the unit rows run here
         futures = [(pool.submit(start), check) for _, start, check in jobs]
         for row in (row_checkpoint_pickles, row_bin_checkpoint, row_parser, row_injection, row_fingerprint,
-                    row_training_fingerprint, row_torn_metrics, row_truncated_part, row_manifest, row_serve_fields):
+                    row_training_fingerprint, row_torn_metrics, row_truncated_part, row_manifest,
+                    row_serve_fields):
             (work / row.__name__).mkdir(parents=True, exist_ok=True)
             row(add, work / row.__name__)
         row_http(add, work, quick)

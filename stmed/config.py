@@ -288,9 +288,10 @@ def check_expanded_size(value: Any, key: str) -> None:
         name, node = big[0]
         path = f"{path}.{name}" if path else str(name)
     size = _expanded_units(node, memo, set())
-    what = "refers to itself" if math.isinf(size) else f"expands to over {MAX_VALUE_UNITS:,} items and characters"
-    raise ConfigError(f"{path or 'the config'}: the value {what} (YAML anchors and aliases?); write the value "
-                      "out in full, or shorter")
+    what = ("refers to itself" if math.isinf(size)
+            else f"expands to over {MAX_VALUE_UNITS:,} items and characters")
+    raise ConfigError(f"{path or 'the config'}: the value {what} (YAML anchors and aliases?); write the "
+                      "value out in full, or shorter")
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -330,7 +331,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())[:300]}") from None
     except RecursionError:
-        raise ConfigError(f"config file {path} nests too deeply to read; a config is a few levels deep") from None
+        raise ConfigError(f"config file {path} nests too deeply to read; a config is a few levels "
+                          "deep") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     try:

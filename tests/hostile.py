@@ -137,7 +137,8 @@ class HostileServer:
                                           "Content-Length": str(len(bomb)), "Connection": "close"}) + bomb)
             self.sent_bytes += len(bomb)
         else:
-            conn.sendall(_head("200 OK", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}))
+            chunked = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+            conn.sendall(_head("200 OK", chunked))
             chunk = b"[" * (1 << 16) if self.reply == "endless_chunked" else b"["
             frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
             limit = 8 << 30  # a guard against a client that never stops reading

@@ -295,7 +295,8 @@ def make_transport(settings: JudgeSettings, http_client: Any = None) -> ChatTran
     if http_client is not None or settings.transport == "openai":
         return SDKTransport(make_client(settings, http_client), settings.timeout_s)
     return DirectTransport(settings.base_url, resolve_api_key(settings), settings.timeout_s,
-                           max_connections=settings.max_in_flight, max_response_bytes=settings.max_response_bytes)
+                           max_connections=settings.max_in_flight,
+                           max_response_bytes=settings.max_response_bytes)
 
 
 # ----------------------------------------------------------------------------- verdicts

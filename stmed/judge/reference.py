@@ -80,8 +80,8 @@ def _check_sections(text: str) -> None:
     counts = {marker: text.count(marker) for marker in _SECTIONS}
     repeated = {marker: n for marker, n in counts.items() if n > 1}
     if repeated:
-        raise BadJudgeRequest(f"ambiguous judge prompt: {', '.join(f'{m} {n} times' for m, n in repeated.items())}"
-                              " (an answer holds the prompt's markers)")
+        times = ", ".join(f"{marker} {n} times" for marker, n in repeated.items())
+        raise BadJudgeRequest(f"ambiguous judge prompt: {times} (an answer holds the prompt's markers)")
     if all(counts.values()) and [text.index(m) for m in _SECTIONS] != sorted(text.index(m) for m in _SECTIONS):
         raise BadJudgeRequest("the judge prompt's answer markers are out of order")
 

@@ -167,7 +167,8 @@ class BoundedHTTPTransport(httpx.AsyncHTTPTransport):
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             await response.aclose()
-            raise ResponseRefused(f"response content-encoding {encoding[:20]!r} refused (identity was asked for)")
+            raise ResponseRefused(f"response content-encoding {encoding[:20]!r} refused "
+                                  "(identity was asked for)")
         return httpx.Response(response.status_code, headers=response.headers, extensions=response.extensions,
                               stream=_CappedStream(response.stream, self.max_response_bytes))
 

@@ -104,9 +104,10 @@ def check_safetensors(name_or_path: str) -> None:
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickles:
-        raise ConfigError(f"model.name_or_path: {name_or_path} holds only pickled weights ({', '.join(pickles[:3])}), "
-                          "which stmed does not load; convert them to safetensors first (e.g. load and "
-                          "save_pretrained(safe_serialization=True) where you trust the file)")
+        raise ConfigError(f"model.name_or_path: {name_or_path} holds only pickled weights "
+                          f"({', '.join(pickles[:3])}), which stmed does not load; convert them to "
+                          "safetensors first (e.g. load and save_pretrained(safe_serialization=True) where you "
+                          "trust the file)")
     raise ConfigError(f"model.name_or_path: {name_or_path} holds no *.safetensors weights")
 
 

@@ -91,7 +91,8 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
         raise DataError(f"{path}: unreadable ({type(err).__name__}); delete {ckpt} to resume from an "
                         "earlier checkpoint") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "step"} <= set(state):
-        raise DataError(f"{path}: not a trainer state (expected optimizer, scheduler and step); delete {ckpt}")
+        raise DataError(f"{path}: not a trainer state (expected optimizer, scheduler and step); "
+                        f"delete {ckpt}")
     return state
 
 
@@ -117,7 +118,7 @@ def load_checkpoint(ckpt: Path, model, optimizer: Optimizer, scheduler: LRSchedu
     load_trainable(model, ckpt / "adapter")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if _read_rng(ckpt, rank) is None:  # resumed with more workers than were saved: a fresh, rank-distinct stream
+    if _read_rng(ckpt, rank) is None:  # more workers than were saved: a fresh, rank-distinct stream
         log.warning("no RNG state for rank %d in %s; reseeding", rank, ckpt)
         torch.manual_seed(int(state["step"]) * 1000 + rank)
     return int(state["step"])

@@ -129,11 +129,12 @@ def test_a_dpo_summary_after_a_torn_metrics_line_completes(tmp_path):
 def test_a_folder_of_files_stmed_did_not_write_is_refused_and_left_untouched(tmp_path):
     from stmed.runs import OWNER_FILE, TRAINING_OUTPUTS, OutputDirError, claim_output_dir, clear_run_logs
 
-    theirs = {"summary.json": "{}", "metrics.jsonl": "their log\n", "data_report.json": "[1]", "notes.txt": "x"}
+    theirs = {"summary.json": "{}", "metrics.jsonl": "their log\n", "data_report.json": "[1]",
+              "notes.txt": "x"}
     for name, text in theirs.items():
         (tmp_path / name).write_text(text)
-    with pytest.raises(OutputDirError, match=r"holds data_report.json, metrics.jsonl, summary.json that stmed did "
-                                          r"not write .* nothing was changed") as err:
+    with pytest.raises(OutputDirError, match=r"holds data_report.json, metrics.jsonl, summary.json that "
+                                             r"stmed did not write .* nothing was changed") as err:
         claim_output_dir(tmp_path, "dpo", TRAINING_OUTPUTS)
     assert "\n" not in str(err.value) and not (tmp_path / OWNER_FILE).exists()
     clear_run_logs(tmp_path, ("metrics.jsonl", "data_report.json"))  # called without a claim: deletes nothing

@@ -317,7 +317,7 @@ def test_a_symlink_pointing_out_of_the_image_root_is_refused(tmp_path):
     (root / "sub").mkdir(parents=True)
     (root / "ok.png").write_bytes(b"x")
     (root / "sub" / "leak.png").symlink_to(outside)
-    with pytest.raises(DataError, match=r"leak.png: image path 'sub/leak.png' resolves to .*secret.png, outside"):
+    with pytest.raises(DataError, match=r"leak.png: image path 'sub/leak.png' resolves to .*secret.png, out"):
         list_images(root)
     write_json(root / "m.json", ["ok.png", "sub/leak.png"])
     with pytest.raises(DataError, match="entry 1: image path 'sub/leak.png'"):

@@ -121,15 +121,15 @@ def test_a_bin_only_checkpoint_is_a_one_line_config_error_and_its_pickle_never_r
         weights.unlink()
     marker = tmp_path / "owned"
     (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(_Planted(marker)))
-    with pytest.raises(ConfigError, match=r"holds only pickled weights \(pytorch_model.bin\).*safetensors") as err:
+    with pytest.raises(ConfigError, match=r"only pickled weights \(pytorch_model.bin\).*safetensors") as err:
         load_model(ModelConfig(name_or_path=str(tmp_path)))
     assert "\n" not in str(err.value) and not marker.exists()
     # Through a job's entry point: one stderr line, exit 2, no traceback.
     repo = Path(__file__).resolve().parents[3]
     code = ("import sys; from jobs.runtime import run_job; from jobs.sft import SFTConfig, main;"
             "run_job(main, SFTConfig, sys.argv[1:])")
-    proc = subprocess.run([sys.executable, "-c", code, f"output_dir={tmp_path / 'out'}", "data.synthetic=true",
-                           "data.synthetic_images=4", "model.preset=null", f"model.name_or_path={tmp_path}"],
+    proc = subprocess.run([sys.executable, "-c", code, f"output_dir={tmp_path / 'out'}",
+                           "data.synthetic=true", "data.synthetic_images=4", "model.preset=null", f"model.name_or_path={tmp_path}"],
                           cwd=repo, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not marker.exists()
     lines = proc.stderr.strip().splitlines()  # the synthetic data's log line, then the verdict
