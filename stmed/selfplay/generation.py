@@ -70,7 +70,13 @@ class GenerationSettings:
     vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra vLLM engine arguments (max_model_len, gpu_memory_utilization, tensor_parallel_size…)."""
     vllm_concurrency: int = 1
-    """Engine replicas per vLLM stage (each stage's pool autoscales 1..n; one GPU per replica)."""
+    """Engine replicas (GPUs, at one a replica) the vLLM path may use at once. The describe and ask stages
+    run together and share them; the answer stage, after the questions' barrier, gets all of them."""
+    vllm_bundle: dict[str, float] | None = None
+    """One vLLM replica's placement bundle; None: one GPU (Ray's default). vLLM's CPU backend: ``{"CPU": 1}``."""
+    vllm_stage_cpus: float | None = None
+    """CPUs of each host-side worker of a vLLM stage (image preparation, pre- and post-processing); None:
+    Ray's default of 1. A fraction lets the stages of a small (CPU-only) node run side by side."""
 
     def __post_init__(self) -> None:
         positive = ("questions_per_image", "answers_per_question", "batch_size", "describe_max_tokens",

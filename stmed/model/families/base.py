@@ -74,6 +74,9 @@ class Family:
     published_names: tuple[tuple[str, str], ...] = ()
     """``(in-memory prefix, published prefix)`` pairs, first match wins: how the family's releases name
     the parameters that transformers 5 holds as ``model.…`` (``stmed.model.export``)."""
+    mm_limits: tuple[tuple[str, int], ...] = (("image", 1),)
+    """vLLM's ``limit_mm_per_prompt``: one image, and none of any other input the family could take
+    (Qwen2.5-VL's video), so an engine's start-up profiles only inputs that come."""
     shares_prefix: bool = True
     """Whether a preference pair's answers can be packed on one copy of the prompt (``dpo.shared_prefix``):
     the family's forward takes explicit positions and a 4D attention mask."""

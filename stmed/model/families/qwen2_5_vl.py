@@ -217,5 +217,5 @@ QWEN2_5_VL = Family(
     # Every block feeds the merger (Qwen2.5-VL reads the tower's last layer).
     vision_blocks_used=lambda model: range(hf_model(model).config.vision_config.depth),
     vit_targets=("qkv", "proj", "gate_proj", "up_proj", "down_proj"), set_pixel_bounds=set_pixel_bounds,
-    text_positions=text_positions, published_names=PUBLISHED_NAMES,
+    text_positions=text_positions, published_names=PUBLISHED_NAMES, mm_limits=(("image", 1), ("video", 0)),
 )  # fmt: skip
