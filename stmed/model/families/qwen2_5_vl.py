@@ -23,6 +23,9 @@ make a 64-px phantom 16 image tokens.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, processors
@@ -73,6 +76,21 @@ class Qwen2_5_VLProcessor(HFQwen2_5_VLProcessor):
     @classmethod
     def get_attributes(cls) -> list[str]:
         return ["image_processor", "tokenizer"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save, then add the video processor the stock class needs to be built (vLLM builds it): the
+        image processor's patching and normalisation, so a loader sees the release's set of parts."""
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        path = Path(save_directory) / "processor_config.json"
+        config = json.loads(path.read_text())
+        image = self.image_processor
+        config["video_processor"] = {
+            "video_processor_type": "Qwen2VLVideoProcessor", "patch_size": image.patch_size,
+            "temporal_patch_size": image.temporal_patch_size, "merge_size": image.merge_size,
+            "image_mean": list(image.image_mean), "image_std": list(image.image_std), "size": dict(image.size),
+        }  # fmt: skip
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        return saved
 
 
 def load_processor(name_or_path: str) -> HFQwen2_5_VLProcessor:
