@@ -16,7 +16,10 @@ Questions come from the synthetic benchmark (made in a temporary folder).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -132,24 +135,36 @@ def compare(preset: str, data: Path, questions: int, max_new_tokens: int, batch_
             "example_disagreement": next(((a, b) for a, b, s in zip(hf.answers, vl.answers, same) if not s), None)}
 
 
+def report(r: dict[str, Any]) -> str:
+    line = (f"{r['preset']}: {r['questions']} questions, prompt ids identical {r['same_prompt_ids']}/{r['questions']}, "
+            f"greedy answers agree {r['agree']}/{r['questions']} ({r['agreement']:.1%}); "
+            f"HF {r['hf_questions_per_s']:.1f} q/s, vLLM {r['vllm_questions_per_s']:.1f} q/s")
+    if r["example_disagreement"]:
+        hf, vl = r["example_disagreement"]
+        line += f"\n  disagreements diverge at word {r['diverged_at_word']}; e.g. HF {hf!r} vs vLLM {vl!r}"
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "tiny-qwen2.5-vl"])
     parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16, help="HF engine batch (vLLM schedules its own)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per preset instead of text")
     args = parser.parse_args()
+    if len(args.presets) > 1:
+        # One process per preset: a vLLM engine does not give its reserved host memory back in-process.
+        for preset in args.presets:
+            command = [sys.executable, __file__, "--presets", preset, "--questions", str(args.questions),
+                       "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
+            subprocess.run(command + (["--json"] if args.json else []), check=True)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = make_dataset(root / "data", num_images=60, seed=0).root
-        for preset in args.presets:
-            r = compare(preset, data, args.questions, args.max_new_tokens, args.batch_size, root)
-            print(f"{r['preset']}: {r['questions']} questions, prompt ids identical {r['same_prompt_ids']}/"
-                  f"{r['questions']}, greedy answers agree {r['agree']}/{r['questions']} ({r['agreement']:.1%}); "
-                  f"HF {r['hf_questions_per_s']:.1f} q/s, vLLM {r['vllm_questions_per_s']:.1f} q/s")
-            if r["example_disagreement"]:
-                print(f"  disagreements diverge at word {r['diverged_at_word']}; e.g. HF {r['example_disagreement'][0]!r}"
-                      f" vs vLLM {r['example_disagreement'][1]!r}")
+        r = compare(args.presets[0], data, args.questions, args.max_new_tokens, args.batch_size, root)
+        print(json.dumps(r) if args.json else report(r), flush=True)
 
 
 if __name__ == "__main__":

@@ -198,10 +198,15 @@ def serving_chat_template(system: str = SYSTEM_SQ, chat: ChatFormat = VICUNA) ->
     writes, cut out of a prompt it rendered, so the two cannot drift apart. Messages come in the
     OpenAI content format (a list of parts; the image part itself renders as nothing, its token is
     in the fixed text).
+
+    It opens with the tokenizer's ``bos_token`` where it has one: vLLM tokenizes a rendered chat with
+    ``add_special_tokens=False``, while training and the HF engine always had LLaVA's ``<s>`` (Qwen's
+    tokenizers have no BOS token, so nothing is added there).
     """
     marker = "\x00question\x00"
     head, tail = answer_prompt(marker, system, chat).split(marker)
     return (
+        "{%- if bos_token is defined and bos_token -%}{{ bos_token }}{%- endif -%}"
         "{%- set ns = namespace(text='') -%}"
         "{%- for message in messages if message['role'] == 'user' -%}"
         "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"

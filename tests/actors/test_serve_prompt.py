@@ -66,5 +66,20 @@ def test_vllm_and_hf_build_the_identical_prompt(tokenizer, messages):
     vllm_prompt = tokenizer.apply_chat_template(_as_vllm_sends(messages), chat_template=kwargs["chat_template"],
                                                 tokenize=False, add_generation_prompt=True)  # fmt: skip
     hf_prompt = answer_prompt(chat_parts(messages)[0])
-    assert vllm_prompt == hf_prompt
+    # vLLM's chat endpoint tokenizes the rendered text without special tokens: the template writes <s>.
+    assert vllm_prompt == tokenizer.bos_token + hf_prompt
+    vllm_ids = tokenizer(vllm_prompt, add_special_tokens=False)["input_ids"]
+    assert vllm_ids == tokenizer(hf_prompt)["input_ids"] and vllm_ids[0] == tokenizer.bos_token_id
     assert vllm_prompt.count("<image>") == 1 and vllm_prompt.endswith(" ASSISTANT:")
+
+
+def test_a_family_without_a_bos_token_gets_none_in_the_served_template():
+    from stmed.model.families.qwen2_5_vl import CHATML
+    from stmed.model.families.qwen2_5_vl import build_tiny as build_tiny_qwen
+    from stmed.model.prompts import serving_chat_template
+
+    tokenizer = build_tiny_qwen(0)[1].tokenizer
+    assert tokenizer.bos_token is None
+    rendered = tokenizer.apply_chat_template(_as_vllm_sends(REQUESTS[0]), chat_template=serving_chat_template(
+        chat=CHATML), tokenize=False, add_generation_prompt=True)  # fmt: skip
+    assert rendered == answer_prompt(chat_parts(REQUESTS[0])[0], chat=CHATML)
