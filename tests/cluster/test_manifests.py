@@ -442,3 +442,17 @@ def test_rayservice_args_build_the_serve_config_and_fit_the_cluster() -> None:
     spec = _doc(KUBERAY / "rayservice.yaml")["spec"]["rayClusterConfig"]
     fit = _fit(_groups(spec), cfg.replica.num_cpus, cfg.replica.num_gpus)
     assert fit >= cfg.autoscaling.max_replicas, f"{cfg.autoscaling.max_replicas} replicas, room for {fit}"
+
+
+def test_launcher_mounts_one_shared_filesystem_on_every_node(launcher: dict[str, Any]) -> None:
+    """The driver runs on the head and the workers on the GPU node: without one filesystem at /mnt/shared on
+    both, Ray Train refuses its storage and generate's parts split across nodes."""
+    init = " ".join(launcher["initialization_commands"])
+    assert "mount -t nfs4" in init and ":/ /mnt/shared" in init  # a network filesystem, not a local folder
+    assert "/mnt/shared:/mnt/shared" in " ".join(launcher["docker"]["run_options"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):  # Ray starts only on a mounted one
+        assert launcher[key][0].startswith("mountpoint -q /mnt/shared ||"), key
+    for name in ("raycluster.yaml", "rayservice.yaml"):  # KubeRay: every pod mounts the ReadWriteMany claim
+        text = (REPO / "cluster" / "kuberay" / name).read_text()
+        assert text.count("claimName: stmed-shared") == 2 and text.count("mountPath: /mnt/shared") == 2
+    assert "ReadWriteMany" in (REPO / "cluster" / "kuberay" / "storage.yaml").read_text()
