@@ -45,7 +45,8 @@ def test_relative_links_resolve(page: Path):
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_command_modules_exist(page: Path):
     blocks = command_blocks(page.read_text())
-    modules = sorted({m for block in blocks for m in _MODULE.findall(block)})
+    # "jobs.$stage" stops at the shell variable: a name that ends in a dot is a pattern, not a module.
+    modules = sorted({m for block in blocks for m in _MODULE.findall(block) if not m.endswith(".")})
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     assert not missing, f"{page.relative_to(REPO)} runs modules that do not exist: {missing}"
 
