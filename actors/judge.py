@@ -15,7 +15,10 @@ semaphore and rate buckets, which is what makes ``max_in_flight`` a per-actor bo
 outside that loop: nothing here may need a running loop at construction (the semaphore binds lazily,
 the direct transport opens its HTTP session on the first request).
 
-``num_actors`` should be the pool's ``max_size``: the run-wide RPM/TPM budgets are split by it.
+``num_actors`` should be the pool's ``max_size``: the run-wide RPM/TPM budgets are split by it. The spend
+budget is not split: ``ledger`` (``actors.ledger.start_ledger``) is one actor every judge reserves from.
+With ``judge.mode=batch`` the actor only gates: its rows leave unjudged (``PENDING``), the masked image
+still on them, for the driver's one Batch API job (``stmed.judge.batch``).
 The API key is read from ``settings.api_key_env`` inside the actor, so on a cluster that variable
 must reach the workers (``runtime_env={"env_vars": ...}``); a loopback judge needs none.
 """
@@ -30,15 +33,20 @@ from typing import Any
 
 import numpy as np
 
+from actors.ledger import RemoteSpend
 from stmed.config import build_config
 from stmed.data.images import ImageLoadError
 from stmed.judge.cache import ReplyCache
 from stmed.judge.judging import JudgeSettings, JudgeVerdict, judge_pair, make_limiter, make_transport
+from stmed.judge.ledger import Spend
 from stmed.privacy.gate import REFUSED, PrivacySettings, TextGate
 
 INPUT_COLUMNS = ("pair_id", "question", "answer1", "answer2", "image_data_url")
 VERDICT_COLUMNS = tuple(f.name for f in dataclasses.fields(JudgeVerdict) if f.name != "pair_id")
 GATE_COLUMNS = ("gate_action", "gate_regions", "sent_digest")
+REFUSED_ERROR = "privacy: burned-in text, image refused (privacy.burned_in_text=refuse)"
+PENDING = "pending: judge.mode=batch, not judged yet"
+"""The error of a row left for the batch phase; it keeps its (gated) image until judged."""
 
 
 def _column(values: list[Any]) -> np.ndarray:
@@ -51,10 +59,12 @@ class Judge:
     verdict's columns (``score1``, ``score2``, ``error``, ``attempts``, …)."""
 
     def __init__(self, settings: JudgeSettings | dict[str, Any], num_actors: int = 1,
-                 http_client: Any = None, privacy: PrivacySettings | dict[str, Any] | None = None):
+                 http_client: Any = None, privacy: PrivacySettings | dict[str, Any] | None = None,
+                 ledger: Any = None, spend: Spend | None = None):
         """``http_client`` (an ``httpx.AsyncClient``, sent through the openai SDK) is for in-process use,
         e.g. a mock transport. ``privacy``: the burned-in-text gate for rows that arrive ungated (no
-        ``gate_action``); rows a generator gated pass as they are."""
+        ``gate_action``); rows a generator gated pass as they are. ``ledger``: the run's ledger actor
+        (``actors.ledger``); ``spend``: an in-process one (``stmed.judge.ledger.LocalSpend``)."""
         self.settings = settings if isinstance(settings, JudgeSettings) else build_config(JudgeSettings, settings)
         privacy = privacy if isinstance(privacy, PrivacySettings) else build_config(PrivacySettings, privacy or {})
         self.gate = TextGate(privacy)
@@ -62,6 +72,7 @@ class Judge:
         self.client = make_transport(self.settings, http_client)
         self.limiter = make_limiter(self.settings, num_actors)
         self.cache = ReplyCache(self.settings.cache_dir) if self.settings.cache_dir else None
+        self.spend = spend if spend is not None else RemoteSpend(ledger) if ledger is not None else None
         # What the actor process has imported (Ray, torch, transformers: ~300k objects) lives as long as
         # the process. Left in the collector, every full collection re-scans it for ~200 ms, a stall of
         # the event loop that every request in flight waits out; frozen, it is never scanned again.
@@ -80,8 +91,14 @@ class Judge:
         if missing:
             raise ValueError(f"Judge needs the column(s) {missing}; the batch has {sorted(batch)}")
         batch = self._gated(batch)
-        verdicts = await self._judge_rows(batch)
-        out = {name: column for name, column in batch.items() if name != "image_data_url"}
+        if self.settings.mode == "batch":
+            verdicts = self._refused_or_pending(batch)
+            out = dict(batch)  # the gated image stays on a pending row, for the batch
+            out["image_data_url"] = np.array([url if v.error == PENDING else "" for url, v in
+                                              zip(batch["image_data_url"], verdicts)], dtype=object)
+        else:
+            verdicts = await self._judge_rows(batch)
+            out = {name: column for name, column in batch.items() if name != "image_data_url"}
         for name in VERDICT_COLUMNS:  # the fields ``JudgeVerdict.to_row`` holds, read column by column
             out[name] = _column([getattr(v, name) for v in verdicts])
         return out
@@ -111,6 +128,13 @@ class Judge:
             columns["gate_action"][i], columns["gate_regions"][i], columns["sent_digest"][i] = action, regions, digest
         return {**batch, **{name: np.array(values, dtype=object) for name, values in columns.items()}}
 
+    @staticmethod
+    def _refused_or_pending(batch: dict[str, np.ndarray]) -> list[JudgeVerdict]:
+        n = len(batch["pair_id"])
+        refused = batch.get("gate_action", np.full(n, "", dtype=object)) == REFUSED
+        return [JudgeVerdict(str(pid), None, None, error=REFUSED_ERROR if no else PENDING)
+                for pid, no in zip(batch["pair_id"], refused)]
+
     async def _judge_rows(self, batch: dict[str, np.ndarray]) -> list[JudgeVerdict]:
         """A verdict per row, by a few workers that each take the next row: ``2 * max_in_flight`` of
         them keep every slot busy (a worker waiting out a backoff holds none) without a task, a
@@ -124,13 +148,12 @@ class Judge:
         async def worker() -> None:
             for i in todo:  # one iterator: each row goes to exactly one worker
                 if refused[i]:  # nothing is sent: the gate refused the image
-                    verdicts[i] = JudgeVerdict(str(batch["pair_id"][i]), None, None, error="privacy: "
-                                               "burned-in text, image refused (privacy.burned_in_text=refuse)")
+                    verdicts[i] = JudgeVerdict(str(batch["pair_id"][i]), None, None, error=REFUSED_ERROR)
                     continue
                 verdicts[i] = await judge_pair(
                     self.client, self.settings, self.limiter, self.cache, str(batch["question"][i]),
                     str(batch["answer1"][i]), str(batch["answer2"][i]), str(batch["image_data_url"][i]),
-                    pair_id=str(batch["pair_id"][i]))
+                    pair_id=str(batch["pair_id"][i]), spend=self.spend)
 
         await asyncio.gather(*(worker() for _ in range(min(n, 2 * self.settings.max_in_flight))))
         return verdicts

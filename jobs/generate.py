@@ -16,7 +16,9 @@ Resume: rerun with the same ``output_dir``. Images whose k question rows are all
 skipped; rows already written for a half-done image are generated again but not re-emitted, so never
 re-judged; failed judgements are retried. Judge replies are cached on disk
 (``judge.cache_dir``, default ``output_dir/judge_cache``), so a request that was answered before the
-kill is not paid twice. (Ray Data's CheckpointConfig would also do this, but its filter actor takes a
+kill is not paid twice; ``ledger.jsonl`` holds every judge call's tokens and price across reruns, and
+``judge.budget_usd`` stops the round (one line, exit 1, parts kept) before a request would pass it: rerun
+with a higher budget to go on (``stmed.judge.ledger``). (Ray Data's CheckpointConfig would also do this, but its filter actor takes a
 whole CPU, which starves a 2-CPU machine.) On a cluster ``output_dir`` must be on shared storage.
 The row schema, the resume bookkeeping and the pair assembly are Ray-free, in ``stmed.selfplay.preferences``.
 """
@@ -35,7 +37,8 @@ from actors.generator import Generator, KeptPairJudge
 from jobs.runtime import NothingProduced, init_ray, pass_timings, run_job, stage_clock
 from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, write_config
 from stmed.data.records import DataError, export_dpo_json, list_images, sample_images, write_preferences
-from stmed.judge.judging import JudgeSettings
+from stmed.judge.judging import BUDGET_ERROR, JudgeSettings
+from stmed.judge.ledger import LEDGER_FILE, ledger_totals, per_pair, read_ledger
 from stmed.log import get_logger
 from stmed.privacy.audit import audit_lines, audit_totals, write_audit
 from stmed.privacy.contamination import ContaminationSettings, remove_benchmark_copies
@@ -159,7 +162,13 @@ def sampled_images(cfg: GenerateConfig) -> list[dict[str, str]]:
             for p in paths]
 
 
-def build_dataset(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], judge: JudgeSettings):
+class BudgetStopped(NothingProduced):
+    """The round reached ``judge.budget_usd``: the rows judged so far are in ``parts/``, no summary is
+    written, and a rerun with a higher budget resumes without paying for them again."""
+
+
+def build_dataset(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], judge: JudgeSettings,
+                  ledger: Any = None):
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -176,21 +185,35 @@ def build_dataset(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], j
             num_cpus=cfg.pools.generator_cpus, num_gpus=cfg.generator_gpus, batch_format="numpy")
     return ds.map_batches(
         KeptPairJudge, fn_constructor_kwargs={"settings": judge, "num_actors": cfg.pools.judge_max,
-                                              "privacy": cfg.privacy},
+                                              "privacy": cfg.privacy, "ledger": ledger},
         compute=ActorPoolStrategy(min_size=cfg.pools.judge_min, max_size=cfg.pools.judge_max),
         batch_size=cfg.pools.pairs_per_judge_batch, num_cpus=cfg.pools.judge_cpus, batch_format="numpy")
 
 
+def budget_refused(block: Any) -> bool:
+    """Whether a written block holds a pair the ledger refused to pay for."""
+    if "error" not in block.column_names:
+        return False
+    return any(e.startswith(BUDGET_ERROR) for e in block.column("error").to_pylist() if isinstance(e, str))
+
+
 def run_pipeline(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], judge: JudgeSettings,
                  parts: Path, clock: StageClock | None = None) -> None:
-    """Stream the pipeline, writing each finished block as it arrives (parts sort by run, then block)."""
+    """Stream the pipeline, writing each finished block as it arrives (parts sort by run, then block).
+    Once the budget refused a request the stream stops: nothing more is generated for a judge that is
+    not paid; the blocks still in flight are lost, but their paid replies are in the cache."""
+    import ray
+
     clock = clock or StageClock()
     with clock.phase("ray_init"):
         init_ray(cfg.ray)
     run = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
     rows = 0
     started = time.time()
-    dataset = build_dataset(cfg, todo, skip, judge)
+    from actors.ledger import start_ledger
+
+    ledger = start_ledger(Path(cfg.output_dir) / LEDGER_FILE, judge.budget_usd) if judge.mode == "online" else None
+    dataset = build_dataset(cfg, todo, skip, judge, ledger)
     blocks = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:
         for n, block in enumerate(blocks):
@@ -198,8 +221,13 @@ def run_pipeline(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], ju
                 write_part(parts, f"part-{run}-{n:06d}", block)
                 rows += block.num_rows
                 log.info("wrote %d rows (%d this run)", block.num_rows, rows)
+            if budget_refused(block):
+                log.warning("judge.budget_usd=%s reached: stopping the round", judge.budget_usd)
+                break
     finally:  # on an interrupt, stop the streaming executor (and its actors) now, not at GC
         getattr(blocks, "close", lambda: None)()
+        if ledger is not None:
+            ray.kill(ledger)
     if cfg.generation.engine == "hf":  # the pool start is the generators' (the judges' build takes no model)
         clock.add_all(pass_timings([(started, time.time())], Generator.__name__))
 
@@ -224,6 +252,10 @@ def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list
     write_audit(out / "audit.jsonl", audit)
     summary = {**summarize_rows(len(images), rows, pairs, failures, judge), "sent_to_judge": audit_totals(audit),
                **extra}
+    spend = ledger_totals(read_ledger(out / LEDGER_FILE))  # every run of this folder
+    judged = summary["judge"]["judged"]
+    summary["spend"] = {**spend, "budget_usd": judge.budget_usd, "mode": judge.mode,
+                        **per_pair(spend, judged, len(pairs))}
     if not pairs:
         # No summary.json: the stage did not finish, and a pipeline rerun runs it again.
         raise NothingProduced(
@@ -245,7 +277,7 @@ SAMPLING_ONLY = frozenset({"batch_size", "device", "vllm_engine_kwargs", "vllm_c
 JUDGE_ROWS = ("base_url", "model", "temperature", "max_tokens", "swap_positions", "reference_findings")
 """``judge`` settings that change the verdicts in the rows (the rest paces, retries or caches)."""
 GENERATE_OUTPUTS = ("config.yaml", SUMMARY, FINGERPRINT_FILE, "parts", "preferences.parquet", "dpo.json",
-                    "failures.jsonl", "judge_cache", "audit.jsonl", "contamination.jsonl")
+                    "failures.jsonl", "judge_cache", "audit.jsonl", "contamination.jsonl", LEDGER_FILE)
 
 
 def fingerprint(cfg: GenerateConfig) -> dict[str, Any]:
@@ -279,6 +311,18 @@ def check_resume_settings(cfg: GenerateConfig, out: Path) -> None:
     if has_rows and changes:
         raise ConfigError(f"{out} holds rows made under other settings: {', '.join(changes)}; {fix}")
     write_fingerprint(out, now)
+
+
+def check_budget(rows: list[dict], judge: JudgeSettings, out: Path) -> None:
+    """End the round in one line when the ledger refused a request: what is judged stays in ``parts/``."""
+    refused = sum(isinstance(r.get("error"), str) and r["error"].startswith(BUDGET_ERROR) for r in rows)
+    if not refused:
+        return
+    spend = ledger_totals(read_ledger(out / LEDGER_FILE))
+    raise BudgetStopped(
+        f"judge budget reached: ${spend['usd']:.4f} of judge.budget_usd={judge.budget_usd} spent over "
+        f"{spend['calls']} calls ({out / LEDGER_FILE}); {refused} answer pairs not judged and the rest not "
+        "generated; rerun with a higher judge.budget_usd to resume (judged pairs are not paid again)")
 
 
 def main(cfg: GenerateConfig) -> GenerateResult:
@@ -315,6 +359,7 @@ def main(cfg: GenerateConfig) -> GenerateResult:
             server.stop()
     wanted = {im["image_id"] for im in images}
     rows = [r for r in read_parts(parts).values() if r["image_id"] in wanted]
+    check_budget(rows, judge, out)
     extra = {"resumed_rows": len(done), "contamination": contamination,
              "wall_time_s": round(time.monotonic() - start, 2)}
     if server is not None:  # what the offline judge saw in this run (retries and re-sends included)

@@ -92,6 +92,21 @@ def judge_counts(summary: dict[str, Any]) -> dict[str, int]:
             "inconsistent": int(decisions.get("inconsistent under position swap", 0))}
 
 
+def spend_line(spend: dict[str, Any]) -> str:
+    """The judge's bill from a generate summary's ``spend`` (``stmed.judge.ledger``), in one sentence."""
+    def usd(value: Any) -> str:
+        return "n/a" if value is None else f"${float(value):.4f}"
+
+    modes = ", ".join(f"{mode} {usd(spend.get(f'{mode}_usd'))}" for mode in ("online", "batch")
+                      if spend.get(f"{mode}_usd"))
+    budget = f"; budget {usd(spend['budget_usd'])}" if spend.get("budget_usd") is not None else ""
+    return (f"Judge spend (ledger, every run of the round): {usd(spend.get('usd'))}"
+            f"{f' ({modes})' if modes else ''} over {spend.get('calls', 0)} calls, "
+            f"{spend.get('cached_calls', 0)} of them from the cache at $0; "
+            f"{usd(spend.get('usd_per_judged_pair'))} per judged pair, "
+            f"{usd(spend.get('usd_per_kept_pair'))} per pair kept{budget}.")
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -202,6 +217,8 @@ def generate_section(run_dir: Path, plots: Path, suffix: str = "") -> Section:
              "| pairs judged | kept | ties (dropped) | inconsistent | judge failures |", "|---|---|---|---|---|",
              (f"| {counts['pairs']} | {counts['kept']} | {counts['ties']} | {counts['inconsistent']} "
              f"| {counts['failed']} |")]
+    if summary.get("spend"):
+        lines += ["", spend_line(summary["spend"])]
     if not scores:
         return Section("\n".join(lines) + "\n")
     histogram = Counter(round(s) for s in scores)

@@ -43,6 +43,7 @@ import openai
 
 from stmed.config import ConfigError
 from stmed.judge.cache import CachedReply, ReplyCache, image_digest
+from stmed.judge.ledger import OK, WAIT, Charge, Mode, Prices, Spend
 from stmed.judge.pacing import RateLimiter, Sleep, backoff_delay
 from stmed.judge.transport import (
     MAX_RESPONSE_BYTES,
@@ -220,7 +221,21 @@ class JudgeSettings:
     drop_inconsistent: bool = True
     """With swap_positions: drop a pair whose preferred answer flips with the order."""
     price_prompt_per_1k: float = 0.0025
+    """USD per 1,000 prompt tokens of ``model`` (GPT-4o's list price); the ledger prices every call by it."""
     price_completion_per_1k: float = 0.01
+    batch_discount: float = 0.5
+    """The share of the list price a Batch API call costs (OpenAI: half)."""
+    budget_usd: float | None = None
+    """The most a round may spend on the judge, every rerun of its output folder included (``ledger.jsonl``);
+    the round stops cleanly before a request that would pass it. None: no limit."""
+    mode: Literal["online", "batch"] = "online"
+    """``online``: a request per pair as pairs are generated; ``batch``: every pair in one OpenAI Batch API
+    job after generation, at ``batch_discount`` of the price, within 24 h (``stmed.judge.batch``)."""
+    batch_poll_s: float = 5.0
+    """First wait between polls of a batch's status; doubled up to ``batch_poll_max_s``."""
+    batch_poll_max_s: float = 60.0
+    batch_wait_s: float = 26 * 3600.0
+    """How long the job waits for a batch (its window is 24 h); past it the job stops, resumable."""
     allowed_hosts: list[str] = field(default_factory=list)
     """Hosts images may be sent to (``api.openai.com``); loopback is always allowed. A ``base_url``
     elsewhere is refused here, before any request (``stmed.privacy.hosts``)."""
@@ -244,6 +259,11 @@ class JudgeSettings:
             "image_tokens": self.image_tokens >= 0,
             "price_prompt_per_1k": self.price_prompt_per_1k >= 0,
             "price_completion_per_1k": self.price_completion_per_1k >= 0,
+            "batch_discount": 0 < self.batch_discount <= 1,
+            "budget_usd": self.budget_usd is None or self.budget_usd >= 0,
+            "batch_poll_s": self.batch_poll_s > 0,
+            "batch_poll_max_s": self.batch_poll_max_s >= self.batch_poll_s,
+            "batch_wait_s": self.batch_wait_s > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -252,6 +272,12 @@ class JudgeSettings:
             raise ConfigError(f"judge.tie_policy must be 'drop' or 'keep_first', got {self.tie_policy!r}")
         if self.transport not in ("direct", "openai"):
             raise ConfigError(f"judge.transport must be 'direct' or 'openai', got {self.transport!r}")
+        if self.mode not in ("online", "batch"):
+            raise ConfigError(f"judge.mode must be 'online' or 'batch', got {self.mode!r}")
+
+    @property
+    def prices(self) -> Prices:
+        return Prices(self.price_prompt_per_1k, self.price_completion_per_1k, self.batch_discount)
 
 
 def is_loopback(base_url: str) -> bool:
@@ -380,8 +406,7 @@ def summarize(verdicts: Iterable[JudgeVerdict], settings: JudgeSettings) -> dict
         reason = decide(v, settings.tie_policy, settings.drop_inconsistent)[1]
         reason = "failed" if reason.startswith("failed") else reason
         out["decisions"][reason] = out["decisions"].get(reason, 0) + 1
-    out["cost_usd"] = round(out["prompt_tokens"] / 1000 * settings.price_prompt_per_1k
-                            + out["completion_tokens"] / 1000 * settings.price_completion_per_1k, 6)
+    out["cost_usd"] = round(settings.prices.usd(out["prompt_tokens"], out["completion_tokens"], settings.mode), 6)
     return out
 
 
@@ -435,6 +460,40 @@ class _Prompt:
         return estimate_tokens(chars, 1, settings)
 
 
+BUDGET_ERROR = "budget"
+"""The error of a pair whose request was not sent because ``judge.budget_usd`` would have been passed."""
+
+
+RESERVE_POLL_S = 0.05
+"""How often a request that waits for the reservations ahead of it asks the ledger again."""
+
+
+class BudgetRefused(Exception):
+    """The ledger refused a request's reservation: sending it could pass ``judge.budget_usd``."""
+
+
+@dataclass(frozen=True)
+class Bill:
+    """Where one ordering's calls are charged: the ledger, and which pair and order they are for."""
+
+    spend: Spend
+    prices: Prices
+    pair_id: str
+    order: int = 0
+    mode: Mode = "online"
+
+    def estimate_usd(self, estimated_tokens: int, settings: JudgeSettings) -> float:
+        """The price of a request before it is sent: the prompt estimate, and the full ``max_tokens``."""
+        return self.prices.usd(estimated_tokens - settings.max_tokens, settings.max_tokens, self.mode)
+
+    async def charge(self, attempt: int, usage: tuple[int, int] | None, reserved_usd: float = 0.0,
+                     ok: bool = True, cached: bool = False) -> None:
+        prompt_tokens, completion_tokens = usage or (0, 0)
+        usd = self.prices.usd(prompt_tokens, completion_tokens, self.mode)
+        await self.spend.record(Charge(self.pair_id, self.order, attempt, self.mode, cached, prompt_tokens,
+                                       completion_tokens, usd, ok), reserved_usd)
+
+
 def _read_reply(completion: Completion) -> tuple[str | None, tuple[float, float] | None, str | None]:
     """(reply text, scores, parse error) of one response; exactly one of scores / error is set."""
     if completion.text is None:
@@ -446,12 +505,28 @@ def _read_reply(completion: Completion) -> tuple[str | None, tuple[float, float]
 
 
 async def _request(transport: ChatTransport, settings: JudgeSettings, limiter: RateLimiter,
-                   prompt: _Prompt) -> tuple[Completion, int, int]:
+                   prompt: _Prompt, bill: Bill | None = None, attempt: int = 1) -> tuple[Completion, int, int]:
     """Send one request in a limiter slot; returns (completion, prompt tokens, completion tokens).
-    The body (messages, base64 image, JSON) exists only while the slot is held."""
+    The body (messages, base64 image, JSON) exists only while the slot is held. With a ``bill`` the
+    request's estimated price is reserved in the slot, just before it leaves (``BudgetRefused`` if the
+    ledger says no), and its charge recorded when it is answered or fails."""
     estimate = prompt.estimate(settings)
     async with limiter.slot(estimate):
-        completion = await transport.complete(prompt.body(settings))
+        reserved = 0.0
+        if bill is not None:
+            reserved = bill.estimate_usd(estimate, settings)
+            while (answer := await bill.spend.reserve(reserved)) == WAIT:
+                await asyncio.sleep(RESERVE_POLL_S)
+            if answer != OK:
+                raise BudgetRefused
+        try:
+            completion = await transport.complete(prompt.body(settings))
+        except Exception:
+            if bill is not None:
+                await bill.charge(attempt, None, reserved, ok=False)
+            raise
+    if bill is not None:
+        await bill.charge(attempt, completion.usage, reserved, ok=completion.text is not None)
     prompt_tokens, completion_tokens = completion.usage or (0, 0)
     limiter.settle(estimate, prompt_tokens + completion_tokens if completion.usage else estimate)
     return completion, prompt_tokens, completion_tokens
@@ -459,7 +534,7 @@ async def _request(transport: ChatTransport, settings: JudgeSettings, limiter: R
 
 async def _judge_order(transport: ChatTransport, settings: JudgeSettings, limiter: RateLimiter,
                        cache: ReplyCache | None, prompt: _Prompt, image_key: str | None, sleep: Sleep,
-                       rng: random.Random | None) -> _Outcome:
+                       rng: random.Random | None, bill: Bill | None = None) -> _Outcome:
     """Judge one ordering: the cache first (when there is one), then up to ``max_attempts`` requests."""
     key = None
     if cache is not None:
@@ -467,7 +542,10 @@ async def _judge_order(transport: ChatTransport, settings: JudgeSettings, limite
         hit = cache.get(key)
         if hit is not None:
             try:
-                return _Outcome(parse_scores(hit.reply), None, 0, True, reply=hit.reply)
+                scores = parse_scores(hit.reply)
+                if bill is not None:  # a call that cost nothing, counted as one
+                    await bill.charge(0, None, cached=True)
+                return _Outcome(scores, None, 0, True, reply=hit.reply)
             except ScoreParseError as err:  # only parsed replies are cached: this entry was edited
                 log.warning("cached reply %s no longer parses (%s); requesting again", key[:12], err)
     attempts = parse_failures = prompt_tokens = completion_tokens = 0
@@ -475,7 +553,11 @@ async def _judge_order(transport: ChatTransport, settings: JudgeSettings, limite
     while attempts < settings.max_attempts:
         attempts += 1
         try:
-            completion, prompt_used, completion_used = await _request(transport, settings, limiter, prompt)
+            completion, prompt_used, completion_used = await _request(transport, settings, limiter, prompt,
+                                                                      bill, attempts)
+        except BudgetRefused:
+            error = f"{BUDGET_ERROR}: not sent, judge.budget_usd={settings.budget_usd} would be passed"
+            return _Outcome(None, error, attempts - 1, False, prompt_tokens, completion_tokens)
         except RequestFailed as failure:
             error = failure.reason
             if not failure.retryable:
@@ -513,10 +595,11 @@ def _preferred(s1: float, s2: float) -> int | None:
 async def judge_pair(client: ChatTransport | openai.AsyncOpenAI, settings: JudgeSettings,
                      limiter: RateLimiter, cache: ReplyCache | None, question: str, answer1: str,
                      answer2: str, image_data_url: str, *, pair_id: str = "", sleep: Sleep | None = None,
-                     rng: random.Random | None = None) -> JudgeVerdict:
+                     rng: random.Random | None = None, spend: Spend | None = None) -> JudgeVerdict:
     """Judge one pair (both orders when ``settings.swap_positions``) through ``client``, a transport
     (``make_transport``) or an ``openai.AsyncOpenAI`` (``make_client``). Never raises for a judge or
-    network failure: the verdict carries the error and no scores."""
+    network failure: the verdict carries the error and no scores. With ``spend`` (``stmed.judge.ledger``)
+    every call is charged to it and a request it refuses is not sent (the pair's error says ``budget``)."""
     check_image_url(image_data_url)
     transport = SDKTransport(client, settings.timeout_s) if isinstance(client, openai.AsyncOpenAI) else client
     sleep = sleep or limiter.sleep
@@ -524,7 +607,10 @@ async def judge_pair(client: ChatTransport | openai.AsyncOpenAI, settings: Judge
     prompts = [_Prompt(question, answer1, answer2, image_data_url)]
     if settings.swap_positions:
         prompts.append(_Prompt(question, answer2, answer1, image_data_url))
-    orders = [_judge_order(transport, settings, limiter, cache, prompt, image_key, sleep, rng) for prompt in prompts]
+    bills = [Bill(spend, settings.prices, pair_id, order) if spend is not None else None
+             for order in range(len(prompts))]
+    orders = [_judge_order(transport, settings, limiter, cache, prompt, image_key, sleep, rng, bill)
+              for prompt, bill in zip(prompts, bills)]
     # One order is awaited in this task: a task per pair is enough, and a batch starts thousands of them.
     outcomes = await asyncio.gather(*orders) if len(orders) > 1 else [await orders[0]]
     common: dict[str, Any] = {

@@ -68,6 +68,10 @@ def talking_model(data, tmp_path_factory) -> Path:
 
 
 def config(out: Path, data, model: Path, **overrides) -> generate.GenerateConfig:
+    return build_config(generate.GenerateConfig, {}, override_list(out, data, model, **overrides))
+
+
+def override_list(out: Path, data, model: Path, **overrides) -> list[str]:
     values = {
         "output_dir": str(out), "images": str(data.unlabelled), "num_images": NUM_IMAGES,
         "model.name_or_path": str(model),
@@ -78,7 +82,7 @@ def config(out: Path, data, model: Path, **overrides) -> generate.GenerateConfig
         "pools.images_per_batch": 2, "pools.judge_max": 2, "pools.pairs_per_judge_batch": 4,
         "ray.num_cpus": 2, **overrides,
     }
-    return build_config(generate.GenerateConfig, {}, [f"{k}={v}" for k, v in values.items()])
+    return [f"{k}={v}" for k, v in values.items()]
 
 
 def generated_rows(out: Path) -> list[dict]:
@@ -310,3 +314,42 @@ def test_resuming_with_another_model_judge_or_manifest_is_refused_naming_the_key
     (out / FINGERPRINT_FILE).unlink()  # rows of an older stmed: what made them is unknown
     with pytest.raises(ConfigError, match=r"holds rows without a fingerprint.json"):
         generate.check_resume_settings(config(out, data, model), out)
+
+def test_a_budget_too_small_stops_the_round_in_one_line_and_a_rerun_pays_nothing_twice(
+        ray_session, data, talking_model, tmp_path, capsys):
+    """judge.budget_usd: the job ends with one line and exit 1, the judged rows kept in parts/; a rerun with
+    a higher budget judges the rest, and the judge never receives a request twice."""
+    from jobs.runtime import run_job
+    from stmed.judge.ledger import read_ledger
+
+    server = start_server(data.findings)
+    out = tmp_path / "run"
+    try:
+        # a reference-judge request costs ~$0.0012 and is reserved at ~$0.0078 (765 image tokens, 512
+        # completion tokens): a few are paid, then the next would pass the budget
+        argv = override_list(out, data, talking_model, **{"judge.base_url": server.url, "judge.budget_usd": 0.012})
+        with pytest.raises(SystemExit) as stopped:
+            run_job(generate.main, generate.GenerateConfig, argv)
+        first_sent = server.stats.total
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed:")]
+        assert stopped.value.code == 1 and len(lines) == 1
+        assert lines[0].startswith("failed: judge budget reached: $0.0") and "rerun with a higher" in lines[0]
+        assert not (out / "summary.json").exists()
+        paid = read_ledger(out / "ledger.jsonl")
+        assert 0 < len(paid) == first_sent and sum(r["usd"] for r in paid) <= 0.012
+        judged = [r for r in generated_rows(out) if r["status"] == "ok" and r["error"] is None]
+        assert judged  # what was judged is written
+
+        summary = generate.main(config(out, data, talking_model, **{"judge.base_url": server.url,
+                                                                    "judge.budget_usd": 1.0})).summary
+        stats = server.stats
+    finally:
+        server.stop()
+    assert stats.resent == 0 and stats.total > first_sent  # nothing paid twice, the rest paid once
+    ledger = read_ledger(out / "ledger.jsonl")
+    paid = [r for r in ledger if not r["cached"]]
+    assert len(paid) == stats.total and all(r["usd"] > 0 for r in paid)
+    spend = summary["spend"]
+    assert spend["usd"] == pytest.approx(sum(r["usd"] for r in ledger)) and spend["budget_usd"] == 1.0
+    assert spend["usd_per_kept_pair"] == pytest.approx(spend["usd"] / summary["pairs"], rel=1e-4)
+    assert spend["usd_per_judged_pair"] == pytest.approx(spend["usd"] / summary["judge"]["judged"], rel=1e-4)

@@ -181,3 +181,13 @@ def test_wall_times_split_into_fixed_overhead_and_work_with_what_each_phase_meas
     assert "| sft | 1.0 | 8.0 | 15.0 | – | 4.0 |" in text
     assert "| evaluate | – | 5.0 | – | 20.0 | – |" in text
     assert f"- `pool_start` (overhead): {PHASES['pool_start'][1]}" in text and "`deploy`" not in text
+
+
+def test_the_judge_spend_of_a_round_is_one_line_from_the_generate_summary(run_dir: Path) -> None:
+    spend = {"usd": 0.0234, "online_usd": 0.0134, "batch_usd": 0.01, "calls": 12, "cached_calls": 3,
+             "usd_per_judged_pair": 0.0026, "usd_per_kept_pair": 0.00468, "budget_usd": 1.0}
+    write_summary(run_dir / "generate", {"pairs": 5, "ties": 3, "judge": JUDGE, "spend": spend})
+    text = write_report(run_dir).read_text()
+    assert ("Judge spend (ledger, every run of the round): $0.0234 (online $0.0134, batch $0.0100) over 12 "
+            "calls, 3 of them from the cache at $0; $0.0026 per judged pair, $0.0047 per pair kept; "
+            "budget $1.0000.") in text
