@@ -90,7 +90,8 @@ def gate_figures(args: argparse.Namespace) -> None:
         out, overlay = draw_overlay(img, IDENTIFIER_KINDS[n % 4], rng, height=8 + n % 7)
         overlaid.append(out)
         truth.append(overlay)
-    settings = PrivacySettings(detector=args.detector, ocr_min_confidence=args.min_confidence)
+    settings = PrivacySettings(detector=args.detector, ocr_min_confidence=args.min_confidence,
+                               text_confidence=args.text_confidence, text_min_chars=args.text_min_chars)
     gate = TextGate(settings)
     start = time.perf_counter()
     results = gate.check(overlaid)
@@ -100,7 +101,8 @@ def gate_figures(args: argparse.Namespace) -> None:
     for img, overlay, result in zip(overlaid, truth, results):
         by_height.setdefault(overlay.height, []).append(covered(result.data_url, img, overlay.box, overlay.fill))
     hits = [h for v in by_height.values() for h in v]
-    print(f"gate: detector={args.detector} (tesseract's min confidence {args.min_confidence:g}), {len(overlaid)} "
+    print(f"gate: detector={args.detector} (tesseract's min confidence {args.min_confidence:g}; text_confidence "
+          f"{args.text_confidence:g}, text_min_chars {args.text_min_chars}), {len(overlaid)} "
           "phantoms with an identifier, "
           f"{len(clean)} clean; {cost_ms:.0f} ms per image")
     print(f"  detection recall (>= 8 px): {sum(hits)}/{len(hits)} = {100 * sum(hits) / len(hits):.1f}%; by height: "
@@ -120,7 +122,14 @@ def gate_figures(args: argparse.Namespace) -> None:
         real_results = TextGate(settings).check(real)
         ms = (time.perf_counter() - start) / len(real) * 1000
         masked = sum(r.action == MASKED for r in real_results)
-        print(f"  VQA-RAD test images masked: {masked}/{len(real)} ({ms:.0f} ms per image)")
+        regions = sum(r.regions for r in real_results)
+        print(f"  VQA-RAD test images masked: {masked}/{len(real)}, {regions} regions ({ms:.0f} ms per image)")
+        if args.save_masked:  # to look at: what was masked on real images
+            out = Path(args.save_masked)
+            out.mkdir(parents=True, exist_ok=True)
+            for path, result in zip(list_images(Path(args.vqa_rad) / "images"), real_results):
+                if result.data_url:
+                    decode_data_url(result.data_url).save(out / f"{Path(path).stem}.png")
 
 
 def copies(img: Image.Image, rng: random.Random) -> dict[str, Image.Image]:
@@ -158,6 +167,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--detector", choices=("dbnet", "tesseract"), default=PrivacySettings().detector)
     parser.add_argument("--min-confidence", type=float, default=PrivacySettings().ocr_min_confidence)
+    parser.add_argument("--text-confidence", type=float, default=PrivacySettings().text_confidence)
+    parser.add_argument("--text-min-chars", type=int, default=PrivacySettings().text_min_chars)
+    parser.add_argument("--save-masked", default=None, help="write what the judge would receive of VQA-RAD here")
     parser.add_argument("--vqa-rad", default=None, help="a VQA-RAD folder with images/ (read, never copied)")
     parser.add_argument("--max-distance", type=int, default=ContaminationSettings().max_distance)
     args = parser.parse_args()

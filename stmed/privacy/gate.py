@@ -54,6 +54,13 @@ class PrivacySettings:
     """``dbnet``: text probability from which a pixel is text."""
     detector_target_side: int = 256
     """``dbnet``: a small image is enlarged (at most 4x) until its shorter side is this many pixels."""
+    text_confidence: float = 0.0
+    """``dbnet``: above 0, each found region is read by PP-OCRv6's recogniser (in the same wheel) and masked
+    only when it reads ``text_min_chars`` letters or digits with at least this mean confidence (0-1); only
+    counts and confidences are used, the text is never decoded. 0 (default): every region is masked, no
+    recognition runs (on VQA-RAD every found region is real text or a marker: docs/medical-data.md)."""
+    text_min_chars: int = 1
+    """``dbnet`` with ``text_confidence`` above 0: letters or digits a region must read as."""
     ocr_upscale: int = 8
     """``tesseract``: factor the image is enlarged by (burned-in text on a small scan is a few pixels high)."""
     ocr_min_confidence: float = 0.0
@@ -76,6 +83,10 @@ class PrivacySettings:
             raise ConfigError(f"privacy.detector_threshold must be in (0, 1), got {self.detector_threshold}")
         if not 16 <= self.detector_target_side <= 2048:
             raise ConfigError(f"privacy.detector_target_side must be in 16..2048, got {self.detector_target_side}")
+        if not 0.0 <= self.text_confidence < 1.0:
+            raise ConfigError(f"privacy.text_confidence must be in [0, 1), got {self.text_confidence}")
+        if self.text_min_chars < 1:
+            raise ConfigError(f"privacy.text_min_chars must be >= 1, got {self.text_min_chars}")
         if not 1 <= self.ocr_upscale <= 16:
             raise ConfigError(f"privacy.ocr_upscale must be in 1..16, got {self.ocr_upscale}")
         if not 0.0 <= self.ocr_min_confidence <= 100.0:
@@ -125,7 +136,8 @@ def make_detector(settings: PrivacySettings) -> Detector:
     if settings.detector == "tesseract":
         return lambda images: find_text(images, upscale=settings.ocr_upscale,
                                         min_confidence=settings.ocr_min_confidence)
-    det = DetectorSettings(target_side=settings.detector_target_side, threshold=settings.detector_threshold)
+    det = DetectorSettings(target_side=settings.detector_target_side, threshold=settings.detector_threshold,
+                           text_confidence=settings.text_confidence, text_min_chars=settings.text_min_chars)
     return lambda images: find_text_regions(images, det)
 
 

@@ -32,6 +32,12 @@ from PIL import Image
 from stmed.privacy.ocr import Box
 
 MODEL_FILE = "PP-OCRv6_det_small.onnx"
+REC_MODEL_FILE = "PP-OCRv6_rec_small.onnx"
+REC_HEIGHT = 48
+"""Height of a line as the recogniser reads it (PP-OCR's ``rec_img_shape``)."""
+REC_MAX_RATIO = 25
+"""Widest line the recogniser is given, in multiples of its height (a longer crop is squeezed)."""
+REC_BATCH = 8
 PAD = 32
 """Replicated pixels around the enlarged image (DBNet misses text whose line touches the input's edge)."""
 UNCLIP = 1.5
@@ -56,21 +62,27 @@ class DetectorSettings:
     min_core_px: float = 2.0
     """A region whose core (before unclip) is less than this many image pixels high is a speck of texture:
     the core of a line of 8-px text is 3-5 px high."""
+    text_confidence: float = 0.0
+    """From above 0: each region is read by PP-OCRv6's recogniser and kept only when it reads at least
+    ``text_min_chars`` letters or digits with a mean confidence of at least this; 0 keeps every region
+    unread (no recognition runs)."""
+    text_min_chars: int = 1
+    """Letters or digits the recogniser must read in a region (with ``text_confidence`` above 0)."""
 
 
-def model_path() -> str:
-    """The detection model inside the installed ``rapidocr`` wheel, found without importing the package
+def model_path(name: str = MODEL_FILE) -> str:
+    """A model inside the installed ``rapidocr`` wheel, found without importing the package
     (its ``__init__`` loads the whole OCR pipeline)."""
     spec = importlib.util.find_spec("rapidocr")
-    path = os.path.join(next(iter(spec.submodule_search_locations)), "models", MODEL_FILE) if spec else ""
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "models", name) if spec else ""
     if not path or not os.path.exists(path):
         raise DetectorUnavailable("privacy.detector=dbnet needs the rapidocr wheel (pip install rapidocr==3.10.0 "
                                   "onnxruntime), which ships its text detector; or set privacy.detector=tesseract")
     return path
 
 
-@lru_cache(maxsize=1)
-def _session():
+@lru_cache(maxsize=2)
+def _session(name: str = MODEL_FILE):
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -79,7 +91,47 @@ def _session():
     # One thread: the gate runs beside the generators and the judge; more threads only contend with them.
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model_path(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_path(name), options, providers=["CPUExecutionProvider"])
+
+
+@lru_cache(maxsize=1)
+def _recogniser():
+    """The recognition session and, per output class, whether it is a letter or digit. The classes are
+    CTC's blank, the model's character list (its ONNX metadata) and a space."""
+    session = _session(REC_MODEL_FILE)
+    chars = session.get_modelmeta().custom_metadata_map["character"].split("\n")
+    alnum = np.array([False] + [c.isalnum() for c in chars] + [False])
+    return session, alnum
+
+
+def line_evidence(img: Image.Image, boxes: list[Box]) -> list[tuple[int, float]]:
+    """For each box, what PP-OCRv6's recogniser makes of the crop: ``(letters and digits read, mean
+    confidence of the characters read)``; ``(0, 0.0)`` when it reads nothing. Only counts and
+    probabilities leave this function: the characters are never decoded into text."""
+    if not boxes:
+        return []
+    session, alnum = _recogniser()
+    grey = img.convert("L")
+    crops = []
+    for box in boxes:
+        pad = max(1, round(0.15 * box.height))
+        g = box.grown(pad, img.width, img.height)
+        crop = grey.crop((g.x0, g.y0, g.x1, g.y1))
+        w = max(1, min(REC_HEIGHT * REC_MAX_RATIO, round(crop.width * REC_HEIGHT / max(1, crop.height))))
+        crops.append(np.asarray(crop.resize((w, REC_HEIGHT), Image.Resampling.BICUBIC), np.float32))
+    out: list[tuple[int, float]] = [(0, 0.0)] * len(crops)
+    order = sorted(range(len(crops)), key=lambda n: crops[n].shape[1])  # similar widths share a batch
+    for start in range(0, len(order), REC_BATCH):
+        chunk = order[start:start + REC_BATCH]
+        batch = np.zeros((len(chunk), 3, REC_HEIGHT, crops[chunk[-1]].shape[1]), np.float32)
+        for row, n in enumerate(chunk):  # padding stays 0: mid-grey after normalisation, as PP-OCR pads
+            batch[row, :, :, :crops[n].shape[1]] = crops[n] / 127.5 - 1.0
+        probs = session.run(None, {"x": batch})[0]
+        for n, best, idx in zip(chunk, probs.max(axis=2), probs.argmax(axis=2)):
+            keep = idx != 0  # CTC: drop blanks and repeats
+            keep[1:] &= idx[1:] != idx[:-1]
+            out[n] = (int(alnum[idx[keep]].sum()), float(best[keep].mean()) if keep.any() else 0.0)
+    return out
 
 
 def detector_available() -> bool:
@@ -132,5 +184,9 @@ def find_text_regions(images: list[Image.Image], settings: DetectorSettings | No
         scale = _scale(img.width, img.height, settings)
         x, (h, w) = _input(img, scale)
         prob = session.run(None, {"x": x})[0][0, 0]
-        found.append(_regions(prob[PAD:PAD + h, PAD:PAD + w], scale, img, settings))
+        boxes = _regions(prob[PAD:PAD + h, PAD:PAD + w], scale, img, settings)
+        if settings.text_confidence > 0:
+            boxes = [box for box, (chars, conf) in zip(boxes, line_evidence(img, boxes))
+                     if chars >= settings.text_min_chars and conf >= settings.text_confidence]
+        found.append(boxes)
     return found

@@ -24,7 +24,7 @@ from stmed.privacy.audit import audit_lines, audit_totals
 from stmed.privacy.contamination import ContaminationSettings, remove_benchmark_copies
 from stmed.privacy.gate import ALLOWED, MASKED, PASSED, REFUSED, PrivacySettings, TextGate, mask_regions
 from stmed.privacy.ocr import Box, tesseract_available
-from stmed.privacy.textdet import detector_available
+from stmed.privacy.textdet import detector_available, line_evidence
 
 FINDINGS = Findings("ct", "chest", True, "left", 2, "large")
 
@@ -150,6 +150,23 @@ def test_dbnet_gate_masks_small_burned_in_text_and_leaves_clean_phantoms_alone()
         x0, y0, x1, y1 = overlay.box
         assert (sent[y0:y1, x0:x1] == 0).mean() >= 0.8  # the line's box is filled
     assert [r.action for r in gate.check([phantom(n) for n in range(10, 14)])] == [PASSED] * 4
+
+
+def test_recogniser_confirms_a_text_line_and_not_blank_pixels_and_the_gate_keeps_confirmed_text():
+    needs_detector()
+    img, overlay = draw_overlay(phantom(5), "record_number", random.Random(5), height=9, font="sans",
+                                position="bottom", contrast=120)
+    blank = Image.new("RGB", (64, 64), (90, 90, 90))
+    (chars, conf), = line_evidence(img, [Box(*overlay.box)])
+    (blank_chars, blank_conf), = line_evidence(blank, [Box(4, 4, 50, 14)])
+    assert chars >= 4 and conf >= 0.5  # "ID" and six digits: counts and confidence only, never the text
+    assert blank_chars == 0 and blank_conf == 0.0
+    confirmed = TextGate(PrivacySettings(text_confidence=0.5, text_min_chars=2)).check([img, phantom(11)])
+    assert [r.action for r in confirmed] == [MASKED, PASSED]
+    with pytest.raises(ConfigError, match="privacy.text_confidence"):
+        PrivacySettings(text_confidence=1.5)
+    with pytest.raises(ConfigError, match="privacy.text_min_chars"):
+        PrivacySettings(text_min_chars=0)
 
 
 def test_tesseract_gate_masks_large_burned_in_text():
