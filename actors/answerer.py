@@ -15,8 +15,8 @@ and ``gen_s`` (this row's share of the batch's generation time). An unreadable i
 
 Two engines, one row schema (the ``engine: hf|vllm`` key, as in ``jobs.generate``): ``Answerer`` holds
 ``stmed.model.generate.HFEngine`` (CPU, or a GPU without vLLM); ``vllm_answer`` maps a dataset through a
-Ray Data LLM processor like ``actors.generator.vllm_generate``. vLLM is imported only when asked for, is
-UNVERIFIED (no GPU where this was written) and needs merged weights (``model.name_or_path``).
+Ray Data LLM processor like ``actors.vllm_generator.vllm_generate``. vLLM is imported only when asked for,
+runs in the tests on its CPU backend (unverified on GPUs) and needs merged weights (``model.name_or_path``).
 """
 
 from __future__ import annotations
@@ -115,29 +115,35 @@ def _result(row: dict[str, Any], text: str, carry: tuple[str, ...]) -> dict[str,
 
 
 def vllm_answer(ds: ray.data.Dataset, model_path: str, system: str = "sq", max_new_tokens: int = 128,
-                batch_size: int = 16, concurrency: int = 1, carry: tuple[str, ...] = ()) -> ray.data.Dataset:
-    """The GPU path: the same output rows as ``Answerer``, from vLLM engines in a Ray Data LLM processor.
+                batch_size: int = 16, concurrency: int = 1, carry: tuple[str, ...] = (),
+                engine_kwargs: dict[str, Any] | None = None,
+                bundle: dict[str, float] | None = None) -> ray.data.Dataset:  # fmt: skip
+    """The vLLM path: the same output rows as ``Answerer``, from vLLM engines in a Ray Data LLM processor.
 
-    UNVERIFIED (no GPU where this was written). Follows ``actors.generator.vllm_generate``: our own
-    rendered prompt (chat template, tokenize and detokenize stages off) plus an OpenAI-style message that
-    only carries the image. ``model_path`` must be merged weights (vLLM applies LoRA to the LLM only).
-    ``carry``: input columns besides ``INPUT_COLUMNS`` that the output rows keep.
+    Follows ``actors.vllm_generator.vllm_generate``: our own rendered prompt (chat template, tokenize and
+    detokenize stages off) plus an OpenAI-style message that only carries the image, the engine defaults
+    every stmed vLLM engine takes (``engine_defaults``) under ``engine_kwargs``. ``model_path`` must be
+    merged weights (vLLM applies LoRA to the LLM only). ``bundle``: one replica's placement bundle (None:
+    a GPU; ``{"CPU": 1}`` on vLLM's CPU backend, where the tests run it). ``carry``: input columns besides
+    ``INPUT_COLUMNS`` that the output rows keep.
     """
     system_text = system_prompt(system)
     from ray.data.expressions import col
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from actors.vllm_generator import vllm_request
+    from actors.vllm_generator import engine_defaults, vllm_request
     from stmed.model.build import checkpoint_chat
 
     chat = checkpoint_chat(model_path)  # the checkpoint family's chat format (Vicuna, ChatML)
 
+    placement = {"placement_group_config": {"bundles": [bundle]}} if bundle else {}
+    host = {"num_cpus": 0.25} if bundle and not bundle.get("GPU") else {}  # small CPU nodes: stages side by side
     config = vLLMEngineProcessorConfig(
-        model_source=model_path, engine_kwargs={"max_model_len": 4096}, batch_size=batch_size,
-        concurrency=concurrency, accelerator_type=None, prepare_multimodal_stage={"enabled": True},
-        chat_template_stage={"enabled": False}, tokenize_stage={"enabled": False},
-        detokenize_stage={"enabled": False},
-    )
+        model_source=model_path, engine_kwargs={**engine_defaults(model_path), **(engine_kwargs or {})},
+        batch_size=batch_size, concurrency=concurrency, accelerator_type=None, **placement,
+        prepare_multimodal_stage={"enabled": True, **host}, chat_template_stage={"enabled": False},
+        tokenize_stage={"enabled": False}, detokenize_stage={"enabled": False},
+    )  # fmt: skip
 
     from stmed.model.generate import GREEDY, clean_output
 
@@ -147,10 +153,10 @@ def vllm_answer(ds: ray.data.Dataset, model_path: str, system: str = "sq", max_n
         prompt = prompts.answer_prompt(str(row["question"]), system=system_text, chat=chat)
         return {**row, **vllm_request(row, prompt, sampling, seed=None, chat=chat)}
 
-    loaded = ds.map_batches(_with_image_url, batch_format="numpy")
+    loaded = ds.map_batches(_with_image_url, batch_format="numpy", **host)
     processor = build_processor(
-        config, preprocess=request,
+        config, preprocess=request, preprocess_map_kwargs=host, postprocess_map_kwargs=host,
         postprocess=lambda row: _result(row, clean_output(str(row["generated_text"])), carry))
     answered = processor(loaded.filter(expr=col("error") == ""))
-    failed = loaded.filter(expr=col("error") != "").map(lambda row: _result(row, "", carry))
+    failed = loaded.filter(expr=col("error") != "").map(lambda row: _result(row, "", carry), **host)
     return answered.union(failed)

@@ -251,40 +251,53 @@ def build_app(model: ModelConfig, model_name: str, limits: LimitsConfig, batchin
 
 
 def build_vllm_app(model_path: str, model_name: str, dtype: str, autoscaling: AutoscalingConfig,
-                   replica: ReplicaConfig, accelerator_type: str | None = None):
+                   replica: ReplicaConfig, accelerator_type: str | None = None,
+                   engine_kwargs: dict[str, Any] | None = None, bundle: dict[str, float] | None = None):
     """The merged checkpoint behind Ray Serve LLM's OpenAI app (``/v1/chat/completions``, ``/v1/models``).
 
-    UNVERIFIED: written from Ray 2.60's ``ray.serve.llm`` source; vLLM (0.29, pinned by ray[llm] 2.60)
-    cannot run on the CPU machines this was built on. Merged weights only: vLLM applies LoRA to the
-    language model alone, and Ray's builder rejects local LoRA paths. That app has no ``/v1/vqa`` route
-    and no API-key check of its own, which is why the job refuses an API key with this engine.
+    Run on vLLM's CPU backend in the tests (``bundle={"CPU": 1}`` places a replica on CPUs instead of a
+    GPU); nothing GPU-specific is verified. Merged weights only: vLLM applies LoRA to the language model
+    alone, and Ray's builder rejects local LoRA paths. That app has no ``/v1/vqa`` route and no API-key
+    check of its own, which is why the job refuses an API key with this engine. ``engine_kwargs`` extend
+    or override :func:`vllm_engine_kwargs`.
     """
     from ray.serve.llm import LLMConfig, build_openai_app  # imports vLLM
 
     llm_config = LLMConfig(
         model_loading_config={"model_id": model_name, "model_source": model_path},
         accelerator_type=accelerator_type,
+        **({"placement_group_config": {"bundles": [bundle]}} if bundle else {}),
         deployment_config={
             "autoscaling_config": {"min_replicas": autoscaling.min_replicas,
                                    "max_replicas": autoscaling.max_replicas,
                                    "target_ongoing_requests": autoscaling.target_ongoing_requests},
             "max_ongoing_requests": replica.max_ongoing_requests,
         },
-        engine_kwargs=vllm_engine_kwargs(dtype, replica, checkpoint_chat(model_path)),
-    )
-    return build_openai_app({"llm_configs": [llm_config]})
+        engine_kwargs={**vllm_engine_kwargs(dtype, replica, checkpoint_chat(model_path), model_path),
+                       **(engine_kwargs or {})},
+    )  # fmt: skip
+    # The OpenAI router in front of the engine takes replica.num_cpus (Ray's default for it is a whole CPU).
+    ingress = {"ray_actor_options": {"num_cpus": replica.num_cpus}}
+    return build_openai_app({"llm_configs": [llm_config], "ingress_deployment_config": ingress})
 
 
-def vllm_engine_kwargs(dtype: str, replica: ReplicaConfig,
-                       chat: prompts.ChatFormat = prompts.VICUNA) -> dict[str, Any]:  # fmt: skip
+def vllm_engine_kwargs(dtype: str, replica: ReplicaConfig, chat: prompts.ChatFormat = prompts.VICUNA,
+                       model_path: str | None = None) -> dict[str, Any]:  # fmt: skip
     """vLLM's engine and frontend arguments for the endpoint, the prompt renderer among them.
 
     vLLM renders chat messages with a chat template; the checkpoint's own would drop the system prompt
     the model was tuned with. ``prompts.serving_chat_template`` renders a request exactly as the HF
-    endpoint's ``prompts.answer_prompt`` does, and the "openai" content format hands it the message
-    parts as they came (vLLM's own detection could flatten them and add a second ``<image>``). ``chat``
-    is the checkpoint family's format (``stmed.model.build.checkpoint_chat``).
+    endpoint's ``prompts.answer_prompt`` does (the tokenizer's BOS included: vLLM's chat endpoint adds no
+    special tokens), and the "openai" content format hands it the message parts as they came (vLLM's own
+    detection could flatten them and add a second ``<image>``). ``chat`` is the checkpoint family's format
+    (``stmed.model.build.checkpoint_chat``). With ``model_path``: the engine defaults every stmed vLLM
+    engine takes (``actors.vllm_generator.engine_defaults``: the family's one image and no video, a
+    ``max_model_len`` instead of Qwen2.5-VL's 128k, no generation_config.json defaults).
     """
-    return {"dtype": dtype, "trust_remote_code": False, "limit_mm_per_prompt": {"image": 1},
-            "max_num_seqs": replica.max_ongoing_requests,
+    defaults = {"limit_mm_per_prompt": {"image": 1}}
+    if model_path is not None:
+        from actors.vllm_generator import engine_defaults
+
+        defaults = engine_defaults(model_path)
+    return {"dtype": dtype, "trust_remote_code": False, **defaults, "max_num_seqs": replica.max_ongoing_requests,
             "chat_template": prompts.serving_chat_template(chat=chat), "chat_template_content_format": "openai"}

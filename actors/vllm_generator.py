@@ -1,13 +1,13 @@
-"""Self-play on GPUs with vLLM: the same rows as ``actors.generator.Generator``, from Ray Data LLM stages.
+"""Self-play with vLLM: the same rows as ``actors.generator.Generator``, from Ray Data LLM stages.
 
-UNVERIFIED: written against Ray 2.60's ``ray.data.llm`` source (``vLLMEngineProcessorConfig``,
-``build_processor``, the multimodal / engine stages) without a GPU to run it on; only the row-level
-functions below are tested. ``ray.data.llm`` (and through it vLLM) is imported inside
-``vllm_generate``, so importing this module costs nothing on a CPU machine.
+Run for real in the tests on vLLM's CPU backend (``generation.vllm_bundle: {CPU: …}``,
+tests/jobs/test_vllm.py); nothing GPU-specific is verified. ``ray.data.llm`` (and through it vLLM) is
+imported inside ``vllm_generate``, so importing this module costs nothing where vLLM is not installed.
 
-How it maps self-play onto processors (one engine pool each, one GPU per replica):
+How it maps self-play onto processors (one engine pool each, one GPU per replica by default):
 
-1. load: each image re-encoded to a base64 PNG data URL, or an ``image_error`` row;
+1. load: each image decoded once to check it (or an ``image_error`` row); rows carry its path, and each
+   engine request (and the judge, once) gets the re-encoded pixels as a data URL (``image_url``);
 2. describe (greedy) → k duplicated rows per image with distinct seeds (``n > 1`` would keep only the
    first completion; prefix caching shares the image prefill) → ask;
 3. ``groupby(image_id)``: de-duplicating needs all k questions of an image, so this is a barrier; its
@@ -18,8 +18,8 @@ How it maps self-play onto processors (one engine pool each, one GPU per replica
 
 Prompts are ``stmed.model.prompts``' template of the checkpoint's family (Vicuna, ChatML) rendered here
 (chat-template stage off); the OpenAI-style message only carries the image for the multimodal stage.
-The model must be a merged checkpoint: vLLM applies LoRA to the language model only. Four engine stages
-need four GPUs at ``vllm_concurrency=1``.
+The model must be a merged checkpoint: vLLM applies LoRA to the language model only. Two engine stages
+run at a time (describe with ask, then the answers), each growing to half of ``vllm_concurrency``.
 """
 
 from __future__ import annotations
@@ -120,7 +120,9 @@ def finish_pair(row: dict, identical_ok: bool = False) -> dict[str, Any]:
     """A row with both answers → ``ok`` or ``answer_filtered`` (the image leaves with a dropped pair)."""
     reason = generation.answer_pair_reason(str(row["answer1"]), str(row["answer2"]), identical_ok)
     out = carry(row) | {"status": OK if reason is None else ANSWER_FILTERED, "reason": reason or ""}
-    out["image_data_url"] = image_url(str(row["image_path"])) if reason is None else ""  # for the judge only
+    # the judge's copy of the image, made here once (rows travel without it)
+    out["image_data_url"] = (str(row.get("image_data_url") or "") or image_url(str(row["image_path"]))
+                             if reason is None else "")
     return out
 
 

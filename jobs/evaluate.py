@@ -86,6 +86,10 @@ class EvaluateConfig:
     batch_size: int = 8
     max_new_tokens: int = 128
     engine: Literal["hf", "vllm"] = "hf"
+    vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """engine=vllm: extra engine arguments (max_model_len, gpu_memory_utilization…), over stmed's defaults."""
+    vllm_bundle: dict[str, float] | None = None
+    """engine=vllm: one replica's placement bundle; None: one GPU. vLLM's CPU backend: ``{"CPU": 1}``."""
     compare: dict[str, str] = field(default_factory=lambda: {"dpo": "sft"})
     """Model → the model its answers are set against: on a benchmark with known findings (the synthetic
     one), the reference judge's rules score both answers to every question and count wins, ties and
@@ -180,7 +184,8 @@ def answer_plan(cfg: EvaluateConfig, model: ModelConfig, benchmarks: list[Benchm
     ds = ray.data.from_items(rows)
     if cfg.engine == "vllm":
         return vllm_answer(ds, str(model.name_or_path), cfg.system, cfg.max_new_tokens, cfg.batch_size,
-                           concurrency=cfg.ray.num_workers, carry=("benchmark", "position"))
+                           concurrency=cfg.ray.num_workers, carry=("benchmark", "position"),
+                           engine_kwargs=cfg.vllm_engine_kwargs, bundle=cfg.vllm_bundle)
     return ds.map_batches(
         Answerer,
         fn_constructor_kwargs={"model": model, "system": cfg.system, "max_new_tokens": cfg.max_new_tokens,

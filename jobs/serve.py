@@ -68,6 +68,10 @@ class ServeConfig:
     """hf: our deployment (batched HF generate, /v1/vqa). vllm: Ray Serve LLM's OpenAI app, GPU only."""
     accelerator_type: str | None = None
     """vllm only: e.g. 'A100' to pin replicas to that GPU type."""
+    vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """vllm only: extra engine arguments (max_model_len, gpu_memory_utilization…), over stmed's defaults."""
+    vllm_bundle: dict[str, float] | None = None
+    """vllm only: one replica's placement bundle; None: one GPU. vLLM's CPU backend: ``{"CPU": 1}``."""
     http: HTTPConfig = field(default_factory=HTTPConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -128,7 +132,7 @@ class ServeResult:
 def _build(cfg: ServeConfig, key_digest: str | None):
     if cfg.engine == "vllm":
         return build_vllm_app(cfg.model.name_or_path, cfg.served_name, cfg.model.dtype, cfg.autoscaling,
-                              cfg.replica, cfg.accelerator_type)
+                              cfg.replica, cfg.accelerator_type, cfg.vllm_engine_kwargs, cfg.vllm_bundle)
     return build_app(cfg.model, cfg.served_name, cfg.limits, cfg.batching, cfg.autoscaling, cfg.replica,
                      key_digest)
 

@@ -189,14 +189,14 @@ def test_kept_pair_judge_judges_ok_rows_and_passes_the_rest():
 
 
 def test_vllm_path_pieces_build_requests_and_rows_like_the_hf_path():
-    """The vLLM path cannot run here (no GPU); its row-level functions can."""
+    """The vLLM path's row-level functions (the path itself runs in tests/jobs/test_vllm.py)."""
     url = "data:image/png;base64,iVBORw0KGgo="
     row = make_row("i", "/i.png", index=0, question="Which side?", question_seed=5, image_data_url=url)
     request = vllm_request(row, prompts.answer_prompt("Which side?"), SETTINGS.answer_sampling, seed=42)
     assert request["prompt"].endswith("Which side? ASSISTANT:") and request["prompt"].count("<image>") == 1
     assert request["messages"][0]["content"][0] == {"type": "image_url", "image_url": {"url": url}}
     assert request["sampling_params"] == {"temperature": 1.2, "top_p": 0.95, "top_k": 100, "max_tokens": 8,
-                                          "stop": ["</s>"], "seed": 42}
+                                          "stop": ["</s>"], "seed": 42, "repetition_penalty": 1.0}
     questions = ["Is it the brain?", "Is it the  BRAIN?", "Where?"]
     rows = [make_row("i", "/i.png", index=j, question=q, question_seed=j, image_data_url=url)
             for j, q in reversed(list(enumerate(questions)))]  # groups arrive in any order
@@ -266,11 +266,12 @@ def test_vllm_path_makes_the_same_sub_pairs_and_suffixes():
     got = questions_of_image(group, MORE)
     assert list(got["question"]) == ["Is there a lesion?" + prompts.CLOSED_SUFFIX, "Where is the lesion?"]
     row = {name: got[name][0] for name in OUTPUT_COLUMNS}
+    assert row["image_data_url"] == ""  # past the barrier rows carry the image's path, not its pixels
     slots = sub_pairs(row, MORE)
     assert [s["pair_slot"] for s in slots] == [0, 1]
     assert [(s["seed1"], s["seed2"]) for s in slots] == [MORE.answer_seeds("i", 0, k) for k in (0, 1)]
     assert slots[0]["pair_id"] == row["pair_id"] != slots[1]["pair_id"]
-    same = {**slots[1], "answer1": "Yes", "answer2": "yes."}
+    same = {**slots[1], "answer1": "Yes", "answer2": "yes.", "image_data_url": url}
     assert finish_pair(same, identical_ok=True)["status"] == "ok"
     assert finish_pair(same)["reason"] == "identical_answers"
 

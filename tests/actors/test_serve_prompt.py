@@ -83,3 +83,14 @@ def test_a_family_without_a_bos_token_gets_none_in_the_served_template():
     rendered = tokenizer.apply_chat_template(_as_vllm_sends(REQUESTS[0]), chat_template=serving_chat_template(
         chat=CHATML), tokenize=False, add_generation_prompt=True)  # fmt: skip
     assert rendered == answer_prompt(chat_parts(REQUESTS[0])[0], chat=CHATML)
+
+
+def test_qwen_served_on_vllm_takes_one_image_no_video_and_a_bounded_length(tmp_path):
+    """Without a max_model_len vLLM would profile Qwen2.5-VL's 128k context, and video inputs that never come."""
+    from benchmarks.engine_parity import export_preset
+
+    path = str(export_preset("tiny-qwen2.5-vl", tmp_path / "qwen"))
+    cfg = build_config(ServeConfig, read_yaml(LOCAL), ["output_dir=unused"])
+    kwargs = vllm_engine_kwargs("bfloat16", cfg.replica, model_path=path)
+    assert kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0} and kwargs["max_model_len"] == 4096
+    assert kwargs["generation_config"] == "vllm"  # the explicit sampling, not generation_config.json's

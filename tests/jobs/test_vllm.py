@@ -119,7 +119,7 @@ def test_serve_on_vllm_answers_the_openai_sdk(ray_session, tmp_path):
     cfg = build_config(ServeConfig, read_yaml(LOCAL), [
         f"output_dir={tmp_path / 'serve'}", "model.preset=null", f"model.name_or_path={model_path}",
         "engine=vllm", "model.dtype=float32", f"http.port={port}", "blocking=false", "ray.num_cpus=2",
-        "vllm_bundle={CPU: 0.5}", f"vllm_engine_kwargs={CPU_ENGINE}"])  # fmt: skip
+        "vllm_bundle={CPU: 0.5}", "replica.num_cpus=0.25", f"vllm_engine_kwargs={CPU_ENGINE}"])  # fmt: skip
     result = main(cfg)
     try:
         client = openai.OpenAI(base_url=f"{result.url}/v1", api_key="unused", max_retries=0)
