@@ -1,7 +1,7 @@
 """The library's layers, read from its source: which packages exist and who may import whom.
 
-model ← data ← train / selfplay / judge / eval ← serve, with ``config`` and ``runs`` below all of them
-(and ``log`` below those) and two commands above: ``score`` (the scorer) and ``convert`` (the checkpoint
+model ← data ← train / selfplay / judge / eval ← selection ← serve, with ``config`` and ``runs`` below all
+of them (and ``log`` below those) and two commands above: ``score`` (the scorer) and ``convert`` (the checkpoint
 converter). A module may import its own package, the packages of lower layers and the top-level
 modules; within the middle layer only self-play may use the judge (its verdicts become preference
 pairs), never the other way round.
@@ -17,7 +17,7 @@ import stmed
 ROOT = Path(stmed.__file__).parent
 TOP_LEVEL = {"__init__", "config", "log", "runs", "score", "convert"}
 RANK = {"log": -1, "config": 0, "runs": 0, "model": 1, "data": 2, "privacy": 2.5, "train": 3, "selfplay": 3,
-        "judge": 3, "eval": 3, "serve": 4, "review": 4, "score": 5, "convert": 5}
+        "judge": 3, "eval": 3, "selection": 3.5, "serve": 4, "review": 4, "score": 5, "convert": 5}
 SAME_LAYER_ALLOWED = {("selfplay", "judge")}
 
 
@@ -51,7 +51,8 @@ def test_top_level_holds_only_the_shared_modules_and_packages():
     modules = {p.stem for p in ROOT.glob("*.py")}
     packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
     assert modules == TOP_LEVEL
-    assert packages == {"model", "data", "privacy", "train", "selfplay", "judge", "eval", "serve", "review"}
+    assert packages == {"model", "data", "privacy", "train", "selfplay", "judge", "eval", "serve", "review",
+                        "selection"}
 
 
 def test_no_module_imports_a_higher_layer():
