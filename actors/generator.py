@@ -165,6 +165,8 @@ class KeptPairJudge(Judge):
         ok = np.asarray(batch["status"]) == OK
         rest = {name: column[~ok] for name, column in batch.items() if name != "image_data_url"}
         rest.update({name: np.full(int((~ok).sum()), None, dtype=object) for name in VERDICT_COLUMNS})
+        if self.settings.mode == "batch":  # judged later: pending rows keep their image, the others have none
+            rest["image_data_url"] = np.full(int((~ok).sum()), "", dtype=object)
         if not ok.any():
             return rest
         judged = await super().__call__({name: column[ok] for name, column in batch.items()})

@@ -37,8 +37,9 @@ from actors.generator import Generator, KeptPairJudge
 from jobs.runtime import NothingProduced, init_ray, pass_timings, run_job, stage_clock
 from stmed.config import ConfigError, ModelConfig, RayConfig, config_to_dict, write_config
 from stmed.data.records import DataError, export_dpo_json, list_images, sample_images, write_preferences
+from stmed.judge.cache import ReplyCache
 from stmed.judge.judging import BUDGET_ERROR, JudgeSettings
-from stmed.judge.ledger import LEDGER_FILE, ledger_totals, per_pair, read_ledger
+from stmed.judge.ledger import LEDGER_FILE, SpendLedger, ledger_totals, per_pair, read_ledger
 from stmed.log import get_logger
 from stmed.privacy.audit import audit_lines, audit_totals, write_audit
 from stmed.privacy.contamination import ContaminationSettings, remove_benchmark_copies
@@ -58,6 +59,7 @@ from stmed.runs import (
 from stmed.selfplay.generation import GenerationSettings
 from stmed.selfplay.preferences import (
     assemble,
+    awaiting_batch,
     balance_yes_no,
     chosen_at_least,
     plan_resume,
@@ -73,6 +75,8 @@ log = get_logger(__name__)
 class JudgeGroup(JudgeSettings):
     reference_findings: str | None = None
     """A synthetic findings.json: start the offline reference judge on loopback and use it."""
+    reference_batch_delay_s: float = 1.0
+    """With the offline judge and ``mode=batch``: how long its Batch API jobs take."""
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,33 @@ def run_pipeline(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], ju
         clock.add_all(pass_timings([(started, time.time())], Generator.__name__))
 
 
+def judge_batch_phase(out: Path, parts: Path, judge: JudgeSettings, wanted: set[str]) -> None:
+    """``judge.mode=batch``: every generated pair not judged yet goes to the Batch API after generation
+    (one job, or several past OpenAI's per-batch limits; ``stmed.judge.batch``), and the verdicts are one
+    more part. Generation and judging do not overlap here, which the 24-hour window makes moot, and the
+    whole round's requests are known before the budget is reserved for them."""
+    from stmed.judge.batch import BatchError, clear_state, judge_in_batches
+
+    pending = [row for row in read_parts(parts).values() if row["image_id"] in wanted and awaiting_batch(row)]
+    if not pending:
+        clear_state(out)
+        return
+    log.info("judging %d pairs through the Batch API at %s", len(pending), judge.base_url)
+    cache = ReplyCache(judge.cache_dir) if judge.cache_dir else None
+    try:
+        verdicts = judge_in_batches(pending, judge, out, cache, SpendLedger(out / LEDGER_FILE, judge.budget_usd))
+    except BatchError as err:
+        raise NothingProduced(f"judge batch: {err}") from None
+    import pyarrow as pa
+
+    # a failed pair keeps its image: the next run sends it in a new batch
+    judged = [{**row, **v.to_row(), "image_data_url": row["image_data_url"] if v.error else ""}
+              for row, v in zip(pending, verdicts)]
+    write_part(parts, f"part-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}-batch",
+               pa.Table.from_pylist(judged))
+    clear_state(out)
+
+
 def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list[dict], judge: JudgeSettings,
                   extra: dict[str, Any], clock: StageClock | None = None) -> dict[str, Any]:
     """preferences.parquet, dpo.json, failures.jsonl and summary.json from every row written."""
@@ -277,7 +308,7 @@ SAMPLING_ONLY = frozenset({"batch_size", "device", "vllm_engine_kwargs", "vllm_c
 JUDGE_ROWS = ("base_url", "model", "temperature", "max_tokens", "swap_positions", "reference_findings")
 """``judge`` settings that change the verdicts in the rows (the rest paces, retries or caches)."""
 GENERATE_OUTPUTS = ("config.yaml", SUMMARY, FINGERPRINT_FILE, "parts", "preferences.parquet", "dpo.json",
-                    "failures.jsonl", "judge_cache", "audit.jsonl", "contamination.jsonl", LEDGER_FILE)
+                    "failures.jsonl", "judge_cache", "audit.jsonl", "contamination.jsonl", LEDGER_FILE, "batch.json")
 
 
 def fingerprint(cfg: GenerateConfig) -> dict[str, Any]:
@@ -340,24 +371,28 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     with clock.phase("contamination"):
         images, contamination = remove_benchmark_copies(images, cfg.contamination, out / "contamination.jsonl")
     done = read_parts(parts)
-    todo, skip = plan_resume(images, done, cfg.generation.questions_per_image, cfg.generation.pair_slots)
+    todo, skip = plan_resume(images, done, cfg.generation.questions_per_image, cfg.generation.pair_slots,
+                             batch=cfg.judge.mode == "batch")
     log.info("%d images sampled, %d to generate (%d rows already written)", len(images), len(todo), len(done))
     server = None
     if cfg.judge.reference_findings:
         from stmed.judge.reference import start_server
 
         with clock.phase("judge_start"):
-            server = start_server(cfg.judge.reference_findings)
+            server = start_server(cfg.judge.reference_findings, batch_delay_s=cfg.judge.reference_batch_delay_s)
     judge_fields = {f.name: getattr(cfg.judge, f.name) for f in dataclasses.fields(JudgeSettings)}
     judge = JudgeSettings(**{**judge_fields, "base_url": server.url if server else cfg.judge.base_url,
                              "cache_dir": cfg.judge.cache_dir or str(out / "judge_cache")})
+    wanted = {im["image_id"] for im in images}
     try:
         if todo:
             run_pipeline(cfg, todo, skip, judge, parts, clock)
+        if judge.mode == "batch":
+            with clock.phase("judge_batch"):
+                judge_batch_phase(out, parts, judge, wanted)
     finally:
         if server is not None:
             server.stop()
-    wanted = {im["image_id"] for im in images}
     rows = [r for r in read_parts(parts).values() if r["image_id"] in wanted]
     check_budget(rows, judge, out)
     extra = {"resumed_rows": len(done), "contamination": contamination,
@@ -365,7 +400,7 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     if server is not None:  # what the offline judge saw in this run (retries and re-sends included)
         stats = server.stats
         extra["reference_judge"] = {"requests": stats.total, "resent": stats.resent,
-                                    "outcomes": stats.outcomes}
+                                    "outcomes": stats.outcomes, "batch_api": stats.endpoints}
     summary = write_outputs(cfg, out, images, rows, judge, extra, clock)
     log.info("%d preference pairs from %d images in %s", summary["pairs"], len(images), out)
     return GenerateResult(out, summary)

@@ -310,6 +310,7 @@ PHASES: dict[str, tuple[str, str]] = {
                        "(process exit, Ray disconnect, status polling)")),
     "data": (WORK, "making or reading the stage's own data in the job's process (warm-up phantoms, checks)"),
     "contamination": (WORK, "self-play: hashing the pool against the benchmarks' images, copies removed"),
+    "judge_batch": (WORK, "self-play, judge.mode=batch: the Batch API jobs after generation (upload, wait, results)"),
     "work": (WORK, ("Ray Train: the steps (and DPO's reference pass); Ray Data: the rest of each pass "
                    "(generation, judging, answering)")),
     "checkpoints": (WRITING, ("Ray Train, rank 0: ready to step until the last report, outside the steps "

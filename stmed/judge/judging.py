@@ -427,7 +427,7 @@ def estimate_tokens(text_chars: int, images: int, settings: JudgeSettings) -> in
 
 
 @dataclass(frozen=True)
-class _Outcome:
+class OrderOutcome:
     """One ordering of a pair, after its retries."""
 
     scores: tuple[float, float] | None
@@ -440,7 +440,7 @@ class _Outcome:
 
 
 @dataclass(frozen=True)
-class _Prompt:
+class OrderPrompt:
     """One ordering of a pair, kept as its fields: the text and messages are built only when sent."""
 
     question: str
@@ -494,7 +494,7 @@ class Bill:
                                        completion_tokens, usd, ok), reserved_usd)
 
 
-def _read_reply(completion: Completion) -> tuple[str | None, tuple[float, float] | None, str | None]:
+def read_reply(completion: Completion) -> tuple[str | None, tuple[float, float] | None, str | None]:
     """(reply text, scores, parse error) of one response; exactly one of scores / error is set."""
     if completion.text is None:
         return None, None, f"parse: {completion.problem}"
@@ -505,7 +505,7 @@ def _read_reply(completion: Completion) -> tuple[str | None, tuple[float, float]
 
 
 async def _request(transport: ChatTransport, settings: JudgeSettings, limiter: RateLimiter,
-                   prompt: _Prompt, bill: Bill | None = None, attempt: int = 1) -> tuple[Completion, int, int]:
+                   prompt: OrderPrompt, bill: Bill | None = None, attempt: int = 1) -> tuple[Completion, int, int]:
     """Send one request in a limiter slot; returns (completion, prompt tokens, completion tokens).
     The body (messages, base64 image, JSON) exists only while the slot is held. With a ``bill`` the
     request's estimated price is reserved in the slot, just before it leaves (``BudgetRefused`` if the
@@ -533,8 +533,8 @@ async def _request(transport: ChatTransport, settings: JudgeSettings, limiter: R
 
 
 async def _judge_order(transport: ChatTransport, settings: JudgeSettings, limiter: RateLimiter,
-                       cache: ReplyCache | None, prompt: _Prompt, image_key: str | None, sleep: Sleep,
-                       rng: random.Random | None, bill: Bill | None = None) -> _Outcome:
+                       cache: ReplyCache | None, prompt: OrderPrompt, image_key: str | None, sleep: Sleep,
+                       rng: random.Random | None, bill: Bill | None = None) -> OrderOutcome:
     """Judge one ordering: the cache first (when there is one), then up to ``max_attempts`` requests."""
     key = None
     if cache is not None:
@@ -545,7 +545,7 @@ async def _judge_order(transport: ChatTransport, settings: JudgeSettings, limite
                 scores = parse_scores(hit.reply)
                 if bill is not None:  # a call that cost nothing, counted as one
                     await bill.charge(0, None, cached=True)
-                return _Outcome(scores, None, 0, True, reply=hit.reply)
+                return OrderOutcome(scores, None, 0, True, reply=hit.reply)
             except ScoreParseError as err:  # only parsed replies are cached: this entry was edited
                 log.warning("cached reply %s no longer parses (%s); requesting again", key[:12], err)
     attempts = parse_failures = prompt_tokens = completion_tokens = 0
@@ -557,11 +557,11 @@ async def _judge_order(transport: ChatTransport, settings: JudgeSettings, limite
                                                                       bill, attempts)
         except BudgetRefused:
             error = f"{BUDGET_ERROR}: not sent, judge.budget_usd={settings.budget_usd} would be passed"
-            return _Outcome(None, error, attempts - 1, False, prompt_tokens, completion_tokens)
+            return OrderOutcome(None, error, attempts - 1, False, prompt_tokens, completion_tokens)
         except RequestFailed as failure:
             error = failure.reason
             if not failure.retryable:
-                return _Outcome(None, error, attempts, False, prompt_tokens, completion_tokens)
+                return OrderOutcome(None, error, attempts, False, prompt_tokens, completion_tokens)
             if attempts < settings.max_attempts:
                 delay = backoff_delay(attempts, settings.backoff_base_s, settings.backoff_max_s,
                                       failure.retry_after, rng)
@@ -571,18 +571,18 @@ async def _judge_order(transport: ChatTransport, settings: JudgeSettings, limite
         except Exception as err:  # a reply no transport foresaw fails this pair, not the whole batch
             log.warning("judge request raised %s; the pair fails", type(err).__name__, exc_info=True)
             error = f"malformed response: {type(err).__name__}: {' '.join(str(err).split())[:100]}"
-            return _Outcome(None, error, attempts, False, prompt_tokens, completion_tokens)
+            return OrderOutcome(None, error, attempts, False, prompt_tokens, completion_tokens)
         prompt_tokens, completion_tokens = prompt_tokens + prompt_used, completion_tokens + completion_used
-        reply, scores, error = _read_reply(completion)
+        reply, scores, error = read_reply(completion)
         if scores is not None:
             if cache is not None:
                 cache.put(key, CachedReply(reply, prompt_used, completion_used))
-            return _Outcome(scores, None, attempts, False, prompt_tokens, completion_tokens, reply)
+            return OrderOutcome(scores, None, attempts, False, prompt_tokens, completion_tokens, reply)
         parse_failures += 1
         if parse_failures > settings.parse_retries:
             break
     error = f"{error} after {attempts} attempt{'s' if attempts > 1 else ''}"
-    return _Outcome(None, error, attempts, False, prompt_tokens, completion_tokens, reply)
+    return OrderOutcome(None, error, attempts, False, prompt_tokens, completion_tokens, reply)
 
 
 _SWAPPED = "swapped order: "
@@ -604,15 +604,21 @@ async def judge_pair(client: ChatTransport | openai.AsyncOpenAI, settings: Judge
     transport = SDKTransport(client, settings.timeout_s) if isinstance(client, openai.AsyncOpenAI) else client
     sleep = sleep or limiter.sleep
     image_key = image_digest(image_data_url) if cache is not None else None  # once per pair, not per order
-    prompts = [_Prompt(question, answer1, answer2, image_data_url)]
+    prompts = [OrderPrompt(question, answer1, answer2, image_data_url)]
     if settings.swap_positions:
-        prompts.append(_Prompt(question, answer2, answer1, image_data_url))
+        prompts.append(OrderPrompt(question, answer2, answer1, image_data_url))
     bills = [Bill(spend, settings.prices, pair_id, order) if spend is not None else None
              for order in range(len(prompts))]
     orders = [_judge_order(transport, settings, limiter, cache, prompt, image_key, sleep, rng, bill)
               for prompt, bill in zip(prompts, bills)]
     # One order is awaited in this task: a task per pair is enough, and a batch starts thousands of them.
     outcomes = await asyncio.gather(*orders) if len(orders) > 1 else [await orders[0]]
+    return combine_orders(pair_id, settings, outcomes)
+
+
+def combine_orders(pair_id: str, settings: JudgeSettings, outcomes: list[OrderOutcome]) -> JudgeVerdict:
+    """A pair's verdict from its orderings' outcomes (one, or two with ``swap_positions``): the first
+    failure fails the pair; with swap, each answer's scores are averaged and a flip is flagged."""
     common: dict[str, Any] = {
         "pair_id": pair_id, "judge_model": settings.model, "reply": outcomes[0].reply,
         "attempts": sum(o.attempts for o in outcomes), "cached": all(o.cached for o in outcomes),

@@ -102,6 +102,10 @@ class SpendLedger:
         self.reserved_usd += usd
         return OK
 
+    def hold(self, usd: float) -> None:
+        """Book ``usd`` for a request already sent (a batch a killed run created), whatever the budget."""
+        self.reserved_usd += usd
+
     def record(self, charge: Charge, reserved_usd: float = 0.0) -> None:
         """A call's charge in place of its reservation (``reserved_usd``, 0 for a cache hit)."""
         self.reserved_usd = max(0.0, self.reserved_usd - reserved_usd)
@@ -116,8 +120,8 @@ class SpendLedger:
 
     def state(self) -> dict[str, Any]:
         """What a summary holds of this run's spend (and the runs before it in this folder)."""
-        return {**self.totals.row(), "usd_this_run": round(self.spent_usd, 6),
-                "usd_earlier_runs": round(self.earlier_usd, 6), "usd": round(self.total_usd, 6),
+        return {**self.totals.row(), "usd_this_run": round(self.spent_usd, 8),
+                "usd_earlier_runs": round(self.earlier_usd, 8), "usd": round(self.total_usd, 8),
                 "budget_usd": self.budget_usd, "refused": self.refused}
 
 
@@ -143,7 +147,7 @@ class _Totals:
             self.online_usd += charge.usd
 
     def row(self) -> dict[str, Any]:
-        return {**asdict(self), "online_usd": round(self.online_usd, 6), "batch_usd": round(self.batch_usd, 6)}
+        return {**asdict(self), "online_usd": round(self.online_usd, 8), "batch_usd": round(self.batch_usd, 8)}
 
 
 def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -157,7 +161,7 @@ def ledger_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for row in rows:
         totals.add(Charge(**{k: row[k] for k in Charge.__dataclass_fields__ if k in row}))
     out = totals.row()
-    out["usd"] = round(totals.online_usd + totals.batch_usd, 6)
+    out["usd"] = round(totals.online_usd + totals.batch_usd, 8)
     return out
 
 

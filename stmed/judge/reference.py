@@ -14,6 +14,11 @@ be delayed (``asyncio.sleep``, so many are in flight at once), and a share get a
 ``RunningServer.stats`` counts requests by outcome and records each request's key, so a test can see
 how often a request was re-sent.
 
+The Batch API is served too, in memory: ``POST /v1/files`` (purpose ``batch``), ``POST /v1/batches``,
+``GET /v1/batches/{id}`` and ``GET /v1/files/{id}/content``. A batch waits ``batch_delay_s`` (settable
+while running), then answers each line as the chat route would (faults included: an injected 429 or 500
+becomes a line of the error file) and completes; ``stats.endpoints`` counts the calls of each route.
+
 CLI: ``python -m stmed.judge.reference --findings runs/data/findings.json --port 8011``.
 """
 
@@ -35,11 +40,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 import numpy as np
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.responses import JSONResponse, Response
 
 from stmed.data.images import ImageLoadError, decode_data_url, pixel_digest
 from stmed.data.synthetic import Findings
@@ -216,6 +221,8 @@ class JudgeStats:
     total: int
     outcomes: dict[str, int]
     request_keys: tuple[str, ...]
+    endpoints: dict[str, int] = field(default_factory=dict)
+    """Calls of the Batch API routes, e.g. ``{"POST /v1/batches": 1}``."""
 
     def key_counts(self) -> Counter[str]:
         return Counter(self.request_keys)
@@ -239,6 +246,10 @@ class _State:
     seen: Counter[str] = field(default_factory=Counter)  # per-fault arrival counters
     outcomes: Counter[str] = field(default_factory=Counter)
     keys: list[str] = field(default_factory=list)
+    batch_delay_s: float = 1.0
+    files: dict[str, bytes] = field(default_factory=dict)
+    batches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    endpoints: Counter[str] = field(default_factory=Counter)
 
     def arrive(self, key: str) -> tuple[Faults, str]:
         """Record a request and decide its fate: rate_limited, server_error, garbled or ok."""
@@ -264,7 +275,7 @@ class _State:
 
     def snapshot(self) -> JudgeStats:
         with self.lock:
-            return JudgeStats(len(self.keys), dict(self.outcomes), tuple(self.keys))
+            return JudgeStats(len(self.keys), dict(self.outcomes), tuple(self.keys), dict(self.endpoints))
 
 
 # ----------------------------------------------------------------------------- the server
@@ -309,6 +320,8 @@ def create_app(state: _State) -> ASGIApp:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "stmed"}]}
 
+    _batch_routes(api, state)
+
     async def chat_completions(scope: dict, receive: Callable[[], Awaitable[dict]],
                                send: Callable[[dict], Awaitable[None]]) -> None:
         raw, more = b"", True
@@ -333,6 +346,87 @@ def create_app(state: _State) -> ASGIApp:
             await api(scope, receive, send)
 
     return app
+
+
+def _batch_routes(api: FastAPI, state: _State) -> None:
+    """The Batch API's routes, in memory (``stmed.judge.batch`` is their client)."""
+
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-ref-{len(state.files) + len(state.batches):06d}-{os.urandom(4).hex()}"
+
+    @api.post("/v1/files")
+    async def upload(purpose: Annotated[str, Form()], file: Annotated[UploadFile, File()]) -> Any:
+        state.endpoints["POST /v1/files"] += 1
+        if purpose != "batch":
+            return _error(400, f"purpose must be 'batch' here, got {purpose!r}", "invalid_request_error")
+        file_id = new_id("file")
+        state.files[file_id] = await file.read()
+        return {"id": file_id, "object": "file", "bytes": len(state.files[file_id]), "created_at": int(time.time()),
+                "filename": file.filename, "purpose": purpose}
+
+    @api.get("/v1/files/{file_id}/content")
+    async def content(file_id: str) -> Any:
+        state.endpoints["GET /v1/files/content"] += 1
+        if file_id not in state.files:
+            return _error(404, f"no file {file_id!r}", "not_found")
+        return Response(state.files[file_id], media_type="application/octet-stream")
+
+    @api.post("/v1/batches")
+    async def create(body: dict[str, Any]) -> Any:
+        state.endpoints["POST /v1/batches"] += 1
+        if body.get("input_file_id") not in state.files:
+            return _error(400, "input_file_id names no uploaded file", "invalid_request_error")
+        if body.get("endpoint") != "/v1/chat/completions" or body.get("completion_window") != "24h":
+            return _error(400, "endpoint must be /v1/chat/completions and completion_window 24h",
+                          "invalid_request_error")
+        batch = {"id": new_id("batch"), "object": "batch", "endpoint": body["endpoint"], "errors": None,
+                 "input_file_id": body["input_file_id"], "completion_window": "24h", "status": "in_progress",
+                 "output_file_id": None, "error_file_id": None, "created_at": int(time.time()),
+                 "metadata": body.get("metadata"), "request_counts": {"total": 0, "completed": 0, "failed": 0}}
+        state.batches[batch["id"]] = batch
+        asyncio.get_running_loop().create_task(_run_batch(state, batch))
+        return batch
+
+    @api.get("/v1/batches/{batch_id}")
+    async def retrieve(batch_id: str) -> Any:
+        state.endpoints["GET /v1/batches"] += 1
+        if batch_id not in state.batches:
+            return _error(404, f"no batch {batch_id!r}", "not_found")
+        return state.batches[batch_id]
+
+
+async def _run_batch(state: _State, batch: dict[str, Any]) -> None:
+    """Wait ``batch_delay_s``, answer every line as the chat route would, write the output and error files."""
+    await asyncio.sleep(state.batch_delay_s)
+    lines = state.files[batch["input_file_id"]].decode("utf-8", "replace").splitlines()
+    out, errors = await asyncio.to_thread(_answer_lines, state, [line for line in lines if line.strip()])
+    for name, rows in (("output_file_id", out), ("error_file_id", errors)):
+        if rows:
+            file_id = f"file-ref-{name.split('_')[0]}-{batch['id']}"
+            state.files[file_id] = "".join(json.dumps(row) + "\n" for row in rows).encode()
+            batch[name] = file_id
+    batch["request_counts"] = {"total": len(out) + len(errors), "completed": len(out), "failed": len(errors)}
+    batch["status"], batch["completed_at"] = "completed", int(time.time())
+
+
+def _answer_lines(state: _State, lines: list[str]) -> tuple[list[dict], list[dict]]:
+    out, errors = [], []
+    for n, line in enumerate(lines):
+        try:
+            request = json.loads(line)
+            custom_id, body = request["custom_id"], request["body"]
+        except (ValueError, KeyError, TypeError):
+            errors.append({"id": f"batch_req_{n}", "custom_id": None, "response": None,
+                           "error": {"code": "invalid_json_line", "message": f"line {n + 1} is not a request"}})
+            continue
+        faults, fate = state.arrive(_request_key(body))
+        outcome, response = _respond(body, fate, faults, state.index)
+        state.record(outcome)
+        row = {"id": f"batch_req_{n}", "custom_id": custom_id,
+               "response": {"status_code": response.status_code, "request_id": f"req_{n}",
+                            "body": json.loads(response.body)}, "error": None}
+        (out if response.status_code == 200 else errors).append(row)
+    return out, errors
 
 
 def _respond(body: Any, fate: str, faults: Faults, index: dict[str, Findings]) -> tuple[str, JSONResponse]:
@@ -374,10 +468,20 @@ class RunningServer:
         """Swap the faults while serving; their counters start again (the next N requests get 429)."""
         self._state.set_faults(faults)
 
+    @property
+    def batch_delay_s(self) -> float:
+        return self._state.batch_delay_s
+
+    @batch_delay_s.setter
+    def batch_delay_s(self, seconds: float) -> None:
+        """How long a batch created from now on waits before it is answered."""
+        self._state.batch_delay_s = seconds
+
     def reset_stats(self) -> None:
         with self._state.lock:
             self._state.outcomes.clear()
             self._state.keys.clear()
+            self._state.endpoints.clear()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._server.should_exit = True
@@ -398,11 +502,11 @@ class RunningServer:
 
 
 def start_server(findings_path: str | os.PathLike, port: int = 0, faults: Faults | None = None,
-                 host: str = "127.0.0.1", start_timeout_s: float = 20.0) -> RunningServer:
+                 host: str = "127.0.0.1", start_timeout_s: float = 20.0, batch_delay_s: float = 1.0) -> RunningServer:
     """Serve the judge for the images in ``findings_path`` on ``host:port`` (0 = any free port)."""
     import uvicorn  # deferred: only a process that serves pays for it
 
-    state = _State(index=load_digest_index(findings_path), faults=faults or Faults())
+    state = _State(index=load_digest_index(findings_path), faults=faults or Faults(), batch_delay_s=batch_delay_s)
     # Bind here rather than in uvicorn: a taken port fails in the caller, and port 0's pick is known.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -440,10 +544,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds sent with 429")
     parser.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered with 500")
     parser.add_argument("--garbled-rate", type=float, default=0.0, help="share of replies with no scores")
+    parser.add_argument("--batch-delay", type=float, default=1.0, help="seconds a Batch API job waits")
     args = parser.parse_args(argv)
     faults = Faults(rate_limit_first=args.rate_limit_first, retry_after_s=args.retry_after,
                     error_rate=args.error_rate, latency_ms=args.latency_ms, garbled_rate=args.garbled_rate)
-    server = start_server(args.findings, port=args.port, faults=faults)
+    server = start_server(args.findings, port=args.port, faults=faults, batch_delay_s=args.batch_delay)
     # Everything imported so far lives as long as the process: keep the collector from re-scanning it
     # (a full collection of FastAPI's and PIL's objects takes ~70 ms, a stall for every request in flight).
     gc.freeze()

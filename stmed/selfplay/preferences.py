@@ -101,15 +101,22 @@ def _read_part(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _finished(row: dict[str, Any]) -> bool:
-    return row["status"] != OK or row.get("error") is None
+def awaiting_batch(row: dict[str, Any]) -> bool:
+    """A generated pair that ``judge.mode=batch`` is still to judge: ``ok``, no verdict yet (pending, or
+    failed in an earlier batch), its gated image kept on the row for the next batch."""
+    return row["status"] == OK and row.get("error") is not None and bool(row.get("image_data_url"))
 
 
-def plan_resume(images: list[dict], done: dict[str, dict], k: int,
-                slots: int = 1) -> tuple[list[dict], frozenset[str]]:  # fmt: skip
+def _finished(row: dict[str, Any], batch: bool = False) -> bool:
+    return row["status"] != OK or row.get("error") is None or (batch and awaiting_batch(row))
+
+
+def plan_resume(images: list[dict], done: dict[str, dict], k: int, slots: int = 1,
+                batch: bool = False) -> tuple[list[dict], frozenset[str]]:  # fmt: skip
     """Images still to generate, and the pair_ids of their rows that are already finished. A question is
-    done when it was filtered or all ``slots`` of its sub-pairs are finished; an image when k are."""
-    finished = [row for row in done.values() if _finished(row)]
+    done when it was filtered or all ``slots`` of its sub-pairs are finished; an image when k are. With
+    ``batch`` (``judge.mode=batch``) a pair awaiting its batch is finished here: it is judged, not generated."""
+    finished = [row for row in done.values() if _finished(row, batch)]
     failed_images = {row["image_id"] for row in finished if row["status"] == IMAGE_ERROR}
     per_question: Counter = Counter()
     for row in finished:

@@ -315,10 +315,11 @@ def test_resuming_with_another_model_judge_or_manifest_is_refused_naming_the_key
     with pytest.raises(ConfigError, match=r"holds rows without a fingerprint.json"):
         generate.check_resume_settings(config(out, data, model), out)
 
-def test_a_budget_too_small_stops_the_round_in_one_line_and_a_rerun_pays_nothing_twice(
+def test_a_budget_stop_resumes_paying_nothing_twice_and_batch_mode_gives_the_same_pairs_at_half_price(
         ray_session, data, talking_model, tmp_path, capsys):
     """judge.budget_usd: the job ends with one line and exit 1, the judged rows kept in parts/; a rerun with
-    a higher budget judges the rest, and the judge never receives a request twice."""
+    a higher budget judges the rest, and the judge never receives a request twice. Then judge.mode=batch on
+    the same seeds: one Batch API job, the same preference rows, half the price in the ledger."""
     from jobs.runtime import run_job
     from stmed.judge.ledger import read_ledger
 
@@ -343,8 +344,21 @@ def test_a_budget_too_small_stops_the_round_in_one_line_and_a_rerun_pays_nothing
         summary = generate.main(config(out, data, talking_model, **{"judge.base_url": server.url,
                                                                     "judge.budget_usd": 1.0})).summary
         stats = server.stats
+        server.reset_stats()
+        server.batch_delay_s = 0.5
+        batch_out = tmp_path / "batch"
+        batch = generate.main(config(batch_out, data, talking_model, **{
+            "judge.base_url": server.url, "judge.mode": "batch", "judge.batch_poll_s": 0.1})).summary
+        batch_stats = server.stats
     finally:
         server.stop()
+    assert batch_stats.endpoints["POST /v1/batches"] == 1 and batch_stats.resent == 0
+    assert batch_stats.total == summary["judge"]["pairs"]  # every pair once, inside the batch
+    online_pairs, batch_pairs = (read_preferences(o / "preferences.parquet") for o in (out, batch_out))
+    assert batch_pairs == online_pairs and batch["pairs"] == summary["pairs"] > 0
+    assert not (batch_out / "batch.json").exists()
+    assert {r["mode"] for r in read_ledger(batch_out / "ledger.jsonl")} == {"batch"}
+    assert batch["spend"]["batch_usd"] == pytest.approx(summary["spend"]["online_usd"] / 2, rel=1e-4)
     assert stats.resent == 0 and stats.total > first_sent  # nothing paid twice, the rest paid once
     ledger = read_ledger(out / "ledger.jsonl")
     paid = [r for r in ledger if not r["cached"]]
