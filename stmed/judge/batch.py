@@ -347,6 +347,7 @@ def read_state(out: Path) -> list[dict[str, Any]]:
 
 
 def write_state(out: Path, batches: list[dict[str, Any]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{STATE_FILE}.tmp"
     tmp.write_text(json.dumps({"batches": batches}))
     os.replace(tmp, out / STATE_FILE)
