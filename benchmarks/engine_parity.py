@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/engine_parity.py                               # both presets, 200 questions
     .venv/bin/python benchmarks/engine_parity.py --presets tiny --questions 400 --max-new-tokens 16
+    .venv/bin/python benchmarks/engine_parity.py --presets llava-1.5-7b-hf qwen2.5-vl-7b-instruct  # fixtures
 
 For each family's tiny preset: export it as a merged checkpoint (``stmed.model.export``, the published
 layout), load that folder in the HF engine (``stmed.model.generate.HFEngine``, fp32) and in vLLM's CPU
@@ -43,9 +44,25 @@ CPU_ENGINE = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization
 KV cache takes (0.05 = 1.2 GiB), and eager mode skips torch.compile's minutes of start-up."""
 
 
+REAL_LAYOUT = ("llava-1.5-7b-hf", "qwen2.5-vl-7b-instruct")
+"""Shrunk random-weight copies of the releases in ../shared/fixtures (tests/checkpoints.py): the published
+tokenizer, processor and config (a LLaVA image is 576 tokens), loaded and exported as training would."""
+
+
 def export_preset(preset: str, out: Path) -> Path:
-    """The preset as a merged checkpoint in its family's published layout (what training exports)."""
-    model, processor = load_model(ModelConfig(preset=preset))
+    """The preset (or a real-layout fixture) as a merged checkpoint in its family's published layout."""
+    if preset in REAL_LAYOUT:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests.checkpoints
+        from tests import checkpoints
+
+        # vLLM's CPU attention takes head_dim >= 32 (the releases' is 128): two 32-wide heads, not four of 16.
+        checkpoints.SHRUNK_TEXT.update(num_attention_heads=2, num_key_value_heads=2)
+        checkpoints.QWEN_TEXT.update(num_attention_heads=2, num_key_value_heads=2,
+                                     rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+        build = checkpoints.build_llava_hf if preset == REAL_LAYOUT[0] else checkpoints.build_qwen2_5_vl
+        model, processor = load_model(ModelConfig(name_or_path=str(build(out.parent / f"{preset}-release"))))
+    else:
+        model, processor = load_model(ModelConfig(preset=preset))
     save_published(model, out)
     processor.save_pretrained(out)
     return out
@@ -92,7 +109,9 @@ def hf_side(model_path: Path, texts: list[str], images: list[Image.Image], max_n
 def vllm_side(model_path: Path, texts: list[str], images: list[Image.Image], max_new_tokens: int) -> Side:
     from stmed.model.build import checkpoint_chat
 
-    llm = vllm_engine(model_path)
+    # A release's processor bounds (Qwen2.5-VL: 12.8M pixels) make vLLM profile a huge image: more room.
+    real = any(name in str(model_path) for name in REAL_LAYOUT)
+    llm = vllm_engine(model_path, **({"gpu_memory_utilization": 0.15} if real else {}))
     params = vllm_greedy(llm, checkpoint_chat(str(model_path)), max_new_tokens)
     requests = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, images)]
     llm.generate(requests[:4], params, use_tqdm=False)  # warm-up
