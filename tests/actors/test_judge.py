@@ -4,6 +4,8 @@ loopback HTTP endpoint."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import threading
 from collections.abc import Iterator
@@ -13,11 +15,20 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from actors.judge import INPUT_COLUMNS, Judge
 from stmed.judge.judging import JudgeSettings, JudgeVerdict
 
-IMAGE = "data:image/png;base64,iVBORw0KGgo="
+
+def png_data_url() -> str:
+    """A small, decodable, text-free image: the privacy gate in front of the judge refuses what it cannot read."""
+    buffer = io.BytesIO()
+    Image.new("L", (32, 32), 90).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+IMAGE = png_data_url()
 
 
 def reply_for(body: dict) -> str:
