@@ -59,6 +59,8 @@ def exported(request, tmp_path_factory) -> tuple[str, Path, torch.nn.Module]:
 
 def test_a_preset_export_carries_the_release_key_names(exported):
     preset, out, _ = exported
+    if preset not in RELEASES:
+        pytest.skip(f"no release index for {preset}'s family in ../shared/fixtures")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert keys == release_keys(RELEASES[preset], depths(keys))
