@@ -301,7 +301,8 @@ def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list
     return summary
 
 
-SAMPLING_ONLY = frozenset({"batch_size", "device", "vllm_engine_kwargs", "vllm_concurrency"})
+SAMPLING_ONLY = frozenset({"batch_size", "device", "vllm_engine_kwargs", "vllm_concurrency", "vllm_bundle",
+                           "vllm_stage_cpus"})
 """``generation`` settings that do not change the rows written (how they are computed, not what)."""
 
 
