@@ -67,18 +67,22 @@ def to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def self_play(engine: HFEngine, images: list[tuple[str, str, Any]], settings: GenerationSettings,
               gated: list[GateResult] | None = None) -> list[dict]:
-    """Describe → ask k → filter/dedupe (→ closed suffix) → answer in sub-pairs → filter, for
-    ``(image_id, path, PIL image)``s. Three engine calls for the whole batch, so the engine batches
-    across images. A question whose answers all read the same goes to no judge: it cannot give a pair.
+    """Describe → ask k (after the image's demonstrations) → filter/dedupe (→ closed suffix) → answer in
+    sub-pairs → filter, for ``(image_id, path, PIL image)``s. Three engine calls for the whole batch, so
+    the engine batches across images. A question whose answers all read the same goes to no judge: it
+    cannot give a pair.
     ``gated[n]``: the privacy gate's result for image n, whose pixels (masked) go to the judge; the
     model itself sees the original. None: the images go to the judge as they are, ungated."""
     ids, paths, pictures = (list(column) for column in zip(*images))
     descriptions = generation.describe(engine, pictures, settings.describe_sampling)
     q_seeds = [[settings.question_seed(i, j) for j in range(settings.questions_per_image)] for i in ids]
-    questions = generation.ask_seeded(engine, pictures, descriptions, q_seeds, settings.question_sampling)
+    shown = [generation.demonstrations_for(settings, i) for i in ids]  # few-shot examples, () without a file
+    questions = generation.ask_seeded(engine, pictures, descriptions, q_seeds, settings.question_sampling,
+                                      shown)
     rows, kept = [], []  # kept: (image number, question index, sub-pair slot)
     for n in range(len(images)):
-        for j, reason in enumerate(generation.question_reasons(questions[n])):
+        asked = [q for q, _ in shown[n]]  # a demonstration repeated is a duplicate
+        for j, reason in enumerate(generation.question_reasons(questions[n], asked)):
             if reason is None:
                 questions[n][j] = settings.closed_suffixed(questions[n][j], ids[n], j)
                 kept += [(n, j, slot) for slot in range(settings.pair_slots)]

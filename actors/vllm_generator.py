@@ -94,7 +94,9 @@ def carry(row: dict) -> dict[str, Any]:
 def questions_of_image(group: dict[str, np.ndarray], settings: GenerationSettings) -> dict[str, np.ndarray]:
     """All k questions of one image → rows, filtered, de-duplicated and suffixed as the HF path does."""
     order = np.argsort(group["question_index"])
-    reasons = generation.question_reasons([str(group["question"][i]) for i in order])
+    shown = generation.demonstrations_for(settings, str(group["image_id"][0])) if len(order) else ()
+    asked = [q for q, _ in shown]  # a demonstration repeated is a duplicate
+    reasons = generation.question_reasons([str(group["question"][i]) for i in order], asked)
     rows = []
     for i, reason in zip(order, reasons):
         image_id, index = str(group["image_id"][i]), int(group["question_index"][i])
@@ -105,6 +107,15 @@ def questions_of_image(group: dict[str, np.ndarray], settings: GenerationSetting
         rows.append(make_row(image_id, str(group["image_path"][i]), status, reason or "", index, question,
                              int(group["question_seed"][i])))
     return to_columns(rows)
+
+
+def ask_request(row: dict, settings: GenerationSettings,
+                chat: prompts.ChatFormat = prompts.VICUNA) -> dict[str, Any]:  # fmt: skip
+    """The questioner request of one (image, question slot) row: the HF path's prompt for the image
+    (description, then its demonstrations), sampled under the slot's seed."""
+    shown = generation.demonstrations_for(settings, str(row["image_id"]))
+    prompt = prompts.question_prompt(str(row["description"]) or "An image.", chat=chat, demonstrations=shown)
+    return vllm_request(row, prompt, settings.question_sampling, int(row["question_seed"]), chat)
 
 
 def sub_pairs(row: dict, settings: GenerationSettings) -> list[dict[str, Any]]:
@@ -198,8 +209,7 @@ def vllm_generate(ds: ray.data.Dataset, model_path: str, settings: GenerationSet
     expanded = described.flat_map(lambda r: [
         carry(r) | {"question_index": j, "question_seed": settings.question_seed(str(r["image_id"]), j)}
         for j in range(settings.questions_per_image)], **host)
-    asked = stage(lambda r: vllm_request(r, prompts.question_prompt(str(r["description"]), chat=chat),
-                                         settings.question_sampling, int(r["question_seed"]), chat),
+    asked = stage(lambda r: ask_request(r, settings, chat),
                   lambda r: carry(r) | {"question": generation.clean_question(text(r))})(expanded)
     # The barrier: de-duplicating needs all k questions of an image. Its rows are small (no image).
     questions = asked.groupby("image_id").map_groups(

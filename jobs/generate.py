@@ -56,7 +56,7 @@ from stmed.runs import (
     write_fingerprint,
     write_summary,
 )
-from stmed.selfplay.generation import GenerationSettings
+from stmed.selfplay.generation import GenerationSettings, read_demonstrations
 from stmed.selfplay.preferences import (
     assemble,
     awaiting_batch,
@@ -314,7 +314,8 @@ GENERATE_OUTPUTS = ("config.yaml", SUMMARY, FINGERPRINT_FILE, "parts", "preferen
 
 def fingerprint(cfg: GenerateConfig) -> dict[str, Any]:
     """What makes the rows in ``parts/``: the model (its settings and a content digest of a local
-    checkpoint), the judge, the image manifest and the generation settings that change rows."""
+    checkpoint), the judge, the image manifest and the generation settings that change rows (with the
+    demonstrations file's content digest)."""
     values = config_to_dict(cfg)
     out: dict[str, Any] = {f"model.{k}": v for k, v in values["model"].items()}
     out["model.content"] = content_digest(cfg.model.name_or_path)
@@ -324,7 +325,11 @@ def fingerprint(cfg: GenerateConfig) -> dict[str, Any]:
         out["judge.reference_findings.content"] = content_digest(cfg.judge.reference_findings)
     out |= {"images": cfg.images, "image_root": str(image_root(cfg)),
             "images.content": content_digest(cfg.images, folder_listing_only=True)}
-    out |= {f"generation.{k}": v for k, v in values["generation"].items() if k not in SAMPLING_ONLY}
+    # without a demonstrations file its keys stay out, so folders written before they existed still resume
+    unused = set() if cfg.generation.demonstrations else {"demonstrations", "demonstrations_k"}
+    out |= {f"generation.{k}": v for k, v in values["generation"].items() if k not in SAMPLING_ONLY | unused}
+    if cfg.generation.demonstrations:  # the few-shot examples in every questioner prompt: content counts
+        out["generation.demonstrations.content"] = content_digest(cfg.generation.demonstrations)
     out |= {f"privacy.{k}": v for k, v in (values.get("privacy") or {}).items()}
     return out
 
@@ -364,6 +369,9 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     claim_output_dir(out, "generate", GENERATE_OUTPUTS)  # refuses a folder of files stmed did not write
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
+    if cfg.generation.demonstrations:  # a missing, empty or malformed file stops here, before any model loads
+        log.info("%d demonstrations in %s", len(read_demonstrations(cfg.generation.demonstrations)),
+                 cfg.generation.demonstrations)
     check_resume_settings(cfg, out)
     write_config(cfg, out)
     images = sampled_images(cfg)

@@ -21,6 +21,7 @@ canonical ``"<image>\\n"`` in the first question; a format writes it as its own 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 IMAGE_TOKEN = "<image>"
@@ -172,15 +173,34 @@ def describe_prompt(system: str = SYSTEM_SQ, chat: ChatFormat = VICUNA) -> str:
     return answer_prompt(DESCRIBE_QUESTION, system, chat)
 
 
-def question_prompt(description: str, system: str = SYSTEM_SQ, chat: ChatFormat = VICUNA) -> str:
-    """The describe turn answered with ``description``, then an open ``VUSER:`` turn for a new question."""
-    description = description.strip()
-    if not description:
-        raise ValueError("question_prompt: description is empty")
-    if chat.eos in description or IMAGE_TOKEN in description or chat.image_token in description:
-        raise ValueError(f"question_prompt: description must not contain {chat.eos} or {chat.image_token}")
+def _turn_text(text: str, what: str, chat: ChatFormat) -> str:
+    """A later turn's text, stripped; refused if empty or holding an end-of-turn or image token."""
+    text = text.strip()
+    if not text:
+        raise ValueError(f"question_prompt: {what} is empty")
+    if chat.eos in text or IMAGE_TOKEN in text or chat.image_token in text:
+        raise ValueError(f"question_prompt: {what} must not contain {chat.eos} or {chat.image_token}")
+    return text
+
+
+def question_prompt(description: str, system: str = SYSTEM_SQ, chat: ChatFormat = VICUNA,
+                    demonstrations: Sequence[tuple[str, str]] = ()) -> str:
+    """The describe turn answered with ``description``, then an open ``VUSER:`` turn for a new question.
+
+    ``demonstrations``: ``(question, answer)`` few-shot examples (clinician-starred question-answers,
+    BioMed-VITAL's generation stage), written in order as earlier questioner turns and their answers
+    between the description and the open turn — the layout stage 1 trained questions in, in any family's
+    chat format; the image stays once, in the first turn::
+
+        SYSTEM USER: <image>\\nDESCRIBE ASSISTANT: d</s>VUSER: q1</s> ASSISTANT: a1</s>VUSER:
+    """
     first = _closed(USER, _with_image(DESCRIBE_QUESTION), chat)
-    return chat.render_header(system) + first + _closed(ASSISTANT, description, chat) + chat.open(QUESTIONER)
+    described = _closed(ASSISTANT, _turn_text(description, "description", chat), chat)
+    text = chat.render_header(system) + first + described
+    for n, (question, answer) in enumerate(demonstrations):
+        text += _closed(QUESTIONER, _turn_text(question, f"demonstration {n} question", chat), chat)
+        text += _closed(ASSISTANT, _turn_text(answer, f"demonstration {n} answer", chat), chat)
+    return text + chat.open(QUESTIONER)
 
 
 def preference_prompt(question: str, chat: ChatFormat = VICUNA) -> str:

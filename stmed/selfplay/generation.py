@@ -14,6 +14,12 @@ Outputs are judged degenerate (empty, a single repeated word, …) here, so that
 same way (``question_reasons`` also drops a question already asked about the image; ``answer_pair_reason``
 an identical pair).
 
+Demonstrations (BioMed-VITAL's generation stage, METHOD §7): ``generation.demonstrations`` names the
+``demonstrations.jsonl`` that ``python -m jobs.review export`` writes (clinician-starred question-answers);
+each image's questioner prompt then carries ``demonstrations_k`` of them, drawn under a seed derived from
+the global seed and the image id (``demonstrations_for``), as earlier questioner turns with their answers
+(``prompts.question_prompt``). A sampled question that repeats one of them counts as a ``duplicate``.
+
 The preference job uses the seeded variants ``ask_seeded`` / ``answer_twice_seeded``: every row samples
 from its own generator (``RowSampler``) under a seed derived from the global seed and the image id
 (``GenerationSettings``, ``derive_seed``), so its text does not depend on how Ray Data batched it.
@@ -21,10 +27,15 @@ from its own generator (``RowSampler``) under a seed derived from the global see
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import os
+import random
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
@@ -77,10 +88,16 @@ class GenerationSettings:
     vllm_stage_cpus: float | None = None
     """CPUs of each host-side worker of a vLLM stage (image preparation, pre- and post-processing); None:
     Ray's default of 1. A fraction lets the stages of a small (CPU-only) node run side by side."""
+    demonstrations: str | None = None
+    """A ``demonstrations.jsonl`` (``python -m jobs.review export``: one ``{"question", "answer", …}`` a
+    line): few-shot examples in the questioner's prompt. None: none (the paper's prompt)."""
+    demonstrations_k: int = 3
+    """Demonstrations per image (all of them when the file has fewer), drawn under a seed derived from
+    ``seed`` and the image id, written in the file's order."""
 
     def __post_init__(self) -> None:
         positive = ("questions_per_image", "answers_per_question", "batch_size", "describe_max_tokens",
-                    "question_max_tokens", "answer_max_tokens", "vllm_concurrency")
+                    "question_max_tokens", "answer_max_tokens", "vllm_concurrency", "demonstrations_k")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"generation.{name} must be >= 1, got {getattr(self, name)}")
@@ -134,6 +151,53 @@ class GenerationSettings:
         return question.rstrip() + suffix if draw < self.closed_suffix_fraction else question
 
 
+Demonstration = tuple[str, str]
+"""A few-shot example for the questioner: ``(question, answer)``."""
+
+
+def read_demonstrations(path: str | os.PathLike) -> tuple[Demonstration, ...]:
+    """The question-answers of a ``demonstrations.jsonl``, in file order; ``ConfigError`` naming the file
+    and line for a missing or empty file or a line without a question and an answer."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"generation.demonstrations: {path} is not a file (python -m jobs.review export "
+                          "writes demonstrations.jsonl)")
+    stat = path.stat()
+    return _read_demonstrations(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_demonstrations(path: str, mtime_ns: int, size: int) -> tuple[Demonstration, ...]:
+    out = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"generation.demonstrations: {path} line {number} is not JSON") from None
+        question, answer = (row.get(k) if isinstance(row, dict) else None for k in ("question", "answer"))
+        if not all(isinstance(text, str) and text.strip() for text in (question, answer)):
+            raise ConfigError(f"generation.demonstrations: {path} line {number} has no question and answer")
+        out.append((" ".join(question.split()), answer.strip()))
+    if not out:
+        raise ConfigError(f"generation.demonstrations: {path} holds no demonstrations (star question-answers "
+                          "in the review app, or leave generation.demonstrations unset)")
+    return tuple(out)
+
+
+def demonstrations_for(settings: GenerationSettings, image_id: str) -> tuple[Demonstration, ...]:
+    """The demonstrations in image ``image_id``'s questioner prompt: ``demonstrations_k`` of the file's,
+    drawn under ``derive_seed(seed, image_id, "demonstrations")`` and kept in file order; () without a file.
+    Both engines call this, so they write the same prompt."""
+    if not settings.demonstrations:
+        return ()
+    pool = read_demonstrations(settings.demonstrations)
+    k = min(settings.demonstrations_k, len(pool))
+    picked = random.Random(derive_seed(settings.seed, image_id, "demonstrations")).sample(range(len(pool)), k)
+    return tuple(pool[i] for i in sorted(picked))
+
+
 def derive_seed(base: int, *keys: object) -> int:
     """A stable 31-bit seed from a global seed and keys (image id, slot…): same inputs, same seed, on
     any machine and in any batch (Python's ``hash`` is salted per process, sha256 is not)."""
@@ -178,10 +242,11 @@ def question_reason(text: str) -> str | None:
     return None
 
 
-def question_reasons(questions: Sequence[str]) -> list[str | None]:
+def question_reasons(questions: Sequence[str], asked: Sequence[str] = ()) -> list[str | None]:
     """Why each of one image's sampled questions is dropped, or None to keep it: degenerate, not a
-    question, or the same (normalised) as a question already kept for this image."""
-    kept: set[str] = set()
+    question, or the same (normalised) as a question already kept for this image or in ``asked`` (the
+    prompt's demonstrations)."""
+    kept: set[str] = {normalize_text(q) for q in asked}
     reasons: list[str | None] = []
     for question in questions:
         reason = question_reason(question)
@@ -255,15 +320,18 @@ def ask_seeded(
     descriptions: Sequence[str],
     seeds: Sequence[Sequence[int]],
     sampling: Sampling = QUESTION_SAMPLING,
+    demonstrations: Sequence[Sequence[Demonstration]] | None = None,
 ) -> list[list[str]]:
     """``len(seeds[i])`` questions for image ``i``, question ``j`` sampled under ``seeds[i][j]`` alone
-    (batch-independent, unlike ``ask``); cleaned, not yet filtered. All prompts go in one call."""
-    if not len(images) == len(descriptions) == len(seeds):
+    (batch-independent, unlike ``ask``); cleaned, not yet filtered. All prompts go in one call.
+    ``demonstrations[i]``: image ``i``'s few-shot question-answers (``demonstrations_for``)."""
+    demonstrations = demonstrations if demonstrations is not None else [()] * len(images)
+    if not len(images) == len(descriptions) == len(seeds) == len(demonstrations):
         raise ValueError(f"ask_seeded: {len(images)} images, {len(descriptions)} descriptions, "
-                         f"{len(seeds)} seed lists")
+                         f"{len(seeds)} seed lists, {len(demonstrations)} demonstration lists")
     texts, flat_images, flat_seeds, chat = [], [], [], chat_format(engine)
-    for image, description, image_seeds in zip(images, descriptions, seeds):
-        prompt = prompts.question_prompt(description or "An image.", chat=chat)
+    for image, description, image_seeds, shown in zip(images, descriptions, seeds, demonstrations):
+        prompt = prompts.question_prompt(description or "An image.", chat=chat, demonstrations=shown)
         texts += [prompt] * len(image_seeds)
         flat_images += [image] * len(image_seeds)
         flat_seeds += list(image_seeds)

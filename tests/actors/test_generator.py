@@ -155,6 +155,60 @@ def test_self_play_dedupes_and_counts_every_filter():
     assert engine.calls == [2, 8, 8]
 
 
+class RecordingEngine(ScriptedEngine):
+    """The scripted engine, keeping every questioner prompt it was given, by image."""
+
+    def __init__(self):
+        super().__init__()
+        self.question_prompts: dict[str, set[str]] = {}
+
+    def generate(self, texts, images, sampling, seed=0, row_seeds=None):
+        for text, image in zip(texts, images):
+            if text.endswith(prompts.QUESTIONER + ":"):
+                self.question_prompts.setdefault(image.info["id"], set()).add(text)
+        return super().generate(texts, images, sampling, seed, row_seeds)
+
+
+def test_both_engines_put_the_same_demonstrations_in_the_questioner_prompt(tmp_path: Path):
+    """generation.demonstrations: the HF engine's questioner prompt for an image is the vLLM path's request
+    prompt for it, the demonstrations in file order; both call a repeated demonstration a duplicate."""
+    from actors.vllm_generator import ask_request
+
+    shown = [("Is the liver enlarged?", "No."), ("What organ is shown here?", "The brain."),
+             ("Is there a fracture?", "Yes, of the left rib.")]
+    demos = tmp_path / "demonstrations.jsonl"
+    demos.write_text("".join(json.dumps({"pair_id": f"p{i}", "image": "x.png", "question": q, "answer": a})
+                             + "\n" for i, (q, a) in enumerate(shown)))
+    settings = GenerationSettings(questions_per_image=4, seed=1, demonstrations=str(demos),
+                                  demonstrations_k=3)
+    images = []
+    for image_id in ("img-a", "img-b"):
+        img = Image.new("RGB", (8, 8))
+        img.info["id"] = image_id
+        images.append((image_id, f"/data/{image_id}.png", img))
+    engine = RecordingEngine()
+    rows = self_play(engine, images, settings)
+    url = "data:image/png;base64,iVBORw0KGgo="
+    for image_id, _, _ in images:
+        (hf_prompt,) = engine.question_prompts[image_id]  # one prompt per image, sampled under k seeds
+        at = [hf_prompt.index(f"VUSER: {q}</s> ASSISTANT: {a}</s>") for q, a in shown]
+        assert at == sorted(at) and hf_prompt.count("<image>") == 1
+        for j in range(4):
+            seed = settings.question_seed(image_id, j)
+            row = make_row(image_id, f"/data/{image_id}.png", index=j, question_seed=seed,
+                           image_data_url=url) | {"description": "A scan."}
+            request = ask_request(row, settings)
+            assert request["prompt"] == hf_prompt
+            assert request["sampling_params"]["seed"] == seed
+        # the question filter: the same reasons on both paths, a demonstration repeated is a duplicate
+        mine = sorted((r for r in rows if r["image_id"] == image_id), key=lambda r: r["question_index"])
+        group = {name: np.array([r[name] for r in mine]) for name in OUTPUT_COLUMNS}
+        vllm_reasons = list(questions_of_image(group, settings)["reason"])
+        hf_reasons = [r["reason"] if r["status"] == "question_filtered" else "" for r in mine]
+        assert vllm_reasons == hf_reasons
+    assert ("img-a", 3, "duplicate") in {(r["image_id"], r["question_index"], r["reason"]) for r in rows}
+
+
 def _reply(request: httpx.Request) -> httpx.Response:
     body = json.loads(request.content)
     text = body["messages"][0]["content"][0]["text"]

@@ -282,6 +282,34 @@ def test_resuming_under_other_generation_settings_is_refused(data, tmp_path):
         generate.check_resume_settings(changed, out)
 
 
+def test_resuming_with_a_changed_demonstrations_file_is_refused_naming_the_key(data, tmp_path):
+    """generation.demonstrations: its path, k and content digest are in the fingerprint; without a file
+    none of its keys is, so a folder written before they existed still resumes."""
+    import pyarrow as pa
+
+    from stmed.config import ConfigError
+    from stmed.runs import FINGERPRINT_FILE
+    from stmed.selfplay.preferences import make_row, write_part
+
+    out, model = tmp_path / "run", tmp_path / "model"
+    demos = tmp_path / "demonstrations.jsonl"
+    demos.write_text(json.dumps({"question": "Is there a lesion?", "answer": "Yes."}) + "\n")
+    (out / "parts").mkdir(parents=True)
+    plain = generate.fingerprint(config(out, data, model))
+    assert not any(key.startswith("generation.demonstrations") for key in plain)
+    with_demos = config(out, data, model, **{"generation.demonstrations": str(demos)})
+    generate.check_resume_settings(with_demos, out)
+    written = json.loads((out / FINGERPRINT_FILE).read_text())
+    assert written["generation.demonstrations"] == str(demos) and written["generation.demonstrations_k"] == 3
+    write_part(out / "parts", "part-a-000000", pa.Table.from_pylist([make_row("a.png", "/a.png", index=0)]))
+    generate.check_resume_settings(with_demos, out)  # the same file: resumes
+    demos.write_text(json.dumps({"question": "Which organ is shown?", "answer": "The liver."}) + "\n")
+    with pytest.raises(ConfigError, match=r"generation.demonstrations.content was '\w+', now '\w+'; use a new"):
+        generate.check_resume_settings(with_demos, out)
+    with pytest.raises(ConfigError, match=r"generation.demonstrations was '.*demonstrations.jsonl', now None"):
+        generate.check_resume_settings(config(out, data, model), out)
+
+
 def test_resuming_with_another_model_judge_or_manifest_is_refused_naming_the_keys(data, tmp_path):
     """What mixed two models' rows in one folder: only ``generation.*`` was compared, rows had no model id."""
     import pyarrow as pa

@@ -109,3 +109,30 @@ def test_corpus_covers_fixed_texts():
         assert fixed in joined
     # Special tokens are never merged by BPE; keeping them out of the corpus keeps merges meaningful.
     assert prompts.EOS not in joined and prompts.IMAGE_TOKEN not in joined
+
+
+def test_question_prompt_writes_demonstrations_in_order_as_earlier_turns_in_each_family():
+    """Clinicians' demonstrations: questioner turns with their answers between the description and the
+    open turn, in the order given, through the family's format; the image stays once, in the first turn."""
+    from stmed.model.families.gemma3 import GEMMA
+    from stmed.model.families.qwen2_5_vl import CHATML
+
+    shown = [("Is there a lesion in the left lobe?", "Yes."), ("Which organ is shown?", "The liver.")]
+    assert question_prompt("A CT scan.", demonstrations=shown) == (
+        f"{SYSTEM_SQ} USER: <image>\n{DESCRIBE_QUESTION} ASSISTANT: A CT scan.</s>"
+        "VUSER: Is there a lesion in the left lobe?</s> ASSISTANT: Yes.</s>"
+        "VUSER: Which organ is shown?</s> ASSISTANT: The liver.</s>VUSER:"
+    )
+    for chat in (prompts.VICUNA, CHATML, GEMMA):
+        plain = question_prompt("A CT scan.", chat=chat)
+        text = question_prompt("A CT scan.", chat=chat, demonstrations=shown)
+        at = [text.index(s) for s in ("A CT scan.", shown[0][0], shown[0][1], shown[1][0], shown[1][1])]
+        assert at == sorted(at), chat.name
+        assert text.count(chat.image_block) == plain.count(chat.image_block) == 1
+        assert text.endswith(chat.open(prompts.QUESTIONER)) and text.startswith(plain[: plain.index("A CT")])
+        assert question_prompt("A CT scan.", chat=chat, demonstrations=()) == plain
+    for bad, what in ((("", "Yes."), "demonstration 0 question is empty"),
+                      (("Is it?", "Yes.</s>"), "demonstration 0 answer must not contain"),
+                      (("<image> Is it?", "Yes."), "demonstration 0 question must not contain")):
+        with pytest.raises(ValueError, match=what):
+            question_prompt("A CT scan.", demonstrations=[bad])

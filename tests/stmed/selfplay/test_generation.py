@@ -124,3 +124,48 @@ def test_more_answers_and_the_closed_suffix_are_seeded_settings():
     assert always.closed_suffixed(asked, "a.png", 0) == asked  # never twice
     assert always.closed_suffixed("Where is the lesion?", "a.png", 0) == "Where is the lesion?"
     assert GenerationSettings().closed_suffixed("Is there a lesion?", "a.png", 0) == "Is there a lesion?"
+
+
+def _write_demonstrations(path, n: int):
+    import json
+
+    rows = [{"pair_id": f"p{i}", "image": f"img{i}.png", "question": f"Is there a finding number {i}?",
+             "answer": f"Answer {i}."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [(r["question"], r["answer"]) for r in rows]
+
+
+def test_demonstrations_are_drawn_per_image_under_the_seed_and_kept_in_file_order(tmp_path):
+    pool = _write_demonstrations(tmp_path / "demonstrations.jsonl", 6)
+    settings = GenerationSettings(demonstrations=str(tmp_path / "demonstrations.jsonl"), demonstrations_k=3)
+    assert generation.read_demonstrations(settings.demonstrations) == tuple(pool)
+    picks = {i: generation.demonstrations_for(settings, i) for i in ("a.png", "b.png", "c.png", "d.png")}
+    for image_id, shown in picks.items():
+        assert len(shown) == 3 and set(shown) <= set(pool)
+        assert [pool.index(d) for d in shown] == sorted(pool.index(d) for d in shown)  # file order
+        assert generation.demonstrations_for(settings, image_id) == shown  # a function of seed and image
+    assert len(set(picks.values())) > 1  # images see different examples
+    other_seed = GenerationSettings(demonstrations=settings.demonstrations, demonstrations_k=3, seed=1)
+    assert [generation.demonstrations_for(other_seed, i) for i in picks] != list(picks.values())
+    few = GenerationSettings(demonstrations=settings.demonstrations, demonstrations_k=10)
+    assert generation.demonstrations_for(few, "a.png") == tuple(pool)  # fewer than k: all of them
+    assert generation.demonstrations_for(GenerationSettings(), "a.png") == ()
+    # a repeated demonstration is a duplicate of a question already asked about the image
+    assert generation.question_reasons(["Is there a FINDING number 2?", "Where is it?"], [pool[2][0]]) == [
+        "duplicate", None]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "holds no demonstrations"),
+    ("not json\n", "line 1 is not JSON"),
+    ('{"question": "Is it?"}\n', "line 1 has no question and answer"),
+])
+def test_a_bad_demonstrations_file_is_refused_naming_it(tmp_path, text, message):
+    path = tmp_path / "demonstrations.jsonl"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        generation.read_demonstrations(path)
+    with pytest.raises(ConfigError, match="is not a file"):
+        generation.read_demonstrations(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="demonstrations_k must be >= 1"):
+        GenerationSettings(demonstrations_k=0)
