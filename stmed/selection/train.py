@@ -35,6 +35,8 @@ from safetensors.torch import load_file, save_file
 
 from stmed.config import ConfigError, ModelConfig, build_config, config_to_dict
 from stmed.data.records import DataError
+from stmed.eval.calibration import agreement as share_of_same
+from stmed.eval.calibration import bootstrap
 from stmed.log import get_logger
 from stmed.model.build import load_model
 from stmed.runs import MetricsLog, content_digest, write_json
@@ -275,12 +277,15 @@ def train_selector(config: dict[str, Any], session: TrainSession) -> None:
 
 def held_out_scores(head_path: Path, features: dict[str, torch.Tensor], rows: list[dict[str, Any]],
                     ) -> dict[str, float | int | None]:  # fmt: skip
-    """Agreement and AUC of a saved head on ``rows`` (rank pairs whose answers have features)."""
+    """Agreement (with a percentile bootstrap 95% interval, ``stmed.eval.calibration``) and AUC of a saved
+    head on ``rows`` (rank pairs whose answers have features)."""
     rows = [r for r in rows if r["better"] in features and r["worse"] in features]
     if not rows:
-        return {"n": 0, "agreement": None, "auc": None}
+        return {"n": 0, "agreement": None, "agreement_ci": None, "auc": None}
     head = load_head(head_path)
     b = rate(head, torch.stack([features[r["better"]] for r in rows]))
     w = rate(head, torch.stack([features[r["worse"]] for r in rows]))
-    return {"n": len(rows), "agreement": agreement(b, w), "auc": pair_auc(b, w)}
+    marks = [("y", "y" if x > y else "n") for x, y in zip(b.tolist(), w.tolist())]  # a rater pair per pair
+    return {"n": len(rows), "agreement": agreement(b, w), "agreement_ci": bootstrap(marks, share_of_same),
+            "auc": pair_auc(b, w)}
 
