@@ -36,6 +36,7 @@ from stmed.data.images import ImageLoadError, burned_in_annotation, image_to_dat
 from stmed.log import get_logger
 from stmed.model.generate import HFEngine
 from stmed.privacy.gate import REFUSED, GateResult, PrivacySettings, TextGate
+from stmed.selection.selective import SELECTOR
 from stmed.selfplay import generation
 from stmed.selfplay.generation import GenerationSettings
 from stmed.selfplay.preferences import (
@@ -163,12 +164,16 @@ class Generator:
 
 class KeptPairJudge(Judge):
     """The Judge over a generator's stream: ``ok`` rows are judged, the others pass through with
-    empty (null) verdict columns. Output columns = input minus the image, plus the verdict's."""
+    empty (null) verdict columns — or, rows the selector labelled (``labelled_by``), with its verdict.
+    Output columns = input minus the image, plus the verdict's."""
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["status"]) == OK
+        if "labelled_by" in batch:  # selective judging: the selector's pairs pass with its verdict (actors.selector)
+            ok &= np.asarray(batch["labelled_by"], dtype=object) != SELECTOR
         rest = {name: column[~ok] for name, column in batch.items() if name != "image_data_url"}
-        rest.update({name: np.full(int((~ok).sum()), None, dtype=object) for name in VERDICT_COLUMNS})
+        rest.update({name: np.full(int((~ok).sum()), None, dtype=object) for name in VERDICT_COLUMNS
+                     if name not in batch})
         if self.settings.mode == "batch":  # judged later: pending rows keep their image, the others have none
             rest["image_data_url"] = np.full(int((~ok).sum()), "", dtype=object)
         if not ok.any():

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,10 @@ from stmed.runs import (
     write_fingerprint,
     write_summary,
 )
+from stmed.selection.selective import SelectiveSettings
 from stmed.selfplay.generation import GenerationSettings, read_demonstrations
 from stmed.selfplay.preferences import (
+    OK,
     assemble,
     awaiting_batch,
     balance_yes_no,
@@ -124,6 +127,9 @@ class GenerateConfig:
     """Benchmark images kept out of the self-play pool (``stmed.privacy.contamination``)."""
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    selective: SelectiveSettings = field(default_factory=SelectiveSettings)
+    """Selective judging (round 2 on): a jobs.select head rates each pair first; only the uncertain ones go to
+    the judge, the others are labelled by it (``labelled_by`` in the rows; ``stmed.selection.selective``)."""
 
     def __post_init__(self) -> None:
         if self.generation.engine == "vllm" and self.model.name_or_path is None:
@@ -187,6 +193,13 @@ def build_dataset(cfg: GenerateConfig, todo: list[dict], skip: frozenset[str], j
                                               "skip_pair_ids": skip, "privacy": cfg.privacy},
             compute=ActorPoolStrategy(size=cfg.pools.generators), batch_size=cfg.pools.images_per_batch,
             num_cpus=cfg.pools.generator_cpus, num_gpus=cfg.generator_gpus, batch_format="numpy")
+    if cfg.selective.select_dir:
+        from actors.selector import PairSelector  # loads the selector's policy and head once
+
+        ds = ds.map_batches(
+            PairSelector, fn_constructor_kwargs={"settings": cfg.selective, "image_root": str(image_root(cfg))},
+            compute=ActorPoolStrategy(size=1), batch_size=cfg.selective.pairs_per_batch,
+            num_cpus=cfg.selective.selector_cpus, batch_format="numpy")
     return ds.map_batches(
         KeptPairJudge, fn_constructor_kwargs={"settings": judge, "num_actors": cfg.pools.judge_max,
                                               "privacy": cfg.privacy, "ledger": ledger},
@@ -283,6 +296,8 @@ def write_outputs(cfg: GenerateConfig, out: Path, images: list[dict], rows: list
     write_audit(out / "audit.jsonl", audit)
     summary = {**summarize_rows(len(images), rows, pairs, failures, judge), "sent_to_judge": audit_totals(audit),
                **extra}
+    if cfg.selective.select_dir:  # selective judging: how many pairs each labeller decided
+        summary["labelled_by"] = dict(Counter(r.get("labelled_by") or "judge" for r in rows if r["status"] == OK))
     spend = ledger_totals(read_ledger(out / LEDGER_FILE))  # every run of this folder
     judged = summary["judge"]["judged"]
     summary["spend"] = {**spend, "budget_usd": judge.budget_usd, "mode": judge.mode,
@@ -331,6 +346,9 @@ def fingerprint(cfg: GenerateConfig) -> dict[str, Any]:
     if cfg.generation.demonstrations:  # the few-shot examples in every questioner prompt: content counts
         out["generation.demonstrations.content"] = content_digest(cfg.generation.demonstrations)
     out |= {f"privacy.{k}": v for k, v in (values.get("privacy") or {}).items()}
+    if cfg.selective.select_dir:  # who labels a pair changes its verdict; without a selector, older folders resume
+        out |= {f"selective.{k}": v for k, v in values["selective"].items() if k != "selector_cpus"}
+        out["selective.head.content"] = content_digest(Path(cfg.selective.select_dir) / "head.safetensors")
     return out
 
 

@@ -41,7 +41,7 @@ from stmed.runs import (
     training_run_name,
     write_summary,
 )
-from stmed.selection.head import load_head, rate
+from stmed.selection.head import load_head, rate, save_head
 from stmed.selection.keep import keep_by_margin
 from stmed.selection.pairs import (
     Answer,
@@ -49,8 +49,10 @@ from stmed.selection.pairs import (
     held_out,
     judge_agrees,
     judge_pairs,
+    judge_scores,
     preference_pairs,
 )
+from stmed.selection.selective import fit_judge_scale
 from stmed.selection.train import (
     FEATURES_FILE,
     HEAD_FILE,
@@ -119,20 +121,36 @@ class SelectConfig:
     """Ray Train run name; None resumes the unfinished run of ``output_dir``, else makes a fresh one."""
 
 
-def _judge_data(gen: Path, cfg: SelectConfig) -> tuple[list[Answer], list, list]:
-    """Rated answers, judge rank pairs (from ``parts/`` when there, else the assembled pairs), and the
-    assembled pairs that selection keeps or drops."""
+def _judge_data(gen: Path, cfg: SelectConfig) -> tuple[list[Answer], list, list, dict[str, float]]:
+    """Rated answers, judge rank pairs (from ``parts/`` when there, else the assembled pairs), the assembled
+    pairs that selection keeps or drops, and each answer's judge score."""
     prefs_path = gen / "preferences.parquet"
     prefs = read_preferences(prefs_path) if prefs_path.is_file() else []
     pref_answers, pref_pairs = preference_pairs(prefs)
+    scores = {Answer.of(p.image, p.question, text).answer_id: score for p in prefs
+              for text, score in ((p.chosen, p.chosen_score), (p.rejected, p.rejected_score))}  # fmt: skip
     if (gen / "parts").is_dir():
-        answers, pairs = judge_pairs(read_parts(gen / "parts").values(), cfg.selection.pairs_per_question,
-                                     cfg.selection.seed)  # fmt: skip
+        rows = list(read_parts(gen / "parts").values())
+        answers, pairs = judge_pairs(rows, cfg.selection.pairs_per_question, cfg.selection.seed)
+        scores = judge_scores(rows)
     else:
         answers, pairs = pref_answers, pref_pairs
     if not pairs:
         raise DataError(f"generate_dir: {gen} holds no judged answers with different scores (run jobs.generate)")
-    return answers + pref_answers, pairs, prefs
+    return answers + pref_answers, pairs, prefs, scores
+
+
+def _fit_scale(out: Path, features: dict[str, torch.Tensor], scores: dict[str, float],
+               pair_rows: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """The line from head scores to judge scores over the training answers (for selective judging), kept in
+    the head's file."""
+    train = sorted({r[k] for r in pair_rows if r["source"] == "judge" and not r["held_out"] for k in ("better", "worse")}
+                   & features.keys() & scores.keys())  # fmt: skip
+    head = load_head(out / HEAD_FILE)
+    rated = rate(head, torch.stack([features[i] for i in train])).tolist()
+    a, b = fit_judge_scale(rated, [scores[i] for i in train])
+    save_head(head, out / HEAD_FILE, {"judge_scale": [a, b]})
+    return {"a": a, "b": b, "answers": len(train)}
 
 
 def _figures(out: Path, features: dict[str, torch.Tensor], pair_rows: list[dict[str, Any]],
@@ -171,7 +189,7 @@ def main(cfg: SelectConfig) -> dict[str, Any]:
     claim_output_dir(out, "select", OUTPUTS)
     write_config(cfg, out)
     with clock.phase("data"):
-        answers, judged, prefs = _judge_data(gen, cfg)
+        answers, judged, prefs, scores = _judge_data(gen, cfg)
         labels = read_labels(cfg.clinician_labels) if cfg.clinician_labels else []
         decided = verdicts(labels)
         clinician_answers, reviewed = clinician_pairs(labels, decided)
@@ -194,6 +212,7 @@ def main(cfg: SelectConfig) -> dict[str, Any]:
                                                                       unique))  # fmt: skip
         pair_rows = [{**p.to_row(), "weight": w, "held_out": h} for p, w, h in weighted]
         rows = MetricsLog(out / METRICS_FILE).read_steps()
+        scale = _fit_scale(out, features, scores, pair_rows)
         summary = {
             "stage": "select", "run_name": name, "steps": rows[-1]["step"], "final_loss": rows[-1]["loss"],
             "answers": len(unique), "answers_rated": len(features),
@@ -201,7 +220,8 @@ def main(cfg: SelectConfig) -> dict[str, Any]:
                             "held_out": sum(r["source"] == src and r["held_out"] for r in pair_rows)}
                       for src in ("judge", "clinician")},
             "clinician_weight": s.clinician_weight, "figures": _figures(out, features, pair_rows, labels, decided),
-            "selection": _select(out, features, prefs, s.keep_fraction), "wall_time_s": time.time() - started,
+            "selection": _select(out, features, prefs, s.keep_fraction), "judge_scale": scale,
+            "wall_time_s": time.time() - started,
             "outputs": {"head": str(out / HEAD_FILE), "selected": str(out / SELECTED_FILE),
                         "features": str(out / FEATURES_FILE)},
         }  # fmt: skip

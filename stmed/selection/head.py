@@ -73,6 +73,14 @@ def save_head(head: SelectionHead, path: str | Path, extra: dict | None = None) 
     return path
 
 
+def head_extra(path: str | Path) -> dict:
+    """The ``extra`` a head was saved with (e.g. ``judge_scale``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return json.loads(fh.metadata().get("extra") or "{}")
+
+
 def load_head(path: str | Path) -> SelectionHead:
     """A head written by :func:`save_head`, in eval mode."""
     from safetensors import safe_open

@@ -136,6 +136,20 @@ def judge_pairs(rows: Iterable[dict[str, Any]], pairs_per_question: int,
     return list(answers.values()), pairs
 
 
+def judge_scores(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Each judged answer's mean judge score, by answer id (what the selector's scale is fitted to)."""
+    questions: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["status"] == OK:
+            questions[row["image_id"], row["question_index"]].append(row)
+    out = {}
+    for group in questions.values():
+        first = group[0]
+        for text, score in _scored_answers(group):
+            out[Answer.of(first["image_path"], first["question"], text).answer_id] = score
+    return out
+
+
 def preference_pairs(pairs: Iterable[PreferencePair]) -> tuple[list[Answer], list[RankPair]]:
     """Assembled pairs (``preferences.parquet``) → one judge pair each where the scores differ."""
     answers: dict[str, Answer] = {}
