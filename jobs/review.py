@@ -10,7 +10,8 @@ Serving (the default command) queues ``queue.items`` pairs of ``queue.preference
 queued stays as it is, so a restart resumes the round) and serves the app until stopped. ``export`` writes
 ``labels.parquet``, ``labels.jsonl``, ``demonstrations.jsonl`` and ``calibration.json`` (the judge's
 agreement and Cohen's κ with the clinicians, ``stmed.eval.calibration``) to ``output_dir`` and a summary.
-On a cluster, run it as a RayService through :func:`app_builder` (``cluster/kuberay/review-service.yaml``).
+On a cluster, run it as a RayService through :func:`app_builder`
+(``cluster/kuberay/rayservice-review.yaml``).
 """
 
 from __future__ import annotations

@@ -153,6 +153,7 @@ def _all_cluster_specs() -> dict[str, dict[str, Any]]:
     specs = {
         "raycluster.yaml": _doc(KUBERAY / "raycluster.yaml")["spec"],
         "rayservice.yaml": _doc(KUBERAY / "rayservice.yaml")["spec"]["rayClusterConfig"],
+        "rayservice-review.yaml": _doc(KUBERAY / "rayservice-review.yaml")["spec"]["rayClusterConfig"],
     }
     for stage in STAGES:
         job = _doc(KUBERAY / f"rayjob-{stage}.yaml")["spec"]
@@ -278,6 +279,7 @@ def test_launcher_gpu_node_holds_each_stage(stage: str, launcher: dict[str, Any]
 def test_kuberay_kinds_and_names() -> None:
     assert _doc(KUBERAY / "raycluster.yaml")["kind"] == "RayCluster"
     assert _doc(KUBERAY / "rayservice.yaml")["kind"] == "RayService"
+    assert _doc(KUBERAY / "rayservice-review.yaml")["kind"] == "RayService"
     storage = _doc(KUBERAY / "storage.yaml")
     assert storage["kind"] == "PersistentVolumeClaim" and storage["spec"]["accessModes"] == ["ReadWriteMany"]
     for stage in STAGES:
@@ -290,7 +292,7 @@ def test_kuberay_kinds_and_names() -> None:
         assert job["spec"].get("shutdownAfterJobFinishes") is not True or "rayClusterSpec" in job["spec"]
 
 
-@pytest.mark.parametrize("name", ["raycluster.yaml", "rayservice.yaml"])
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayservice.yaml", "rayservice-review.yaml"])
 def test_cluster_specs_are_consistent(name: str) -> None:
     spec = _all_cluster_specs()[name]
     assert spec["rayVersion"] == ray.__version__
@@ -394,10 +396,10 @@ def test_stages_read_where_earlier_stages_write() -> None:
 # ----------------------------------------------------------------------------- RayService
 
 
-def _serve_app() -> dict[str, Any]:
+def _serve_app(name: str = "rayservice.yaml") -> dict[str, Any]:
     from ray.serve.schema import ServeDeploySchema
 
-    serve_config = yaml.safe_load(_doc(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"])
+    serve_config = yaml.safe_load(_doc(KUBERAY / name)["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)  # Serve's own schema: import paths, runtime envs, http
     assert serve_config["http_options"]["host"] == "0.0.0.0", (
         "the serve Service reaches the proxy on the pod IP"
@@ -456,3 +458,26 @@ def test_launcher_mounts_one_shared_filesystem_on_every_node(launcher: dict[str,
         text = (REPO / "cluster" / "kuberay" / name).read_text()
         assert text.count("claimName: stmed-shared") == 2 and text.count("mountPath: /mnt/shared") == 2
     assert "ReadWriteMany" in (REPO / "cluster" / "kuberay" / "storage.yaml").read_text()
+
+
+def test_review_rayservice_builds_the_review_config_with_its_database_url_from_a_secret() -> None:
+    """rayservice-review.yaml: Serve's schema, jobs.review's builder, a ReviewConfig built from its args that
+    reads the database URL from the variable the pod gets from a Secret, and the pairs generate writes."""
+    from jobs.review import ReviewConfig, app_builder
+
+    app = _serve_app("rayservice-review.yaml")
+    assert app["import_path"] == "jobs.review:app_builder" and callable(app_builder)
+    args = app["args"]
+    cfg = build_config(ReviewConfig, read_yaml(_in_repo(args["config"])), args.get("overrides", []))
+    assert cfg.database is None and cfg.database_env, "a cluster's review database URL comes from a variable"
+    assert cfg.output_dir == RUNS + "review"
+    generate_out = dict(o.split("=", 1) for o in _entrypoint("generate")[2])["output_dir"]
+    assert cfg.queue.preferences == generate_out + "/preferences.parquet"
+    spec = _doc(KUBERAY / "rayservice-review.yaml")["spec"]["rayClusterConfig"]
+    for container in _ray_containers(spec):  # the builder and the replica may run on any pod
+        env = {e["name"]: e for e in container.get("env", [])}
+        ref = env[cfg.database_env].get("valueFrom", {}).get("secretKeyRef", {})
+        assert ref.get("name") and ref.get("key"), f"{container['name']}: {cfg.database_env} from a Secret"
+    assert _fit(_groups(spec), 0.25, 0) >= 1  # the builder's one replica at 0.25 CPU
+    text = (KUBERAY / "rayservice-review.yaml").read_text()
+    assert text.count("claimName: stmed-shared") == len(_groups(spec)) == text.count("mountPath: /mnt/shared")
