@@ -77,3 +77,38 @@ def test_the_pipeline_review_stage(tmp_path: Path):
     review_round(cfg, tmp_path, fresh=False)
     assert json.loads((tmp_path / "review" / "summary.json").read_text())["labels"] == 8
     assert "## Judge calibration against clinicians" in write_report(tmp_path).read_text()
+
+
+def test_the_review_app_under_ray_serve(ray_session, tmp_path: Path):
+    """jobs.review:app_builder (what rayservice-review.yaml deploys) under Ray Serve on 127.0.0.1: a simulated
+    clinician signs in, reads the queue, fetches an image and decides two items through Serve's proxy."""
+    import httpx
+    import yaml
+    from ray import serve
+
+    from jobs.review import app_builder
+    from stmed.judge.reference import load_digest_index
+    from stmed.review.simulated import SimulatedClinician
+    from tests.jobs.test_serve import free_port
+
+    preferences = generate_run(tmp_path, images=4)
+    config = tmp_path / "review.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "review"),
+                                      "queue": {"preferences": str(preferences), "items": 6}}))
+    app = app_builder({"config": str(config), "overrides": ["web.login_attempts=3"]})  # queues the pairs
+    store = open_store(ReviewConfig(output_dir=str(tmp_path / "review")))
+    assert store.counts()["items"] == 6
+    token = store.add_reviewer("dr-serve")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app, name="review", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url) as client:  # not signed in: no queue
+            assert client.get("/api/next").status_code == 401
+            assert client.get("/healthz").headers["cache-control"] == "no-store"
+        counts = SimulatedClinician(url, token, load_digest_index(tmp_path / "data" / "findings.json")).review(2)
+    finally:
+        serve.shutdown()
+    assert counts["decided"] == 2 and counts["unknown_image"] == 0
+    assert [row["reviewer"] for row in store.labels()] == ["dr-serve", "dr-serve"]
