@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
-    AutoTokenizer,
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlavaConfig,
@@ -53,6 +52,7 @@ from stmed.model.build import CLIP_MEAN, CLIP_STD, ORIGINAL_LAYOUT_ARCHITECTURES
 from stmed.model.export import published_name
 from stmed.model.families import LLAVA
 from stmed.model.prompts import IMAGE_TOKEN
+from stmed.model.tokenizer import load_checkpoint_tokenizer
 
 log = get_logger(__name__)
 
@@ -237,7 +237,7 @@ def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = 
     src, dst = Path(src), Path(dst)
     original, weights = read_original(src)
     vision = _vision_weights(weights, Path(vision_tower) if vision_tower else None)
-    tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+    tokenizer = load_checkpoint_tokenizer(src)
     added = _add_tokens(tokenizer)
     vocab = max(len(tokenizer), original.get("vocab_size", 0))
     vcfg = vision_config(vision)

@@ -16,6 +16,7 @@ still round-trip.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -93,3 +94,23 @@ def _wrap(bpe: Tokenizer) -> PreTrainedTokenizerFast:
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
     )
+
+
+def load_checkpoint_tokenizer(name_or_path: str | Path):
+    """A checkpoint's tokenizer, converted the way its release's ``tokenizer.json`` was made.
+
+    A SentencePiece-only checkpoint (``tokenizer.model``, no ``tokenizer.json``) goes through the class its
+    ``tokenizer_config.json`` names: transformers 5.16's ``AutoTokenizer`` converts it to a generic backend
+    that leaves out Llama's leading "▁" (so "A lesion" starts with the id of "A", not of "▁A") and every
+    prompt would tokenize unlike the published tokenizer. Anything else loads through ``AutoTokenizer``."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    folder = Path(name_or_path)
+    config = folder / "tokenizer_config.json"
+    if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file() and config.is_file():
+        named = json.loads(config.read_text()).get("tokenizer_class")
+        cls = tokenizer_class_from_name(named) if named else None
+        if cls is not None:
+            return cls.from_pretrained(folder, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)

@@ -26,7 +26,7 @@ from stmed.config import ConfigError
 from stmed.log import get_logger
 from stmed.model.families.base import Family, hf_model
 from stmed.model.prompts import VICUNA
-from stmed.model.tokenizer import IMAGE, TINY_TOKENIZER, load_tokenizer
+from stmed.model.tokenizer import IMAGE, TINY_TOKENIZER, load_checkpoint_tokenizer, load_tokenizer
 
 log = get_logger(__name__)
 
@@ -82,7 +82,8 @@ def build_tiny(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProce
 def load_processor(name_or_path: str) -> LlavaProcessor:
     """The checkpoint's processor with the PIL image processor, whether or not torchvision is installed
     (transformers picks the torchvision one when it is, whose resize differs in the last bits)."""
-    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False, backend="pil")
+    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False, backend="pil",
+                                         tokenizer=load_checkpoint_tokenizer(name_or_path))
 
 
 def complete_processor(processor: LlavaProcessor, raw: dict, where: str) -> None:
