@@ -14,7 +14,8 @@ each pair marked held out or not, by image), ``features.safetensors`` (the froze
 ``checkpoints/``, ``metrics.jsonl``, ``data_report.json``, ``head.safetensors``, ``selected.parquet`` (the
 ``selection.keep_fraction`` of the pairs with the widest selector margin: pass it to ``jobs.dpo`` as
 ``preferences``) and ``summary.json`` (held-out agreement and AUC with the judge and with the clinicians,
-beside the judge's own agreement with those clinicians; what was kept and why).
+beside the judge's own agreement with those clinicians; what was kept and why; ``judge_scale``, the line from
+head scores to judge scores that selective judging labels pairs with: ``jobs.generate selective.select_dir``).
 """
 
 from __future__ import annotations
