@@ -147,6 +147,8 @@ def _fit_scale(out: Path, features: dict[str, torch.Tensor], scores: dict[str, f
     the head's file."""
     train = sorted({r[k] for r in pair_rows if r["source"] == "judge" and not r["held_out"] for k in ("better", "worse")}
                    & features.keys() & scores.keys())  # fmt: skip
+    if len(train) < 2:
+        return {"a": None, "b": None, "answers": len(train)}  # no judge scores to fit: no selective judging
     head = load_head(out / HEAD_FILE)
     rated = rate(head, torch.stack([features[i] for i in train])).tolist()
     a, b = fit_judge_scale(rated, [scores[i] for i in train])
