@@ -23,8 +23,9 @@ until then, and ``replica.upload_slots`` extra slots keep ``/healthz`` and answe
 When a replica dies mid-request, Serve's proxy (not this code) answers; ``PROXY_ENV`` makes that answer
 the same JSON error shape (``stmed.serve.errors.JSONErrors``): pass ``controller_options()`` to
 ``serve.start``. The API key never enters Serve: the replica holds only its sha256 and compares digests.
-Logs carry ids, sizes and timings, never images, questions or keys. On GPU, ``build_vllm_app`` serves
-the same merged checkpoint through Ray's OpenAI app instead (vLLM; see its docstring). What a request
+Logs carry ids, sizes and timings, never images, questions or keys. ``build_vllm_app`` serves the same
+merged checkpoint on vLLM instead, through Ray's OpenAI app with these routes' ``/v1/vqa`` and key check
+added (``actors.vllm_ingress``; no ``/v1/stats`` or ``/healthz`` there). What a request
 may carry, how it is parsed and answered, and the error shapes are Ray-free, in ``stmed.serve.contract``
 and ``stmed.serve.errors``; this module is the Serve shell around them.
 """
@@ -250,19 +251,23 @@ def build_app(model: ModelConfig, model_name: str, limits: LimitsConfig, batchin
            replica.max_ongoing_requests)
 
 
-def build_vllm_app(model_path: str, model_name: str, dtype: str, autoscaling: AutoscalingConfig,
-                   replica: ReplicaConfig, accelerator_type: str | None = None,
+def build_vllm_app(model: ModelConfig, model_name: str, limits: LimitsConfig, autoscaling: AutoscalingConfig,
+                   replica: ReplicaConfig, api_key_sha256: str | None = None, accelerator_type: str | None = None,
                    engine_kwargs: dict[str, Any] | None = None, bundle: dict[str, float] | None = None):
-    """The merged checkpoint behind Ray Serve LLM's OpenAI app (``/v1/chat/completions``, ``/v1/models``).
+    """The merged checkpoint ``model.name_or_path`` on vLLM: Ray Serve LLM's OpenAI app (``/v1/chat/completions``,
+    ``/v1/models``…) with stmed's ``/v1/vqa`` and bearer-key check in its router (``actors.vllm_ingress``).
 
     Run on vLLM's CPU backend in the tests (``bundle={"CPU": 1}`` places a replica on CPUs instead of a
     GPU); nothing GPU-specific is verified. Merged weights only: vLLM applies LoRA to the language model
-    alone, and Ray's builder rejects local LoRA paths. That app has no ``/v1/vqa`` route and no API-key
-    check of its own, which is why the job refuses an API key with this engine. ``engine_kwargs`` extend
-    or override :func:`vllm_engine_kwargs`.
+    alone, and Ray's builder rejects local LoRA paths. ``engine_kwargs`` extend or override
+    :func:`vllm_engine_kwargs`. ``replica.max_ongoing_requests`` bounds both the engine's sequences and the
+    ``/v1/vqa`` requests decoded at once; the router takes ``replica.num_cpus``.
     """
-    from ray.serve.llm import LLMConfig, build_openai_app  # imports vLLM
+    from ray.serve.llm import LLMConfig  # imports vLLM
 
+    from actors.vllm_ingress import build_ingress
+
+    model_path = model.name_or_path
     llm_config = LLMConfig(
         model_loading_config={"model_id": model_name, "model_source": model_path},
         accelerator_type=accelerator_type,
@@ -273,12 +278,14 @@ def build_vllm_app(model_path: str, model_name: str, dtype: str, autoscaling: Au
                                    "target_ongoing_requests": autoscaling.target_ongoing_requests},
             "max_ongoing_requests": replica.max_ongoing_requests,
         },
-        engine_kwargs={**vllm_engine_kwargs(dtype, replica, checkpoint_chat(model_path), model_path),
+        engine_kwargs={**vllm_engine_kwargs(model.dtype, replica, checkpoint_chat(model_path), model_path),
                        **(engine_kwargs or {})},
     )  # fmt: skip
-    # The OpenAI router in front of the engine takes replica.num_cpus (Ray's default for it is a whole CPU).
-    ingress = {"ray_actor_options": {"num_cpus": replica.num_cpus}}
-    return build_openai_app({"llm_configs": [llm_config], "ingress_deployment_config": ingress})
+    return build_ingress(llm_config, model, limits, replica.max_ongoing_requests, replica.num_cpus, api_key_sha256)
+
+
+# The one domain vLLM may fetch images from when serving: a reserved name (RFC 2606) that never resolves.
+REMOTE_IMAGES_REFUSED = "remote-images-refused.invalid"
 
 
 def vllm_engine_kwargs(dtype: str, replica: ReplicaConfig, chat: prompts.ChatFormat = prompts.VICUNA,
@@ -292,7 +299,10 @@ def vllm_engine_kwargs(dtype: str, replica: ReplicaConfig, chat: prompts.ChatFor
     detection could flatten them and add a second ``<image>``). ``chat`` is the checkpoint family's format
     (``stmed.model.build.checkpoint_chat``). With ``model_path``: the engine defaults every stmed vLLM
     engine takes (``actors.vllm_generator.engine_defaults``: the family's one image and no video, a
-    ``max_model_len`` instead of Qwen2.5-VL's 128k, no generation_config.json defaults).
+    ``max_model_len`` instead of Qwen2.5-VL's 128k, no generation_config.json defaults). vLLM's request
+    log stays off: it would print prompts and image data. Remote image URLs are refused, as on the HF
+    endpoint: vLLM would fetch any http(s) URL a chat request names (its empty allow-list allows every
+    domain), so the list holds one name that cannot exist.
     """
     defaults = {"limit_mm_per_prompt": {"image": 1}}
     if model_path is not None:
@@ -300,4 +310,5 @@ def vllm_engine_kwargs(dtype: str, replica: ReplicaConfig, chat: prompts.ChatFor
 
         defaults = engine_defaults(model_path)
     return {"dtype": dtype, "trust_remote_code": False, **defaults, "max_num_seqs": replica.max_ongoing_requests,
-            "chat_template": prompts.serving_chat_template(chat=chat), "chat_template_content_format": "openai"}
+            "chat_template": prompts.serving_chat_template(chat=chat), "chat_template_content_format": "openai",
+            "enable_log_requests": False, "allowed_media_domains": [REMOTE_IMAGES_REFUSED]}

@@ -46,7 +46,7 @@ from stmed.serve.contract import LimitsConfig, api_key_digest
 log = get_logger("stmed.jobs.serve")
 
 HF_ROUTES = ["POST /v1/vqa", "POST /v1/chat/completions", "GET /v1/models", "GET /v1/stats", "GET /healthz"]
-VLLM_ROUTES = ["POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models"]
+VLLM_ROUTES = ["POST /v1/vqa", "POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ class ServeConfig:
     model_name: str | None = None
     """The id clients see (``model`` in replies, ``/v1/models``); default: the preset or the folder name."""
     engine: Literal["hf", "vllm"] = "hf"
-    """hf: our deployment (batched HF generate, /v1/vqa). vllm: Ray Serve LLM's OpenAI app, GPU only."""
+    """hf: our deployment (batched HF generate). vllm: Ray Serve LLM's OpenAI app with stmed's /v1/vqa and
+    key check (``actors.vllm_ingress``); GPU, or vLLM's CPU backend with ``vllm_bundle``."""
     accelerator_type: str | None = None
     """vllm only: e.g. 'A100' to pin replicas to that GPU type."""
     vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -85,9 +86,6 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.engine == "vllm" and self.model.name_or_path is None:
             raise ConfigError("engine=vllm serves a merged checkpoint: set model.name_or_path")
-        if self.engine == "vllm" and self.api_key_env:
-            raise ConfigError("engine=vllm has no API-key check; unset api_key_env and put an authenticating "
-                              "gateway in front, or use engine=hf")
         if not self.api_key_env and not _is_loopback(self.http.host):
             raise ConfigError(f"http.host={self.http.host} is beyond loopback: set api_key_env to require a key")
 
@@ -131,8 +129,8 @@ class ServeResult:
 
 def _build(cfg: ServeConfig, key_digest: str | None):
     if cfg.engine == "vllm":
-        return build_vllm_app(cfg.model.name_or_path, cfg.served_name, cfg.model.dtype, cfg.autoscaling,
-                              cfg.replica, cfg.accelerator_type, cfg.vllm_engine_kwargs, cfg.vllm_bundle)
+        return build_vllm_app(cfg.model, cfg.served_name, cfg.limits, cfg.autoscaling, cfg.replica, key_digest,
+                              cfg.accelerator_type, cfg.vllm_engine_kwargs, cfg.vllm_bundle)
     return build_app(cfg.model, cfg.served_name, cfg.limits, cfg.batching, cfg.autoscaling, cfg.replica,
                      key_digest)
 

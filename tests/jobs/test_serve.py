@@ -62,8 +62,10 @@ def test_a_configured_key_must_be_in_the_environment(monkeypatch: pytest.MonkeyP
 def test_vllm_engine_rules():
     with pytest.raises(ConfigError, match="model.name_or_path"):
         local_config("engine=vllm")
-    with pytest.raises(ConfigError, match="API-key"):
-        local_config("engine=vllm", "model.preset=null", "model.name_or_path=/m", "api_key_env=K")
+    # the vLLM router checks the bearer key as the HF deployment does, so a key and a public host are allowed
+    cfg = local_config("engine=vllm", "model.preset=null", "model.name_or_path=/m", "api_key_env=K",
+                       "http.host=vqa.example.org")
+    assert cfg.api_key_env == "K"
 
 
 def test_command_line_mistake_exits_2(capsys: pytest.CaptureFixture[str]):
