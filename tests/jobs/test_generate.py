@@ -344,12 +344,17 @@ def test_resuming_with_another_model_judge_or_manifest_is_refused_naming_the_key
         generate.check_resume_settings(config(out, data, model), out)
 
 def test_a_budget_stop_resumes_paying_nothing_twice_and_batch_mode_gives_the_same_pairs_at_half_price(
-        ray_session, data, talking_model, tmp_path, capsys):
+        ray_session, data, talking_model, tmp_path, capsys, monkeypatch):
     """judge.budget_usd: the job ends with one line and exit 1, the judged rows kept in parts/; a rerun with
     a higher budget judges the rest, and the judge never receives a request twice. Then judge.mode=batch on
     the same seeds: one Batch API job, the same preference rows, half the price in the ledger."""
+    from jobs import runtime
     from jobs.runtime import run_job
     from stmed.judge.ledger import read_ledger
+
+    # run_job marks the process as a stage's job (its clock then starts at the process's start); the
+    # tests after this one call main() directly and must see a test process again.
+    monkeypatch.setattr(runtime, "_in_job", False)
 
     server = start_server(data.findings)
     out = tmp_path / "run"
