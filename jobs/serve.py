@@ -13,7 +13,6 @@ reaches the replicas, and it is never written to ``config.yaml`` or ``summary.js
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import sys
@@ -40,6 +39,7 @@ from stmed.config import (
     write_config,
 )
 from stmed.log import get_logger
+from stmed.privacy.hosts import is_loopback_host
 from stmed.runs import TIMINGS, write_summary
 from stmed.serve.contract import LimitsConfig, api_key_digest
 
@@ -86,7 +86,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.engine == "vllm" and self.model.name_or_path is None:
             raise ConfigError("engine=vllm serves a merged checkpoint: set model.name_or_path")
-        if not self.api_key_env and not _is_loopback(self.http.host):
+        if not self.api_key_env and not is_loopback_host(self.http.host):
             raise ConfigError(f"http.host={self.http.host} is beyond loopback: set api_key_env to require a key")
 
     @property
@@ -94,13 +94,6 @@ class ServeConfig:
         if self.model_name:
             return self.model_name
         return f"stmed-{self.model.preset}" if self.model.preset else Path(self.model.name_or_path).name
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def read_api_key(cfg: ServeConfig) -> str | None:

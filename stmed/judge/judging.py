@@ -29,7 +29,6 @@ Everything here is Ray-free; ``actors/judge.py`` wraps ``judge_pair`` for Ray Da
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import math
 import os
 import random
@@ -55,7 +54,7 @@ from stmed.judge.transport import (
     bounded_sdk_client,
 )
 from stmed.log import get_logger
-from stmed.privacy.hosts import check_allowed_host
+from stmed.privacy.hosts import check_allowed_host, is_loopback_host
 
 log = get_logger(__name__)
 
@@ -281,13 +280,7 @@ class JudgeSettings:
 
 
 def is_loopback(base_url: str) -> bool:
-    host = urlparse(base_url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlparse(base_url).hostname or "")
 
 
 def resolve_api_key(settings: JudgeSettings) -> str:

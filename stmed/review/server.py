@@ -7,7 +7,6 @@ caller and port 0's pick is known.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 from stmed.config import ConfigError
 from stmed.log import get_logger
+from stmed.privacy.hosts import is_loopback_host
 
 log = get_logger("stmed.review")
 
@@ -36,7 +36,7 @@ class HTTPConfig:
     def __post_init__(self) -> None:
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise ConfigError("http.tls_certfile and http.tls_keyfile go together: set both or neither")
-        if not is_loopback(self.host) and not self.tls and not self.allow_plain_http_beyond_loopback:
+        if not is_loopback_host(self.host) and not self.tls and not self.allow_plain_http_beyond_loopback:
             raise ConfigError(f"http.host={self.host} is beyond loopback: set http.tls_certfile and "
                               "http.tls_keyfile, or http.allow_plain_http_beyond_loopback=true behind a TLS "
                               "ingress")
@@ -46,13 +46,6 @@ class HTTPConfig:
     @property
     def tls(self) -> bool:
         return bool(self.tls_certfile)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class RunningApp:

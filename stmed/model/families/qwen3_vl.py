@@ -117,17 +117,6 @@ def max_image_tokens(processor_or_model) -> int:
                      f"(patch {vision.patch_size}); pass the processor")  # fmt: skip
 
 
-def text_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   images: dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
-    """``(3, B, L)`` interleaved M-RoPE positions from the model's own ``get_rope_index``, with the
-    ``mm_token_type_ids`` (1 on image tokens) its processor would have added (see the Qwen2.5-VL family)."""
-    inner = hf_model(model).model
-    token_types = (input_ids == inner.config.image_token_id).int()
-    positions, _ = inner.get_rope_index(input_ids, token_types, image_grid_thw=images.get("image_grid_thw"),
-                                        attention_mask=attention_mask)  # fmt: skip
-    return positions
-
-
 PUBLISHED_NAMES = (
     ("model.language_model.", "model.language_model."),
     ("model.visual.", "model.visual."),
@@ -144,5 +133,5 @@ QWEN3_VL = Family(
     # Every block feeds the merger (the tower's last layer) or a DeepStack merger.
     vision_blocks_used=lambda model: range(hf_model(model).config.vision_config.depth),
     vit_targets=("qkv", "proj", "linear_fc1", "linear_fc2"), set_pixel_bounds=qwen.set_pixel_bounds,
-    text_positions=text_positions, published_names=PUBLISHED_NAMES,
+    text_positions=qwen.text_positions, published_names=PUBLISHED_NAMES,
 )  # fmt: skip
